@@ -1,0 +1,217 @@
+"""The shard schema (docs/shards.md), version SCHEMA_VERSION: the contract between extract.py and the loader.
+
+A shard is a WebDataset tar; a sample is one clip window of a video, keyed `<video key>_w<k>`:
+
+    frames.jpg   the T sampled frames stacked vertically: one JPEG of [T*H, W, 3] (H, W multiples of 16)
+    disp.npy     float16 [T/2, H/g, W/g, L, 2]  per-step (dx, dy) px, camera removed, from each tubelet's first frame
+    hog.npy      uint8   [T/2, H/g, W/g, L, 9]  trajectory-aligned HOG, log-companded (decode_hog)
+    valid.npy    bool    [T/2, H/g, W/g]        eq. 7: the track stayed in the frame (and in the video)
+    cls          class index as text, "-1" when unknown
+    json         metadata: source video, frame indices, fps, sizes, label name, extractor params, schema
+
+    sample = encode(key, frames, traj, label, meta)   # -> dict for webdataset.TarWriter
+    clip = decode(sample)                             # -> dict of numpy arrays (the reference decoder)
+
+ShardWriter writes shards atomically (a tar appears under its final name only once complete) and
+keeps a journal so an interrupted extraction resumes without duplicates; manifests summarise a run.
+"""
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import webdataset as wds
+
+SCHEMA_VERSION = 1
+HOG_MAX = 0.25        # mean Sobel magnitude per bin (intensity/px) stored as 255; larger values clip
+HOG_KNEE = 1e-3       # below this the code is ~linear, above it ~logarithmic
+JPEG_QUALITY = 90
+
+
+def encode_hog(hog):
+    """float HOG -> uint8, log-companded (mu-law): ~2% relative steps from 1e-3 to HOG_MAX, where
+    a linear code would round most values (typically 1e-3 .. 1e-2) to a few levels."""
+    q = np.log1p(np.clip(hog, 0, HOG_MAX) / HOG_KNEE) * (255 / np.log1p(HOG_MAX / HOG_KNEE))
+    return np.round(q).astype(np.uint8)
+
+
+def decode_hog(q):
+    return (HOG_KNEE * np.expm1(q.astype(np.float32) * (np.log1p(HOG_MAX / HOG_KNEE) / 255))).astype(np.float32)
+
+
+def npy_bytes(a):
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(b):
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def encode(key, frames, disp, hog, valid, label, meta, quality=JPEG_QUALITY):
+    """One sample. frames uint8 [T, H, W, 3] RGB; disp/hog/valid as trajectories() returns them for the
+    T/2 tubelet starts (float)."""
+    T, H, W, _ = frames.shape
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frames.reshape(T * H, W, 3), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    assert ok, "JPEG encoding failed"
+    return {
+        "__key__": key,
+        "frames.jpg": jpg.tobytes(),
+        "disp.npy": npy_bytes(disp.astype(np.float16)),
+        "hog.npy": npy_bytes(encode_hog(hog)),
+        "valid.npy": npy_bytes(valid.astype(bool)),
+        "cls": str(int(label)).encode(),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+COMPONENTS = ("frames.jpg", "disp.npy", "hog.npy", "valid.npy", "cls", "json")
+
+
+def decode(sample):
+    """Reference decoder of one raw sample (dict of bytes, as a tar yields it) into numpy arrays:
+    frames uint8 [T, H, W, 3] RGB, disp float32, hog float32, valid bool, label int, meta dict."""
+    missing = [c for c in COMPONENTS if c not in sample]
+    if missing:
+        raise ValueError(f"sample {sample.get('__key__')}: missing {', '.join(missing)}")
+    meta = json.loads(sample["json"])
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"sample {sample.get('__key__')}: schema {meta.get('schema')}, this code reads {SCHEMA_VERSION}")
+    tile = cv2.imdecode(np.frombuffer(sample["frames.jpg"], np.uint8), cv2.IMREAD_COLOR)
+    T = meta["num_frames"]
+    frames = cv2.cvtColor(tile, cv2.COLOR_BGR2RGB).reshape(T, tile.shape[0] // T, tile.shape[1], 3)
+    return {
+        "key": sample["__key__"], "frames": frames,
+        "disp": npy_load(sample["disp.npy"]).astype(np.float32),
+        "hog": decode_hog(npy_load(sample["hog.npy"])),
+        "valid": npy_load(sample["valid.npy"]),
+        "label": int(sample["cls"]), "meta": meta,
+    }
+
+
+class ShardWriter:
+    """Writes `{prefix}-{seq:06d}.tar` shards into `out`, rotating between videos after `max_samples`.
+
+    A shard is written as `.tmp` and renamed when complete; then a journal line records which videos
+    it holds. `done()` tells a resumed run which videos are already in finished shards.
+    """
+
+    def __init__(self, out, prefix, max_samples=256):
+        self.out, self.prefix, self.max_samples = Path(out), prefix, max_samples
+        self.journal = self.out / ".extract" / f"{prefix}.jsonl"
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        for tmp in self.out.glob(f"{prefix}-*.tar.tmp"):        # a killed run's unfinished shard
+            tmp.unlink()
+        self.entries = self._recover()
+        self.seq = 1 + max((int(e["shard"][len(prefix) + 1:-4]) for e in self.entries if "shard" in e), default=-1)
+        self.tar = None
+
+    def _recover(self):
+        entries = [json.loads(l) for l in self.journal.read_text().splitlines() if l.strip()] if self.journal.exists() else []
+        known = {e["shard"] for e in entries if "shard" in e}
+        for path in sorted(self.out.glob(f"{self.prefix}-*.tar")):
+            if path.name not in known:                          # renamed, but killed before the journal line
+                keys = {n.split(".", 1)[0] for n in tarfile.open(path).getnames()}
+                self._append({"shard": path.name, "videos": sorted({k.rsplit("_w", 1)[0] for k in keys}),
+                              "samples": len(keys), "classes": {}})
+                entries.append(json.loads(self.journal.read_text().splitlines()[-1]))
+        return entries
+
+    def _append(self, entry):
+        with open(self.journal, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def done(self):
+        """Video keys already handled: in a finished shard, or skipped with a reason."""
+        return {v for e in self.entries for v in e.get("videos", [])} | {e["skipped"] for e in self.entries if "skipped" in e}
+
+    def write_video(self, video_key, samples, label_name):
+        """Write all samples of one video (never split across shards)."""
+        if self.tar is not None and self.count + len(samples) > self.max_samples and self.count > 0:
+            self.close()
+        if self.tar is None:
+            self.name = f"{self.prefix}-{self.seq:06d}.tar"
+            self.tar = wds.TarWriter(str(self.out / (self.name + ".tmp")))
+            self.count, self.videos, self.classes = 0, [], Counter()
+        for s in samples:
+            self.tar.write(s)
+        self.count += len(samples)
+        self.videos.append(video_key)
+        self.classes[label_name] += len(samples)
+
+    def skip(self, video_key, path, reason):
+        entry = {"skipped": video_key, "video": str(path), "reason": reason}
+        self._append(entry)
+        self.entries.append(entry)
+
+    def warn(self, video_key, path, reason):
+        entry = {"warning": video_key, "video": str(path), "reason": reason}
+        self._append(entry)
+        self.entries.append(entry)
+
+    def close(self):
+        if self.tar is None:
+            return
+        self.tar.close()
+        os.replace(self.out / (self.name + ".tmp"), self.out / self.name)
+        entry = {"shard": self.name, "videos": self.videos, "samples": self.count, "classes": dict(self.classes)}
+        self._append(entry)
+        self.entries.append(entry)
+        self.tar, self.seq = None, self.seq + 1
+
+
+def part_manifest(entries, split, params, part, total_videos):
+    """Summary of one part's journal entries."""
+    shards = [e for e in entries if "shard" in e]
+    classes = Counter()
+    for e in shards:
+        classes.update(e.get("classes", {}))
+    return {
+        "schema": SCHEMA_VERSION, "params": params, "part": part,
+        "splits": {split: {
+            "videos": sum(len(e["videos"]) for e in shards),
+            "samples": sum(e["samples"] for e in shards),
+            "classes": dict(sorted(classes.items())),
+            "shards": {e["shard"]: e["samples"] for e in shards},
+            "listed": total_videos,
+        }},
+        # dict.fromkeys: a resumed run may have noted the same thing twice
+        "skipped": [dict(video=v, reason=r) for v, r in dict.fromkeys((e["video"], e["reason"]) for e in entries if "skipped" in e)],
+        "warnings": [dict(video=v, reason=r) for v, r in dict.fromkeys((e["video"], e["reason"]) for e in entries if "warning" in e)],
+    }
+
+
+def merge_manifests(out):
+    """Merge every `manifest-*.json` part manifest in `out` into `out/manifest.json` (atomically)."""
+    out = Path(out)
+    parts = [json.loads(p.read_text()) for p in sorted(out.glob("manifest-*.json"))]
+    merged = {"schema": SCHEMA_VERSION, "videos": 0, "samples": 0, "splits": {}, "skipped": [], "warnings": [],
+              "params": parts[0]["params"] if parts else {}, "parts": []}
+    for m in parts:
+        merged["parts"].append(m["part"])
+        merged["skipped"] += m["skipped"]
+        merged["warnings"] += m["warnings"]
+        for split, s in m["splits"].items():
+            d = merged["splits"].setdefault(split, {"videos": 0, "samples": 0, "classes": {}, "shards": {}})
+            d["videos"] += s["videos"]
+            d["samples"] += s["samples"]
+            for c, n in s["classes"].items():
+                d["classes"][c] = d["classes"].get(c, 0) + n
+            d["shards"].update(s["shards"])
+    for d in merged["splits"].values():
+        merged["videos"] += d["videos"]
+        merged["samples"] += d["samples"]
+        d["classes"] = dict(sorted(d["classes"].items()))
+        d["shards"] = dict(sorted(d["shards"].items()))
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    return merged
