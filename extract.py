@@ -22,12 +22,13 @@ from pathlib import Path
 import cv2
 import fire
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mme import clips, shards, sources, synthetic
 from mme.video import VideoError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)     # soft wrap: a log line stays one line in files
 DEFAULTS = {   # per source: stride s (paper §4: K400 4, SSv2 3) and short side
     "k400": dict(stride=4, short_side=256), "ssv2": dict(stride=3, short_side=256),
     "ucf101": dict(stride=4, short_side=256), "hmdb51": dict(stride=4, short_side=256),
@@ -36,16 +37,20 @@ DEFAULTS = {   # per source: stride s (paper §4: K400 4, SSv2 3) and short side
 
 
 def fail(msg):
-    console.print(f"[red]error:[/red] {msg}")
+    console.print(f"[red]error:[/red] {escape(str(msg))}")
     sys.exit(2)
 
 
 def which_part(part):
     """(i, N) from --part 'i/N', else a SLURM array, else torchrun, else (0, 1)."""
     if part:
-        i, n = (int(x) for x in str(part).split("/"))
-    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        try:
+            i, n = (int(x) for x in str(part).split("/"))
+        except ValueError:
+            fail(f"--part {part!r}: expected i/N, e.g. --part 0/4")
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:          # ids run MIN, MIN+STEP, ... (sbatch --array=0-6:2)
+        step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", 1))
+        i = (int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // step
         n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     else:
         i, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -142,13 +147,13 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
                 writer.skip(p["video"], p["video"], p["reason"])
         todo = [v for v in mine if v.key not in done]
         console.print(f"[bold]{src} {s}[/bold] part {i}/{n}: {len(mine)} videos, {len(mine) - len(todo)} already done, "
-                      f"{workers} workers -> {out}")
+                      f"{workers} workers -> {escape(str(out))}")
         run(writer, todo, len(mine), params, seed, workers)
         manifest = shards.part_manifest(writer.entries, s, vars(params) | {"src": src}, f"{s}-{i}/{n}", len(mine))
-        (out / f"manifest-{s}-{i:03d}.json").write_text(json.dumps(manifest, indent=1))
+        shards.write_json(out / f"manifest-{s}-{i:03d}.json", manifest)
         total_samples += manifest["splits"][s]["samples"]
     merged = shards.merge_manifests(out)
-    console.print(f"{out / 'manifest.json'}: {merged['videos']} videos, {merged['samples']} samples, "
+    console.print(f"{escape(str(out / 'manifest.json'))}: {merged['videos']} videos, {merged['samples']} samples, "
                   f"{len(merged['skipped'])} skipped, {len(merged['warnings'])} warnings")
     sys.exit(0 if total_samples else 1)
 
@@ -169,12 +174,12 @@ def run(writer, todo, total, params, seed, workers):
         try:
             for video, samples, warnings, decoded, error in results:
                 if error:
-                    console.print(f"[yellow]skip[/yellow] {video.path}: {error}")
+                    console.print(f"[yellow]skip[/yellow] {escape(f'{video.path}: {error}')}")
                     writer.skip(video.key, video.path, error)
                 else:
                     writer.write_video(video.key, samples, video.label_name)
                 for w in warnings:
-                    console.print(f"[yellow]note[/yellow] {video.path}: {w}")
+                    console.print(f"[yellow]note[/yellow] {escape(f'{video.path}: {w}')}")
                     writer.warn(video.key, video.path, w)
                 frames += decoded
                 progress.update(task, advance=1, fps=frames / (time.perf_counter() - start))

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 
 SCHEMA_VERSION = 1
 HOG_MAX = 0.25        # mean Sobel magnitude per bin (intensity/px) stored as 255; larger values clip
@@ -95,6 +94,17 @@ def decode(sample):
     }
 
 
+def write_sample(tar, sample):
+    """Add one sample's components to an open tarfile as `<key>.<component>` members (WebDataset's
+    convention), with fixed metadata so identical samples give identical bytes."""
+    for name, data in sample.items():
+        if name.startswith("__"):
+            continue
+        info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
+        info.size, info.mode, info.mtime = len(data), 0o444, 0
+        tar.addfile(info, io.BytesIO(data))
+
+
 class ShardWriter:
     """Writes `{prefix}-{seq:06d}.tar` shards into `out`, rotating between videos after `max_samples`.
 
@@ -113,14 +123,19 @@ class ShardWriter:
         self.tar = None
 
     def _recover(self):
-        entries = [json.loads(l) for l in self.journal.read_text().splitlines() if l.strip()] if self.journal.exists() else []
+        entries = []
+        if self.journal.exists():
+            for line in self.journal.read_text().splitlines():
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:                     # a line torn by a crash mid-write: that
+                    pass                                         # shard is re-read below, a skip redone
         known = {e["shard"] for e in entries if "shard" in e}
         for path in sorted(self.out.glob(f"{self.prefix}-*.tar")):
             if path.name not in known:                          # renamed, but killed before the journal line
-                keys = {n.split(".", 1)[0] for n in tarfile.open(path).getnames()}
-                self._append({"shard": path.name, "videos": sorted({k.rsplit("_w", 1)[0] for k in keys}),
-                              "samples": len(keys), "classes": {}})
-                entries.append(json.loads(self.journal.read_text().splitlines()[-1]))
+                entry = shard_entry(path)
+                self._append(entry)
+                entries.append(entry)
         return entries
 
     def _append(self, entry):
@@ -139,10 +154,10 @@ class ShardWriter:
             self.close()
         if self.tar is None:
             self.name = f"{self.prefix}-{self.seq:06d}.tar"
-            self.tar = wds.TarWriter(str(self.out / (self.name + ".tmp")))
+            self.tar = tarfile.open(self.out / (self.name + ".tmp"), "w")
             self.count, self.videos, self.classes = 0, [], Counter()
         for s in samples:
-            self.tar.write(s)
+            write_sample(self.tar, s)
         self.count += len(samples)
         self.videos.append(video_key)
         self.classes[label_name] += len(samples)
@@ -166,6 +181,26 @@ class ShardWriter:
         self._append(entry)
         self.entries.append(entry)
         self.tar, self.seq = None, self.seq + 1
+
+
+def shard_entry(path):
+    """A journal entry rebuilt from a finished shard itself: its videos, samples and classes."""
+    videos, classes = set(), Counter()
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.name.endswith(".json"):
+                meta = json.loads(tar.extractfile(m).read())
+                videos.add(meta["video_key"])
+                classes[meta["label_name"]] += 1
+    return {"shard": Path(path).name, "videos": sorted(videos), "samples": sum(classes.values()), "classes": dict(classes)}
+
+
+def write_json(path, obj):
+    """Write JSON atomically (a unique temporary name, then rename): parts finishing together never
+    see each other's half-written files."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def part_manifest(entries, split, params, part, total_videos):
@@ -211,7 +246,5 @@ def merge_manifests(out):
         merged["samples"] += d["samples"]
         d["classes"] = dict(sorted(d["classes"].items()))
         d["shards"] = dict(sorted(d["shards"].items()))
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(merged, indent=1))
-    os.replace(tmp, out / "manifest.json")
+    write_json(out / "manifest.json", merged)
     return merged

@@ -61,7 +61,7 @@ def trajectories(frames, length=6, grid=8, camera=True, starts=None):
     gh, gw, n = h // grid, w // grid, len(gx)
     S, L = len(starts), length
 
-    gray, feats, integral, pair = {}, {}, {}, {}   # per-frame and per-pair work, each done once
+    gray, feats, grads, pair = {}, {}, {}, {}   # per-frame and per-pair work, each done once
     dis = flowlib.make_dis()
 
     def g(t):
@@ -95,9 +95,9 @@ def trajectories(frames, length=6, grid=8, camera=True, starts=None):
             if t + 1 > T - 1:
                 inside[:] = False                       # the video ended before the track did
                 break
-            if t not in integral:
-                integral[t] = hoglib.orientation_integral(g(t))
-            hog[si, :, l] = hoglib.hog_at(integral[t], x, y, cell=grid)
+            if t not in grads:
+                grads[t] = hoglib.gradient_bins(g(t))
+            hog[si, :, l] = hoglib.hog_at(grads[t], x, y, cell=grid)
             flow, H = flow_and_camera(t)
             here = np.stack([x, y], -1)                                     # [n, 2]
             moved = here + _sample(flow, x, y)                              # eq. 6
