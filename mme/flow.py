@@ -38,13 +38,13 @@ def features(gray):
     homography needs a few hundred well-spread matches, not precise corners): (xy float32 [K, 2], descriptors)."""
     global _orb
     if _orb is None:
-        _orb = cv2.ORB_create(nfeatures=150, nlevels=1, edgeThreshold=15, patchSize=15, fastThreshold=10)
+        _orb = cv2.ORB_create(nfeatures=100, nlevels=1, edgeThreshold=15, patchSize=15, fastThreshold=10)
     small = cv2.resize(gray, (gray.shape[1] // 2, gray.shape[0] // 2), interpolation=cv2.INTER_AREA)
     kp, des = _orb.detectAndCompute(small, None)
     return np.float32([k.pt for k in kp]).reshape(-1, 2) * 2 + 0.5, des
 
 
-def camera_homography(flow, feats0=None, feats1=None, step=16):
+def camera_homography(flow, feats0=None, feats1=None, step=24):
     """Homography of the static scene from frame 0 to frame 1, float64 [3, 3] (identity if it cannot be fit).
 
     Correspondences: flow on a `step`-px grid (p -> p + flow[p]) plus, when given, the cross-checked
