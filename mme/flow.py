@@ -44,13 +44,16 @@ def features(gray):
     return np.float32([k.pt for k in kp]).reshape(-1, 2) * 2 + 0.5, des
 
 
-def camera_homography(flow, feats0=None, feats1=None, step=24):
+def camera_homography(flow, feats0=None, feats1=None, step=None):
     """Homography of the static scene from frame 0 to frame 1, float64 [3, 3] (identity if it cannot be fit).
 
-    Correspondences: flow on a `step`-px grid (p -> p + flow[p]) plus, when given, the cross-checked
-    matches of the two frames' `features`.
+    Correspondences: flow on a `step`-px grid (default: ~10 points across the short side, a multiple
+    of 8) plus, when given, the cross-checked matches of the two frames' `features`. The RANSAC
+    threshold (0.5 px) is below the sub-pixel motions objects commonly have, so a slow object is an
+    outlier rather than part of the camera.
     """
     h, w = flow.shape[:2]
+    step = step or 8 * max(1, round(min(h, w) / 96))
     ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
     src = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float32)
     dst = src + flow[ys.ravel(), xs.ravel()]
@@ -62,7 +65,7 @@ def camera_homography(flow, feats0=None, feats1=None, step=24):
             dst = np.concatenate([dst, feats1[0][[m.trainIdx for m in matches]]])
     if len(src) < 8:
         return np.eye(3)
-    H, inliers = cv2.findHomography(src, dst, cv2.RANSAC, ransacReprojThreshold=1.0, maxIters=500, confidence=0.995)
+    H, inliers = cv2.findHomography(src, dst, cv2.RANSAC, ransacReprojThreshold=0.5, maxIters=500, confidence=0.995)
     # Too few inliers means no dominant static scene (or a failed fit): assume a still camera.
     if H is None or inliers.sum() < max(8, 0.2 * len(src)):
         return np.eye(3)

@@ -1,0 +1,111 @@
+"""What the decoder reconstructs, per token, and which tokens are masked (paper §3, Tables 5-9, 11).
+
+A token is a tubelet of 2 frames x 16 x 16 pixels; tokens are ordered (t, h, w): N = T/2 * (S/16)^2.
+Trajectory maps come from the loader already cropped, resized and flipped (mme.transforms), one per
+tubelet with a point every 8 px, so each 16 x 16 patch holds K = 4 trajectories (2 x 2, row-major).
+
+    target, weight = mme_target(disp, hog, valid)   # disp [B, T/2, S/8, S/8, L, 2] px, hog [..., L, 9], valid [B, T/2, S/8, S/8]
+    # target [B, N, D]: the position part first, K*L*2 values ordered (trajectory k, step l, (dx, dy)),
+    #                   then the shape part, K*L*9 values ordered (k, l, bin). L=6, K=4: D = 48 + 216 = 264.
+    # weight [B, N]: 1 where all K trajectories stayed in the frame, else 0 (eq. 7)
+    target = pixel_target(video)                   # [B, N, 2*16*16*3]: VideoMAE's normalised pixels
+    target = hog_target(video)                     # [B, N, 2*2*3*9 = 108]: MaskFeat-style HOG of each tubelet's 2nd frame
+    mask = tube_mask(rng, B, T/2, S/16, S/16, 0.7) # bool [B, N], True = masked; same spatial mask at every t
+
+Patch norm (Table 8): each part is standardised over all values of the K trajectories of the patch,
+as MAE normalises a patch ("the mean and variance are calculated by all K = 4 trajectories in a
+patch"). The authors' code standardises each coordinate and step across the 4 trajectories, which
+removes the patch's common motion; we follow the paper.
+"""
+import numpy as np
+import torch
+from einops import rearrange
+
+PATCH, TUBELET, HOG_CELL, BINS = 16, 2, 8, 9
+
+
+def _norm(x, dims):
+    """Standardise over `dims` (MAE's patch norm: mean, variance + 1e-6)."""
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, unbiased=False)
+    return (x - mean) / (var + 1e-6).sqrt()
+
+
+def mme_target(disp, hog, valid, patch_norm=True, shape=True, density="dense", stride=None):
+    """Motion trajectory target (eqs. 3-5) of every token, and its loss weight (eq. 7).
+
+    density: 'dense' keeps the K trajectories of a patch (Table 9); 'mean' averages them into one,
+      'max' keeps the one that moves most (the sparse baselines).
+    stride: None for the dense, interpolated trajectory (every raw frame, Table 6); an int s keeps
+      only steps at the input stride: displacements summed over s raw steps, HOG at each s-th step.
+    shape: False drops the HOG part (Table 5, 'Traj. w/o shape').
+    """
+    per_patch = "b t (h kh) (w kw) l c -> b (t h w) (kh kw) l c"
+    pos = rearrange(disp.float(), per_patch, kh=2, kw=2)                   # [B, N, K, L, 2]
+    hogs = rearrange(hog.float(), per_patch, kh=2, kw=2)                   # [B, N, K, L, 9]
+    ok = rearrange(valid, "b t (h kh) (w kw) -> b (t h w) (kh kw)", kh=2, kw=2).all(-1)
+    if stride:
+        L = pos.shape[3]
+        pos = torch.stack([pos[:, :, :, i:i + stride].sum(3) for i in range(0, L, stride)], 3)
+        hogs = hogs[:, :, :, ::stride]
+    if density == "mean":
+        pos, hogs = pos.mean(2, keepdim=True), hogs.mean(2, keepdim=True)
+    elif density == "max":
+        pick = pos.norm(dim=-1).sum(-1).argmax(2)                          # [B, N]: the longest path
+        idx = pick[:, :, None, None, None]
+        pos = pos.gather(2, idx.expand(-1, -1, 1, *pos.shape[3:]))
+        hogs = hogs.gather(2, idx.expand(-1, -1, 1, *hogs.shape[3:]))
+    parts = [pos, hogs] if shape else [pos]
+    if patch_norm:
+        parts = [_norm(p, (2, 3, 4)) for p in parts]
+    target = torch.cat([p.flatten(2) for p in parts], -1)
+    return target, ok.float()
+
+
+def pixel_target(video, patch_norm=True):
+    """VideoMAE's target: video [B, 3, T, S, S] in [0, 1] -> [B, N, 2*16*16*3], each tubelet patch
+    standardised per colour channel (patch_norm) or raw."""
+    x = rearrange(video.float(), "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c", p0=TUBELET, p1=PATCH, p2=PATCH)
+    if patch_norm:
+        x = _norm(x, (2,))
+    return rearrange(x, "b n p c -> b n (p c)")
+
+
+def _sobel(x):
+    """Sobel gradients of [M, 1, H, W] (reflect-101 border, scaled to intensity per pixel, as mme.hog)."""
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    gx = torch.nn.functional.conv2d(xp, k[None, None])
+    gy = torch.nn.functional.conv2d(xp, k.t()[None, None])
+    return gx, gy
+
+
+def hog_target(video):
+    """MaskFeat-style HOG of each tubelet's second frame (the paper's HOG baseline, Appendix C: 9
+    unsigned bins, magnitude-weighted, 8 x 8 cells, per RGB channel, no L2 normalisation) ->
+    [B, N, 2*2 cells * 3 channels * 9 bins]. Same bins as mme.hog: bin k = [20k, 20k + 20) degrees."""
+    B, C, T, S, _ = video.shape
+    frames = video[:, :, 1::TUBELET].float()                              # [B, 3, T/2, S, S]
+    x = rearrange(frames, "b c t h w -> (b c t) 1 h w")
+    gx, gy = _sobel(x)
+    mag = torch.sqrt(gx * gx + gy * gy)
+    ang = torch.atan2(gy, gx) % np.pi
+    bins = (ang * (BINS / np.pi)).long().clamp_(max=BINS - 1)
+    onehot = torch.zeros(*mag.shape[:1], BINS, *mag.shape[2:], device=video.device)
+    onehot.scatter_(1, bins, mag)                                         # [(b c t), 9, S, S]
+    cells = torch.nn.functional.avg_pool2d(onehot, HOG_CELL)              # mean per 8 x 8 cell
+    return rearrange(cells, "(b c t) k (h ch) (w cw) -> b (t h w) (ch cw c k)", b=B, c=C, ch=2, cw=2)
+
+
+def tube_mask(rng, batch, t, h, w, ratio, kind="tube"):
+    """bool [batch, t*h*w], exactly round(ratio * count) masked per sample (a fixed count keeps the
+    encoder's visible-token count constant). 'tube': one spatial mask repeated over t (VideoMAE);
+    'random': tokens masked independently (the 'cube' rows of Table 11)."""
+    n = h * w if kind == "tube" else t * h * w
+    masked = int(round(ratio * n))
+    m = np.zeros((batch, n), bool)
+    for row in m:
+        row[rng.permutation(n)[:masked]] = True
+    if kind == "tube":
+        m = np.repeat(m[:, None], t, 1).reshape(batch, t * n)
+    return torch.from_numpy(m)

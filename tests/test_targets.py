@@ -1,0 +1,110 @@
+"""Targets and masks (mme/targets.py): layout, normalisation, weights, and the baselines' targets."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mme import hog as hoglib
+from mme import targets
+
+
+def maps(B=2, T2=2, g=4, L=3, seed=0):
+    rng = np.random.default_rng(seed)
+    disp = torch.tensor(rng.normal(0, 2, (B, T2, g, g, L, 2)), dtype=torch.float32)
+    hog = torch.tensor(rng.random((B, T2, g, g, L, 9)), dtype=torch.float32)
+    valid = torch.ones(B, T2, g, g, dtype=torch.bool)
+    return disp, hog, valid
+
+
+def test_layout_position_then_shape():
+    disp, hog, valid = maps()
+    target, weight = targets.mme_target(disp, hog, valid, patch_norm=False)
+    B, T2, g, _, L, _ = disp.shape
+    assert target.shape == (B, T2 * (g // 2) ** 2, 4 * L * 2 + 4 * L * 9)
+    K = 4
+    for b, t, h, w in [(0, 0, 0, 0), (1, 1, 1, 0), (0, 1, 1, 1)]:
+        n = t * (g // 2) ** 2 + h * (g // 2) + w                           # tokens ordered (t, h, w)
+        for k in range(K):
+            i, j = 2 * h + k // 2, 2 * w + k % 2                            # trajectory k row-major in the patch
+            for l in range(L):
+                np.testing.assert_array_equal(target[b, n, k * L * 2 + l * 2: k * L * 2 + l * 2 + 2], disp[b, t, i, j, l])
+                s0 = K * L * 2 + k * L * 9 + l * 9
+                np.testing.assert_array_equal(target[b, n, s0:s0 + 9], hog[b, t, i, j, l])
+    assert torch.all(weight == 1)
+
+
+def test_patch_norm_per_part_and_weight():
+    disp, hog, valid = maps()
+    valid[0, 0, 1, 0] = False                                               # one trajectory of token (0, 0, 0) left
+    target, weight = targets.mme_target(disp, hog, valid)
+    pos, shape = target[..., :4 * 3 * 2], target[..., 4 * 3 * 2:]
+    for part in (pos, shape):
+        np.testing.assert_allclose(part.mean(-1), 0, atol=1e-5)
+        np.testing.assert_allclose(part.std(-1, unbiased=False), 1, atol=1e-3)
+    assert weight[0, 0] == 0 and weight.sum() == weight.numel() - 1
+    # the patch's common motion survives normalisation (a rigid shift right is not all zeros)
+    rigid = torch.zeros(1, 1, 2, 2, 3, 2)
+    rigid[..., 0] = 1.0
+    t, _ = targets.mme_target(rigid, torch.rand(1, 1, 2, 2, 3, 9), torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    assert torch.all(t[0, 0, 0:24:2] > 0.9) and torch.all(t[0, 0, 1:24:2] < -0.9)
+
+
+def test_density_stride_and_shape_switches():
+    disp, hog, valid = maps(L=6)
+    t, _ = targets.mme_target(disp, hog, valid, patch_norm=False, shape=False)
+    assert t.shape[-1] == 4 * 6 * 2
+    t, _ = targets.mme_target(disp, hog, valid, patch_norm=False, density="mean")
+    np.testing.assert_allclose(t[0, 0, :2], disp[0, 0, :2, :2, 0].mean((0, 1)), atol=1e-6)
+    assert t.shape[-1] == 6 * 2 + 6 * 9
+    t, _ = targets.mme_target(disp, hog, valid, patch_norm=False, density="max")
+    paths = disp[0, 0, :2, :2].norm(dim=-1).sum(-1).flatten()
+    k = int(paths.argmax())
+    np.testing.assert_allclose(t[0, 0, :12], disp[0, 0, k // 2, k % 2].flatten(), atol=1e-6)
+    t, _ = targets.mme_target(disp, hog, valid, patch_norm=False, stride=3)  # steps at the input stride
+    np.testing.assert_allclose(t[0, 0, :2], disp[0, 0, 0, 0, 0:3].sum(0), atol=1e-5)
+    np.testing.assert_allclose(t[0, 0, 2:4], disp[0, 0, 0, 0, 3:6].sum(0), atol=1e-5)
+    assert t.shape[-1] == 4 * 2 * 2 + 4 * 2 * 9
+
+
+def test_pixel_target_is_videomaes():
+    video = torch.rand(1, 3, 4, 32, 32)
+    t = targets.pixel_target(video)
+    assert t.shape == (1, 2 * 2 * 2, 2 * 16 * 16 * 3)
+    patch = video[0, :, 2:4, 16:32, 0:16]                                    # token (t=1, h=1, w=0) = 4 + 2
+    x = patch.permute(1, 2, 3, 0).reshape(-1, 3)                            # (p0 p1 p2) c
+    x = (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-6).sqrt()
+    np.testing.assert_allclose(t[0, 6], x.reshape(-1), atol=1e-5)
+    raw = targets.pixel_target(video, patch_norm=False)
+    np.testing.assert_allclose(raw[0, 6], patch.permute(1, 2, 3, 0).reshape(-1), atol=1e-6)
+
+
+def test_hog_target_matches_mme_hog_per_channel():
+    rng = np.random.default_rng(0)
+    video = torch.tensor(rng.integers(0, 256, (1, 3, 2, 32, 32)) / 255, dtype=torch.float32)
+    t = targets.hog_target(video)                                            # [1, 4, 108]
+    frame = (video[0, :, 1].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    for c in range(3):
+        grads = hoglib.gradient_bins(frame[..., c])
+        # cell (ch, cw) of token (h, w): pixels [16h + 8ch, +8) x [16w + 8cw, +8): centre 16h + 8ch + 3.5
+        for h, w, ch, cw in [(0, 0, 0, 0), (1, 0, 1, 1), (0, 1, 1, 0)]:
+            ref = hoglib.hog_at(grads, np.float32([16 * w + 8 * cw + 3.5]), np.float32([16 * h + 8 * ch + 3.5]), cell=8)[0]
+            n, cell = h * 2 + w, ch * 2 + cw
+            ours = t[0, n, cell * 27 + c * 9: cell * 27 + c * 9 + 9].numpy()
+            # a gradient with a vertical part of float-rounding size sits on the 0/180 degree edge:
+            # bins 0 and 8 may trade it (the torch and OpenCV roundings differ); all else must agree
+            np.testing.assert_allclose(ours[1:8], ref[1:8], atol=1e-4, rtol=1e-3)
+            np.testing.assert_allclose(ours[0] + ours[8], ref[0] + ref[8], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["tube", "random"])
+def test_mask_counts(kind):
+    m = targets.tube_mask(np.random.default_rng(0), 3, 8, 7, 7, 0.7, kind)
+    assert m.shape == (3, 8 * 49) and m.dtype == torch.bool
+    per_t = m.reshape(3, 8, 49)
+    if kind == "tube":
+        assert torch.all(per_t.sum(-1) == 34) and torch.all(per_t == per_t[:, :1])
+    else:
+        assert torch.all(m.sum(-1) == round(0.7 * 392)) and not torch.all(per_t == per_t[:, :1])
+    assert not torch.equal(m[0], m[1])
+    again = targets.tube_mask(np.random.default_rng(0), 3, 8, 7, 7, 0.7, kind)
+    assert torch.equal(m, again)

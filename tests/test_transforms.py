@@ -1,0 +1,105 @@
+"""The reference augmentation (mme/transforms.py): crop/resize/flip of frames and trajectories agree,
+and trajectories come out in output pixels: true motion x scale, dx sign following the flip."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mme import shards, synthetic, trajectory, transforms
+
+SIZE, GRID = 112, 8
+
+
+def test_crop_box_follows_multiscale_crop():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(2000):
+        x0, y0, cw, ch = transforms.crop_box(rng, 128, 160, size=SIZE)
+        assert cw in (128, 112, 96, 84) and ch in (128, 112, 96, 84)      # 128 * (1, .875, .75, .66)
+        assert abs([128, 112, 96, 84].index(cw) - [128, 112, 96, 84].index(ch)) <= 1
+        assert 0 <= x0 and x0 + cw <= 160 and 0 <= y0 and y0 + ch <= 128
+        assert x0 % ((160 - cw) // 4 or 1) == 0
+        seen.add((cw, ch))
+    assert len(seen) == 10                                                  # all pairs within one step
+
+
+def test_map_coords_by_hand():
+    """A map whose value is the source x (and y) pixel of each grid point must resample to the source
+    pixel each output grid point comes from, worked out here from the resize convention."""
+    gh, gw = 16, 20
+    ys, xs = np.mgrid[0:gh, 0:gw]
+    m = np.stack([xs * GRID + GRID // 2, ys * GRID + GRID // 2], -1)[None].astype(np.float32)   # [1, gh, gw, 2]
+    box = (24, 8, 96, 112)
+    out = transforms.crop_maps(m, box, SIZE, GRID)[0].numpy()                 # [14, 14, 2]
+    u = np.arange(SIZE // GRID) * GRID + 3.5                                   # output cell centres
+    expect_x = 24 + (u + 0.5) * 96 / SIZE - 0.5
+    expect_y = 8 + (u + 0.5) * 112 / SIZE - 0.5
+    np.testing.assert_allclose(out[0, :, 0], expect_x, atol=1e-4)
+    np.testing.assert_allclose(out[:, 0, 1], expect_y, atol=1e-4)
+    flipped = transforms.crop_maps(m, box, SIZE, GRID, flip=True)[0].numpy()
+    np.testing.assert_allclose(flipped[0, :, 0], expect_x[::-1], atol=1e-4)
+
+
+def test_finish_tracks_units():
+    disp = torch.tensor([[1.0, 2.0]])
+    hog = torch.arange(9.0)[None]
+    d, h, v = transforms.finish_tracks(disp, hog, torch.tensor([1.0, 0.99]), (0, 0, 84, 96), SIZE, flip=True)
+    np.testing.assert_allclose(d.numpy(), [[-1.0 * SIZE / 84, 2.0 * SIZE / 96]])
+    assert h[0].tolist() == list(range(8, -1, -1)) and v.tolist() == [True, False]
+
+
+@pytest.fixture(scope="module")
+def translating():
+    """A shard sample of an object translating at a known sub-pixel velocity under no camera motion,
+    whose trajectory arrays are the ground truth itself (so only the loader's transform is tested)."""
+    T, s, L = 8, 2, 4
+    clip = synthetic.clip(0, size=(128, 160), num_frames=T * s + L, camera_prob=0.0, label=0)
+    gx, gy = trajectory.grid_points(128, 160, GRID)
+    starts = 2 * s * np.arange(T // 2)
+    disp, valid = [], []
+    for t in starts:
+        pos, d, depth = clip.track(gx, gy, t, L)
+        disp.append(d.reshape(16, 20, L, 2))
+        valid.append(((pos[..., 0] >= 0) & (pos[..., 0] <= 159) & (pos[..., 1] >= 0) & (pos[..., 1] <= 127)).all(1).reshape(16, 20))
+    frame_indices = s * np.arange(T)
+    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T, "frame_indices": frame_indices.tolist()}
+    hog = np.random.default_rng(0).random((T // 2, 16, 20, L, 9)) * 0.1
+    raw = shards.encode("t_w00", clip.frames[frame_indices], np.stack(disp), hog, np.stack(valid), 0, meta)
+    velocity = clip.b[1] - clip.b[0]                                  # world motion per frame
+    return shards.decode(raw), clip, velocity
+
+
+def test_trajectories_follow_frames_scale_and_flip(translating):
+    sample, clip, v = translating
+    rng = np.random.default_rng(1)
+    checked = 0
+    for trial in range(12):
+        out = transforms.augment(sample, SIZE, GRID, rng=rng, flip_prob=0.5)
+        x0, y0, cw, ch = out["box"]
+        scale = np.array([SIZE / cw, SIZE / ch]) * ([-1, 1] if out["flip"] else [1, 1])
+        # where the object is in the *output frames*: the rendered alpha through crop_frames
+        alpha = clip.alpha[sample["meta"]["frame_indices"]][..., None].repeat(3, -1) * 255
+        alpha_out = transforms.crop_frames(alpha.astype(np.uint8), out["box"], SIZE, out["flip"])[0]   # [T, S, S]
+        for j in range(out["disp"].shape[0]):
+            a = alpha_out[2 * j].numpy()
+            # bilinear resampling mixes source points up to a grid step (8 px, 11 px here) away
+            inner = cv2.erode((a > 0.99).astype(np.uint8), np.ones((25, 25), np.uint8))
+            outer = cv2.dilate((a > 0.01).astype(np.uint8), np.ones((25, 25), np.uint8))
+            c = np.arange(SIZE // GRID) * GRID + 3                            # output grid points (cell centres)
+            on_obj = inner[c][:, c].astype(bool) & out["valid"][j].numpy()
+            on_bg = ~outer[c][:, c].astype(bool) & out["valid"][j].numpy()
+            d = out["disp"][j].numpy()                                        # [14, 14, L, 2]
+            if on_obj.sum():
+                np.testing.assert_allclose(d[on_obj], np.broadcast_to(v * scale, d[on_obj].shape), atol=0.02)
+                checked += 1
+            assert np.abs(d[on_bg]).max() < 0.02
+    assert checked >= 10
+
+
+def test_centre_crop_without_rng(translating):
+    sample = translating[0]
+    out = transforms.augment(sample, SIZE, GRID)
+    assert out["box"] == (16, 0, 128, 128) and out["flip"] is False
+    assert out["video"].shape == (3, 8, SIZE, SIZE) and out["disp"].shape == (4, 14, 14, 4, 2)
+    assert out["hog"].shape == (4, 14, 14, 4, 9) and out["valid"].dtype == torch.bool
+    assert 0 <= out["video"].min() and out["video"].max() <= 1
