@@ -1,0 +1,304 @@
+"""Pre-training recipes: plain dicts of settings, loaded from YAML and checked before anything starts.
+
+This module owns the list of settings a pre-training run takes (`DEFAULTS`: every key, its default,
+and the paper table it mirrors), what a valid value is, and the YAML form a run saves next to its
+metrics. A recipe is a flat dict with exactly DEFAULTS' keys; nothing wraps it.
+
+Overrides, later wins:   DEFAULTS  <-  the YAML file (recipes/*.yaml)  <-  keyword overrides
+
+    r = load("recipes/ssv2.yaml")                      # the paper's SSv2 pre-training (Table 14)
+    r = load("recipes/tiny.yaml", epochs=1)             # what `pretrain.py --recipe ... --epochs 1` does
+    peak = lr(r, world_batch=r["batch_size"])           # base_lr * batch / 256 (Appendix D)
+    (run_dir / "recipe.yaml").write_text(dump(r))       # load() reads it back to the same dict
+
+Every mistake raises RecipeError (a ValueError) with one line naming where the value came from (the
+file, "command line", or DEFAULTS), the key and what is wrong: an unknown key (with the closest known
+one), a wrong type, or a value that would silently break training. Strings from the command line are
+parsed to the key's type ('0.5', 'true', '0.9,0.95', 'none'), since shells pass strings.
+"""
+import copy
+import difflib
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = {
+    # --- data (Table 14 and §4 "Implementation details"; the shards come from extract.py) ---
+    "data_path": None,            # required: a shards folder from extract.py (its train split), a glob of .tar shards, an s3:// url, or a list of these
+    "val_data_path": None,        # shards for a held-out reconstruction loss; None: none (the paper reports none)
+    "num_frames": 16,             # T input frames per clip (§4, Tables 14/15: 16-frame clips); must match the shards
+    "sampling_rate": 4,           # stride s between input frames (§4: K400 4, SSv2 3; Table 10); must match the shards
+    "input_size": 224,            # crop side in pixels (§4: 224x224); 16-px patches
+    "crop_scales": [1.0, 0.875, 0.75, 0.66],  # MultiScaleCrop (Table 14 "augmentation"), fractions of the short side, as in the authors' code
+    "flip": False,                # horizontal flip (Table 14: SSv2 no, K400 yes); the authors' code never flips
+    "mask_type": "tube",          # Table 11: tube masking (or 'random', VideoMAE's other choice)
+    "mask_ratio": 0.7,            # Table 11: 70% tube masking is best (90%: -1.4, 40%: -2.8)
+    "target": "mme",              # Table 5: 'mme' (trajectories, ours), 'pixel' (VideoMAE), 'hog' (MaskFeat) baselines
+    "trajectory_length": 6,       # L raw frames tracked (Table 7: 6 best; the authors' script uses 4); must match the shards
+    "interpolation": True,        # Table 6: predict the trajectory at every raw frame (True) or only at the input stride (False)
+    "trajectory_density": "dense",  # Table 9: all K=4 trajectories of a patch ('dense'), or merged into one by 'mean' or 'max'
+    "patch_norm": True,           # Table 8: standardise targets over the K trajectories of each patch (+2.0)
+    "shape_target": True,         # Table 5: predict trajectory-aligned HOG (eq. 5) too; False = "Traj. w/o shape" (-0.6)
+    "batch_size": 768,            # Table 14; clips per optimizer step summed over all ranks and accum_steps
+    "num_workers": 8,             # loader processes per rank (not from the paper)
+    "seed": 0,                    # each rank seeds with seed + rank (as VideoMAE)
+    # --- model (§4: ViT-B; Table 12: decoder) ---
+    "model": "base",              # encoder ViT size, 16x16x2 tubelets: tiny | small | base | large (§4 uses base)
+    "decoder_depth": 1,           # Table 12: one joint decoder block is best (2 blocks: -0.7)
+    "decoder_embed_dim": 192,     # decoder width (authors' code; not in the paper)
+    "decoder_num_heads": 6,       # decoder heads (authors' code; not in the paper)
+    "drop_path": 0.0,             # stochastic depth in pre-training (VideoMAE's default; Table 15's 0.1 is for fine-tuning)
+    # --- optimisation (Table 14; AdamW, cosine decay after a linear warmup) ---
+    "epochs": 800,                # Table 1/2: 800-epoch pre-training (Appendix D: 400 for the UCF101/HMDB51 transfer)
+    "warmup_epochs": 40,          # Table 14
+    "base_lr": 1.5e-4,            # Table 14; the peak lr is base_lr * batch_size / 256 (Appendix D), see lr()
+    "min_lr": 1e-5,               # end of the cosine decay, scaled by batch_size / 256 like base_lr, as VideoMAE does: lr(r, b, "min_lr")
+    "weight_decay": 0.05,         # Table 14
+    "opt_betas": [0.9, 0.999],    # Table 14 prints 0.9, 0.999; the authors' scripts (and VideoMAE's) use 0.9, 0.95
+    "clip_grad": None,            # max gradient norm; None: no clipping (not in Table 14; VideoMAE's default)
+    "accum_steps": 1,             # gradient accumulation: batch_size is split over world size x accum_steps
+    # --- runtime ---
+    "output_dir": "runs",         # a run writes to output_dir/name/
+    "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
+    "save_every": 1000,           # optimizer steps between checkpoints (one is also written at the end)
+    "log_every": 10,              # optimizer steps between metric lines
+    "device": "auto",             # 'auto' (cuda if present, else cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+    "compile": False,             # torch.compile the model
+    # Added: 800 epochs take days, so a run must survive restarts and use mixed precision.
+    "resume": True,               # continue from the last checkpoint in output_dir/name if there is one (VideoMAE's auto_resume)
+    "precision": "auto",          # 'auto' (bf16 autocast on GPUs that have it, else fp32) | 'fp32' | 'bf16' | 'fp16' (VideoMAE: fp16 AMP)
+}
+
+# Types that cannot be read off the default (None, or more than one type). A tuple lists the
+# alternatives; [t] is a list of t. Every other key takes the type of its default.
+TYPES = {
+    "data_path": (str, [str]),
+    "val_data_path": (str, [str]),
+    "clip_grad": float,
+    "name": str,
+}
+
+MODELS = ("tiny", "small", "base", "large")    # ViT-T/S/B/L: widths 192/384/768/1024
+CHOICES = {
+    "mask_type": ("tube", "random"),
+    "target": ("mme", "pixel", "hog"),
+    "trajectory_density": ("dense", "mean", "max"),
+    "model": MODELS,
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that must not start: the message is one line, 'where: what is wrong'."""
+
+
+def load(path=None, **overrides):
+    """DEFAULTS <- the YAML file at path <- overrides (e.g. from the command line: fire passes --epochs 1
+    as overrides={'epochs': 1}). Returns a new plain dict with exactly DEFAULTS' keys; `name` None
+    becomes the file's stem. Raises RecipeError with a one-line message on an unknown key (with the
+    closest known key), a wrong type, or a value that would break training."""
+    recipe, where = copy.deepcopy(DEFAULTS), dict.fromkeys(DEFAULTS, "DEFAULTS")
+    layers = [(str(path), _read(path), False)] if path is not None else []
+    layers.append(("command line", overrides, True))
+    for source, values, cli in layers:
+        for key, value in values.items():
+            if key not in DEFAULTS:
+                close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else " (the keys are in mme/recipe.py DEFAULTS)"
+                raise RecipeError(f"{source}: unknown key {key!r}{hint}")
+            recipe[key] = _typed(source, key, value, cli)
+            where[key] = source
+    if recipe["name"] is None and path is not None:
+        recipe["name"] = Path(path).stem
+        where["name"] = str(path)
+    _check(recipe, where, str(path) if path is not None else "command line")
+    return recipe
+
+
+def dump(recipe):
+    """YAML text of a recipe (saved next to a run's metrics); load() of it gives the recipe back."""
+    return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None, width=1000)
+
+
+def lr(recipe, world_batch, key="base_lr"):
+    """base_lr * world_batch / 256: the peak learning rate (Appendix D's linear scaling rule).
+    key='min_lr' scales the end of the cosine decay the same way (as VideoMAE does)."""
+    return recipe[key] * world_batch / 256
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-5 and 1.5e4 as floats (PyYAML's YAML 1.1 rules need '1.0e-5')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _read(path):
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: must be a mapping of 'key: value' lines, got {type(data).__name__}")
+    seen = set()
+    for k, _ in node.value:                         # PyYAML keeps the last of two equal keys silently
+        if k.value in seen:
+            raise RecipeError(f"{path}: key {k.value!r} appears twice (again at line {k.start_mark.line + 1})")
+        seen.add(k.value)
+    return data
+
+
+# --- types -------------------------------------------------------------------------------------
+
+def _spec(key):
+    if key in TYPES:
+        return TYPES[key]
+    d = DEFAULTS[key]
+    return [type(d[0])] if isinstance(d, list) else type(d)
+
+
+def _describe(spec):
+    if isinstance(spec, tuple):
+        return " or ".join(_describe(s) for s in spec)
+    if isinstance(spec, list):
+        return f"a list of {spec[0].__name__}"
+    return {int: "an int"}.get(spec, f"a {spec.__name__}")
+
+
+def _convert(value, spec, cli):
+    """value as `spec`, or raise ValueError. Ints pass as floats; command-line strings are parsed."""
+    if isinstance(spec, tuple):
+        for s in spec:
+            try:
+                return _convert(value, s, cli)
+            except ValueError:
+                pass
+        raise ValueError
+    if isinstance(spec, list):
+        if cli and isinstance(value, str):              # '0.9,0.95' or '[0.9, 0.95]'
+            value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):        # fire turns 0.9,0.95 into a tuple
+            raise ValueError
+        return [_convert(v, spec[0], cli) for v in value]
+    if spec is bool:
+        if isinstance(value, bool):
+            return value
+        if cli and isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
+        raise ValueError
+    if spec is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if cli and isinstance(value, str):
+            return int(value.strip())                   # ValueError if it is not one
+        raise ValueError
+    if spec is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            x = float(value)
+        elif cli and isinstance(value, str):
+            x = float(value.strip())
+        else:
+            raise ValueError
+        if not math.isfinite(x):
+            raise ValueError
+        return x
+    if spec is str:
+        if isinstance(value, str):
+            return value
+        if cli and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)                           # fire reads --name 7 as the int 7
+        raise ValueError
+    raise TypeError(spec)
+
+
+def _typed(source, key, value, cli):
+    nullable = DEFAULTS[key] is None
+    if nullable and (value is None or (cli and isinstance(value, str) and value.strip().lower() in ("none", "null", "~"))):
+        return None
+    spec = _spec(key)
+    try:
+        return _convert(value, spec, cli)
+    except ValueError:
+        want = _describe(spec) + (" or null" if nullable else "")
+        raise RecipeError(f"{source}: {key} must be {want}, got {value!r} ({type(value).__name__})".replace("\n", " ")) from None
+
+
+# --- values ------------------------------------------------------------------------------------
+
+def _check(r, where, home):
+    """Values that would break training (or silently train something else)."""
+    def bad(keys, what):
+        keys = keys.split()
+        sources = list(dict.fromkeys(where[k] for k in keys))
+        shown = ", ".join(f"{k}={r[k]!r}" for k in keys)
+        raise RecipeError(f"{' + '.join(sources)}: {what} (got {shown})")
+
+    if r["data_path"] is None:
+        raise RecipeError(f"{home}: data_path is required (a shards folder from extract.py, a glob of .tar shards, or an s3:// url)")
+    for key in ("data_path", "val_data_path"):
+        paths = r[key] if isinstance(r[key], list) else [r[key]]
+        if r[key] is not None and (not paths or not all(p.strip() for p in paths)):
+            bad(key, f"{key} must be a non-empty path, glob or url")
+    for key, choices in CHOICES.items():
+        if r[key] not in choices:
+            close = difflib.get_close_matches(str(r[key]), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            bad(key, f"{key} must be one of {', '.join(choices)}{hint}")
+    if not 0 <= r["mask_ratio"] < 1:
+        bad("mask_ratio", "mask_ratio must be in [0, 1)")
+    if r["num_frames"] < 2 or r["num_frames"] % 2:
+        bad("num_frames", "num_frames must be even and >= 2 (tubelets of 2 frames)")
+    if r["input_size"] < 16 or r["input_size"] % 16:
+        bad("input_size", "input_size must be a positive multiple of 16 (the patch size)")
+    if not r["crop_scales"] or not all(0 < s <= 1 for s in r["crop_scales"]):
+        bad("crop_scales", "crop_scales must be a non-empty list of fractions in (0, 1]")
+    positive = ("sampling_rate trajectory_length batch_size epochs decoder_depth decoder_embed_dim "
+                "decoder_num_heads accum_steps save_every log_every")
+    for key in positive.split():
+        if r[key] < 1:
+            bad(key, f"{key} must be positive")
+    if not r["interpolation"] and r["trajectory_length"] < r["sampling_rate"]:
+        bad("interpolation trajectory_length sampling_rate",
+            "without interpolation the target keeps trajectory points every sampling_rate raw frames, "
+            "so trajectory_length must be >= sampling_rate")
+    if r["decoder_embed_dim"] % r["decoder_num_heads"]:
+        bad("decoder_embed_dim decoder_num_heads", "decoder_embed_dim must be divisible by decoder_num_heads")
+    if not 0 <= r["drop_path"] < 1:
+        bad("drop_path", "drop_path must be in [0, 1)")
+    if r["num_workers"] < 0:
+        bad("num_workers", "num_workers must be >= 0")
+    if not 0 <= r["warmup_epochs"] <= r["epochs"]:
+        bad("warmup_epochs epochs", "warmup_epochs must be in [0, epochs]")
+    if r["batch_size"] % r["accum_steps"]:
+        bad("batch_size accum_steps", "batch_size (clips per optimizer step) must be divisible by accum_steps")
+    if r["base_lr"] <= 0:
+        bad("base_lr", "base_lr must be positive")
+    if not 0 <= r["min_lr"] <= r["base_lr"]:
+        bad("min_lr base_lr", "min_lr must be in [0, base_lr] (the cosine decays from base_lr to min_lr)")
+    if r["weight_decay"] < 0:
+        bad("weight_decay", "weight_decay must be >= 0")
+    if len(r["opt_betas"]) != 2 or not all(0 <= b < 1 for b in r["opt_betas"]):
+        bad("opt_betas", "opt_betas must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if r["clip_grad"] is not None and r["clip_grad"] <= 0:
+        bad("clip_grad", "clip_grad must be positive, or null for no clipping")
+    if not r["output_dir"].strip():
+        bad("output_dir", "output_dir must not be empty")
+    if r["name"] is not None and (not r["name"].strip() or r["name"] in (".", "..") or re.search(r"[/\\]", r["name"])):
+        bad("name", "name must be a plain folder name (no '/')")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", r["device"]):
+        bad("device", "device must be auto, cpu, cuda, cuda:N or mps")
