@@ -1,0 +1,138 @@
+"""The loader (mme/data.py): DALI and the PyTorch reference agree, trajectories keep their units
+through it, every rank gets the same batches per epoch, and a restored state resumes exactly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mme import clips, data, recipe, shards, sources, synthetic
+
+T, S = 8, 64                                      # small clips: 8 frames, 64 px crops
+
+
+def write_shard(path, samples):
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for s in samples:
+            shards.write_sample(tar, s)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """6 synthetic videos (one window each) at 80 x 96, stride 2, L 4, in 3 shards of 2."""
+    out = tmp_path_factory.mktemp("shards")
+    p = clips.Params(frames=T, stride=2, length=4, short_side=80)
+    samples = []
+    for i in range(6):
+        v = sources.Video(path=f"synthetic:train/{i}", key=f"v{i}", label=i % 10, label_name="", split="train")
+        samples += clips.video_samples(v, p)[0]
+    for k in range(3):
+        write_shard(out / f"train-000-{k:06d}.tar", samples[2 * k:2 * k + 2])
+    return str(out / "train-000-{000000..000002}.tar")
+
+
+def make_recipe(**kw):
+    base = dict(data_path="x", num_frames=T, sampling_rate=2, trajectory_length=4, input_size=S, batch_size=2,
+                num_workers=0, flip=True, model="tiny")
+    return recipe.load(None, **(base | kw))
+
+
+@pytest.mark.parametrize("patch_norm", [False, True])
+def test_dali_equals_reference(synth, patch_norm):
+    r = make_recipe(patch_norm=patch_norm)
+    a = next(iter(data.build_loader(synth, r, backend="torch")))
+    b = next(iter(data.build_loader(synth, r, backend="dali")))
+    assert torch.equal(a["box"], b["box"]) and torch.equal(a["flip"], b["flip"]) and torch.equal(a["mask"], b["mask"])
+    assert a["target"].shape == b["target"].shape == (2, T // 2 * (S // 16) ** 2, 4 * 4 * 2 + 4 * 4 * 9)
+    torch.testing.assert_close(a["target"], b["target"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a["weight"], b["weight"])
+    # frames: DALI's antialiasing filter also reads the pixels just outside the crop, the reference
+    # clamps at its edge; they agree exactly inside, and on the edge rows to a few grey levels
+    torch.testing.assert_close(a["video"][..., 2:-2, 2:-2], b["video"][..., 2:-2, 2:-2], atol=1e-3, rtol=0)
+    assert (a["video"] - b["video"]).abs().mean() < 0.01
+
+
+@pytest.fixture(scope="module")
+def known_motion(tmp_path_factory):
+    """One clip whose every trajectory moves by (1.25, -0.5) px per step, HOG bins = 0.01 * (1..9)."""
+    h, w, L = 80, 96, 4
+    frames = np.stack([synthetic.texture(np.random.default_rng(i), h, w) for i in range(T)])
+    disp = np.broadcast_to(np.float32([1.25, -0.5]), (T // 2, h // 8, w // 8, L, 2))
+    hog = np.broadcast_to(np.arange(1, 10, dtype=np.float32) * 0.01, (T // 2, h // 8, w // 8, L, 9))
+    valid = np.ones((T // 2, h // 8, w // 8), bool)
+    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T, "size": [w, h], "video_key": "k",
+            "params": {"stride": 2, "length": L, "grid": 8}}
+    path = tmp_path_factory.mktemp("known") / "train-000-000000.tar"
+    write_shard(path, [shards.encode(f"k_w{i:02d}", frames, disp, hog, valid, 3, meta) for i in range(4)])
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_targets_are_true_motion_times_scale(known_motion, backend):
+    r = make_recipe(patch_norm=False, batch_size=4)
+    b = next(iter(data.build_loader(known_motion, r, backend=backend)))
+    for i in range(4):
+        x0, y0, cw, ch = b["box"][i].tolist()
+        sign = -1.0 if b["flip"][i] else 1.0
+        pos = b["target"][i, :, :4 * 4 * 2].reshape(-1, 4, 4, 2)
+        torch.testing.assert_close(pos[..., 0], torch.full_like(pos[..., 0], sign * 1.25 * S / cw), atol=2e-3, rtol=0)
+        torch.testing.assert_close(pos[..., 1], torch.full_like(pos[..., 1], -0.5 * S / ch), atol=2e-3, rtol=0)
+        hog = b["target"][i, :, 4 * 4 * 2:].reshape(-1, 4, 4, 9)
+        bins = torch.arange(1, 10, dtype=torch.float32) * 0.01
+        expect = bins.flip(0) if b["flip"][i] else bins
+        torch.testing.assert_close(hog, expect.expand_as(hog), atol=3e-4, rtol=0.02)   # log-coded uint8
+        assert torch.all(b["weight"][i] == 1) and b["label"][i] == 3
+    assert b["video"].shape == (4, 3, T, S, S)
+
+
+def test_flip_follows_the_recipe(known_motion):
+    flips = torch.cat([next(iter(data.build_loader(known_motion, make_recipe(batch_size=4, seed=s), backend="torch")))["flip"]
+                       for s in range(6)])
+    assert flips.any() and not flips.all()
+    none = next(iter(data.build_loader(known_motion, make_recipe(batch_size=4, flip=False), backend="torch")))
+    assert not none["flip"].any()
+
+
+def test_equal_batches_per_rank_and_determinism(synth):
+    r = make_recipe(batch_size=4)                                 # 2 ranks x 2 clips
+    counts = []
+    for rank in (0, 1):
+        loader = data.build_loader(synth, r, rank=rank, world_size=2, backend="torch")
+        counts.append((len(loader), sum(1 for _ in loader)))
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
+    a = next(iter(data.build_loader(synth, r, rank=1, world_size=2, backend="torch")))
+    b = next(iter(data.build_loader(synth, r, rank=1, world_size=2, backend="torch")))
+    assert torch.equal(a["box"], b["box"]) and torch.equal(a["target"], b["target"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_resumes_the_same_batches(synth, workers):
+    r = make_recipe(num_workers=workers)
+    full = data.build_loader(synth, r, backend="dali")
+    batches = [b for _, b in zip(range(4), full)]
+    first = data.build_loader(synth, r, backend="dali")
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    assert state == {"epoch": 0, "batches": 2}
+    resumed = data.build_loader(synth, r, backend="dali")
+    resumed.load_state_dict(json.loads(json.dumps(state)))           # survives a checkpoint round trip
+    again = [b for _, b in zip(range(2), resumed)]
+    for x, y in zip(batches[2:], again):
+        assert torch.equal(x["box"], y["box"]) and torch.equal(x["mask"], y["mask"])
+        torch.testing.assert_close(x["target"], y["target"])
+
+
+def test_mismatched_recipe_is_refused_at_start(synth):
+    with pytest.raises(ValueError, match="stride 2 in the shards, 3 in the recipe"):
+        data.build_loader(synth, make_recipe(sampling_rate=3), backend="torch")
+    with pytest.raises(ValueError, match="trajectory length 4 in the shards, 6 in the recipe"):
+        data.build_loader(synth, make_recipe(trajectory_length=6), backend="torch")
+
+
+@pytest.mark.parametrize("target,dim", [("pixel", 2 * 16 * 16 * 3), ("hog", 108)])
+def test_baseline_targets(synth, target, dim):
+    b = next(iter(data.build_loader(synth, make_recipe(target=target), backend="dali")))
+    assert b["target"].shape == (2, T // 2 * (S // 16) ** 2, dim) and torch.all(b["weight"] == 1)
+    assert torch.isfinite(b["target"]).all()
