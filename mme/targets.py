@@ -24,10 +24,9 @@ from einops import rearrange
 PATCH, TUBELET, HOG_CELL, BINS = 16, 2, 8, 9
 
 
-def _norm(x, dims):
+def _norm(x, dims=(-1,)):
     """Standardise over `dims` (MAE's patch norm: mean, variance + 1e-6)."""
-    mean = x.mean(dim=dims, keepdim=True)
-    var = x.var(dim=dims, keepdim=True, unbiased=False)
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
     return (x - mean) / (var + 1e-6).sqrt()
 
 
@@ -55,10 +54,10 @@ def mme_target(disp, hog, valid, patch_norm=True, shape=True, density="dense", s
         idx = pick[:, :, None, None, None]
         pos = pos.gather(2, idx.expand(-1, -1, 1, *pos.shape[3:]))
         hogs = hogs.gather(2, idx.expand(-1, -1, 1, *hogs.shape[3:]))
-    parts = [pos, hogs] if shape else [pos]
+    parts = [p.flatten(2) for p in ([pos, hogs] if shape else [pos])]     # [B, N, K*L*c] each
     if patch_norm:
-        parts = [_norm(p, (2, 3, 4)) for p in parts]
-    target = torch.cat([p.flatten(2) for p in parts], -1)
+        parts = [_norm(p) for p in parts]
+    target = torch.cat(parts, -1)
     return target, ok.float()
 
 
@@ -67,7 +66,7 @@ def pixel_target(video, patch_norm=True):
     standardised per colour channel (patch_norm) or raw."""
     x = rearrange(video.float(), "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c", p0=TUBELET, p1=PATCH, p2=PATCH)
     if patch_norm:
-        x = _norm(x, (2,))
+        x = _norm(x, (2,))                                  # per channel over the tubelet's pixels
     return rearrange(x, "b n p c -> b n (p c)")
 
 

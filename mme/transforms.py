@@ -41,13 +41,14 @@ def centre_box(h, w, size=224):
 
 def crop_frames(frames, box, size, flip=False):
     """uint8 [T, H, W, 3] -> float32 [3, T, size, size] in [0, 1]: crop, antialiased bilinear resize
-    (as PIL's, which VideoMAE uses), optional horizontal flip."""
+    (as PIL's, which VideoMAE uses) to uint8 values, optional horizontal flip."""
     x0, y0, cw, ch = box
     crop = torch.as_tensor(frames)[:, y0:y0 + ch, x0:x0 + cw].permute(0, 3, 1, 2).float()   # [T, 3, ch, cw]
     out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     if flip:
         out = out.flip(-1)
-    return (out / 255).clamp_(0, 1).permute(1, 0, 2, 3).contiguous()
+    out = out.round_().clamp_(0, 255)                   # resized frames are uint8 (PIL's, DALI's) before normalising
+    return (out / 255).permute(1, 0, 2, 3).contiguous()
 
 
 def map_coords(box, size, grid):

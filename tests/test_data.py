@@ -48,8 +48,9 @@ def test_dali_equals_reference(synth, patch_norm):
     torch.testing.assert_close(a["target"], b["target"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a["weight"], b["weight"])
     # frames: DALI's antialiasing filter also reads the pixels just outside the crop, the reference
-    # clamps at its edge; they agree exactly inside, and on the edge rows to a few grey levels
-    torch.testing.assert_close(a["video"][..., 2:-2, 2:-2], b["video"][..., 2:-2, 2:-2], atol=1e-3, rtol=0)
+    # clamps at its edge; inside they agree up to rounding to uint8 (one grey level = 0.0175 here)
+    inner = (a["video"] - b["video"])[..., 2:-2, 2:-2].abs()
+    assert inner.max() < 0.018 and (inner > 1e-4).float().mean() < 0.01
     assert (a["video"] - b["video"]).abs().mean() < 0.01
 
 
