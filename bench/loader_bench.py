@@ -95,7 +95,7 @@ def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores):
     torch.set_num_threads(cores)
     cv2.setNumThreads(1)
     r = recipe.load(str(ROOT / "recipes/k400.yaml"), data_path=str(shard_dir), batch_size=batch,
-                    num_workers=0 if cores == 1 else cores, flip=True)
+                    num_workers=0 if cores == 1 else cores - 1, flip=True)   # workers read; DALI threads decode
     if mode == "ours":
         print(time_ours(shard_dir, r, batches))
     else:

@@ -24,6 +24,19 @@ from einops import rearrange
 PATCH, TUBELET, HOG_CELL, BINS = 16, 2, 8, 9
 
 
+def target_dim(recipe):
+    """D of recipe's target (what the decoder's head must output)."""
+    if recipe["target"] == "pixel":
+        return TUBELET * PATCH * PATCH * 3
+    if recipe["target"] == "hog":
+        return 2 * 2 * 3 * BINS
+    K = 4 if recipe["trajectory_density"] == "dense" else 1
+    L = recipe["trajectory_length"]
+    if not recipe["interpolation"]:
+        L = -(-L // recipe["sampling_rate"])
+    return K * L * (2 + (BINS if recipe["shape_target"] else 0))
+
+
 def _norm(x, dims=(-1,)):
     """Standardise over `dims` (MAE's patch norm: mean, variance + 1e-6)."""
     var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)

@@ -1,0 +1,455 @@
+"""The model: a video ViT encoder, the MME pre-training model (MAE-style), checkpoint helpers, a FLOP count.
+
+What this module owns (paper §3, Table 12, Appendix D; VideoMAE's backbone, whose released
+checkpoint layout we keep exactly so released VideoMAE/MME weights load and ours export):
+
+    enc = encoder("base", num_frames=16, img_size=224)        # pre-training encoder: ... + norm.*
+    feats = enc(video, mask)          # video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> [B, N_visible, C]
+    clf = encoder("base", num_classes=174, drop_path=0.1)     # classifier: ... + fc_norm.* + head.*
+    logits = clf(video)               # [B, 174]: mean of the tokens -> fc_norm -> head
+
+    model = PretrainModel("base", 16, 224, target_dim=264)    # encoder + 1-block decoder (Table 12)
+    pred = model(video, mask)         # [B, N_masked, target_dim], the masked tokens in increasing index
+    loss = model.loss(pred, target, mask, weight)             # eq. 1 with the loss mask of eq. 7
+
+    skipped = load_backbone(enc, "videomae_pretrain.pth")      # released or ours, any wrapping, strict
+    sd = backbone_state_dict(model)                            # ours, in the released layout
+    flops = flops_per_clip(model, 16, 224, mask_ratio=0.7)     # analytic forward FLOPs, for MFU
+
+Tokens. A token is a tubelet of 2 frames x 16 x 16 pixels, embedded by a Conv3d with stride = kernel;
+tokens are ordered (t, h, w), N = T/2 * (S/16)^2 (as mme/targets.py). Positions are VideoMAE's fixed
+1-D sinusoid table over that flattened order (no learned position, no cls token), so it is a
+non-persistent buffer and never appears in a state_dict.
+
+Masking (§3, "follow MAE to only feed the unmasked patches"): the encoder gathers the visible tokens
+(every sample of a batch must mask the same count, as mme.targets.tube_mask guarantees) and runs its
+blocks on them only. The decoder gets the projected visible features followed by one mask token per
+masked token, each with its decoder position, and predicts the masked tokens only.
+
+Sizes (width, depth, heads): tiny 192/12/3, small 384/12/6, base 768/12/12, large 1024/24/16;
+mlp ratio 4, LayerNorm eps 1e-6, qkv bias = cat(q_bias, 0, v_bias) as BEiT/VideoMAE.
+
+No dtype or device is assumed: the model runs under bf16/fp16 autocast and on any device; the loss
+is computed in float32.
+"""
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+PATCH, TUBELET = 16, 2
+SIZES = {  # name: (width C, depth, heads)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+EPS = 1e-6  # LayerNorm eps, as VideoMAE
+
+
+def sinusoid_table(n, dim):
+    """Fixed 1-D sinusoid position table [1, n, dim] (VideoMAE's get_sinusoid_encoding_table):
+    angle(pos, j) = pos / 10000^(2 * floor(j / 2) / dim); sin on even j, cos on odd j. float32."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]                      # [n, 1]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]                      # [1, dim]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)   # [n, dim]
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()[None]                                               # [1, n, dim]
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample with probability p (train only)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):                                                    # x [B, ...]
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        m = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)   # [B, 1, 1]
+        return x * m / keep
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; qkv Linear without bias plus learnable q_bias and v_bias (the key
+    bias is fixed at zero: it would only add a per-query constant to the logits)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                                    # x [B, N, C]
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])   # [3C]
+        qkv = F.linear(x, self.qkv.weight, bias)                             # [B, N, 3C]
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)   # [B, h, N, d] each
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)        # softmax(q k^T * d^-0.5) v
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))               # [B, N, C]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):                                                    # [B, N, C] -> [B, N, C]
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)); drop path on both."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=EPS)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):                                                    # [B, N, C] -> [B, N, C]
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Tubelets of 2 x 16 x 16 pixels -> tokens: a Conv3d with stride = kernel."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Conv3d(3, dim, kernel_size=(TUBELET, PATCH, PATCH), stride=(TUBELET, PATCH, PATCH))
+
+    def forward(self, video):                                                # [B, 3, T, H, W]
+        x = self.proj(video)                                                 # [B, C, T/2, H/16, W/16]
+        return rearrange(x, "b c t h w -> b (t h w) c")                      # [B, N, C], (t, h, w) order
+
+
+def _rates(drop_path, depth):
+    """Stochastic depth rates growing linearly from 0 to drop_path over the blocks (VideoMAE)."""
+    return [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
+def _init(module):
+    """MAE/VideoMAE initialisation: xavier_uniform Linear weights, zero biases, LayerNorm 1/0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _visible(x, mask):
+    """x [B, N, ...], mask bool [B, N] (True = masked) -> the visible tokens [B, N_visible, ...] in
+    increasing token index. Every sample must mask the same count (else rows would mix samples)."""
+    counts = mask.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"every sample must mask the same number of tokens, got {counts.tolist()}")
+    return x[~mask].reshape(x.shape[0], -1, *x.shape[2:])
+
+
+# --- the encoder -------------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    """Video ViT. state_dict: patch_embed.proj, blocks.{i}.{norm1, attn.{qkv, q_bias, v_bias, proj},
+    norm2, mlp.{fc1, fc2}}, then `norm` (pre-training layout, num_classes=0) or `fc_norm` + `head`
+    (fine-tuning layout, num_classes > 0, mean pooling), exactly as the released checkpoints."""
+
+    def __init__(self, dim=768, depth=12, heads=12, num_frames=16, img_size=224, num_classes=0,
+                 drop_path=0.0, mlp_ratio=4.0):
+        super().__init__()
+        if num_frames % TUBELET or img_size % PATCH:
+            raise ValueError(f"num_frames must be a multiple of {TUBELET} and img_size of {PATCH}, "
+                             f"got {num_frames} and {img_size}")
+        self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
+        self.num_frames, self.img_size, self.num_classes = num_frames, img_size, num_classes
+        self.grid = (num_frames // TUBELET, img_size // PATCH, img_size // PATCH)   # (t, h, w) tokens
+        self.num_tokens = math.prod(self.grid)
+        self.patch_embed = PatchEmbed(dim)
+        self.register_buffer("pos_embed", sinusoid_table(self.num_tokens, dim), persistent=False)   # [1, N, C]
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in _rates(drop_path, depth))
+        if num_classes:
+            self.fc_norm = nn.LayerNorm(dim, eps=EPS)                        # after mean pooling
+            self.head = nn.Linear(dim, num_classes)
+        else:
+            self.norm = nn.LayerNorm(dim, eps=EPS)                           # per token
+        self.apply(_init)
+        w = self.patch_embed.proj.weight                                     # like a Linear: xavier on [C, 3*2*16*16]
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if num_classes:                                                      # MAE/VideoMAE fine-tuning: head std 2e-5
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+
+    def forward_features(self, video, mask=None):
+        """video [B, 3, T, H, W] (the T, H, W the model was built for), mask bool [B, N] or None ->
+        the visible tokens' features [B, N_visible, C] (after `norm` in the pre-training layout; the
+        classifier's fc_norm acts on the pooled vector instead)."""
+        x = self.patch_embed(video)                                          # [B, N, C]
+        if x.shape[1] != self.num_tokens:
+            raise ValueError(f"video {tuple(video.shape)} gives {x.shape[1]} tokens; this encoder was built "
+                             f"for {self.num_frames} frames of {self.img_size}^2 ({self.num_tokens} tokens)")
+        x = x + self.pos_embed.to(x.dtype)                                   # [B, N, C]
+        if mask is not None:
+            x = _visible(x, mask.to(x.device))                               # [B, N_visible, C]: masked tokens dropped
+        for blk in self.blocks:
+            x = blk(x)
+        return x if self.num_classes else self.norm(x)
+
+    def forward(self, video, mask=None):
+        """Pre-training layout: the visible tokens' features [B, N_visible, C].
+        Classifier layout: logits [B, num_classes] = head(fc_norm(mean over tokens))."""
+        x = self.forward_features(video, mask)
+        if not self.num_classes:
+            return x
+        return self.head(self.fc_norm(x.mean(1)))                            # [B, num_classes]
+
+
+def encoder(size="base", num_frames=16, img_size=224, **kw):
+    """Encoder of a named size (tiny | small | base | large). kw: num_classes (0: pre-training layout
+    with `norm`; > 0: classifier with fc_norm + head), drop_path (the largest stochastic depth rate)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    dim, depth, heads = SIZES[size]
+    return Encoder(dim, depth, heads, num_frames, img_size, **kw)
+
+
+# --- the MME pre-training model ----------------------------------------------------------------
+
+class Decoder(nn.Module):
+    """Blocks + norm + a Linear head; state_dict decoder.{blocks, norm, head} as VideoMAE's."""
+
+    def __init__(self, dim, depth, heads, out_dim, drop_path=0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, 4.0, r) for r in _rates(drop_path, depth))
+        self.norm = nn.LayerNorm(dim, eps=EPS)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, x, num_masked):                                        # x [B, N, Cd]: visible, then masked
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, -num_masked:]))                     # [B, N_masked, out_dim]
+
+
+class PretrainModel(nn.Module):
+    """MME pre-training (§3, Fig. 2): the encoder sees the visible tokens only; a light decoder sees
+    them (projected to its width) plus a learned [MASK] token at every masked position, and regresses
+    the target of the masked tokens.
+
+    Decoder: the paper's best is one joint decoder of depth 1 (Table 12: 1 block beats 2 blocks and
+    two separate decoders); width 192 and 6 heads are the authors' code. The authors' code ends it with
+    two heads (HOG through a sigmoid, trajectory through a tanh) and averages two MSEs; we use one
+    Linear head on the patch-normalised target (mme.targets: position part then shape part), whose
+    values are unbounded, so no squashing. state_dict: encoder.*, encoder_to_decoder.weight,
+    mask_token, decoder.{blocks, norm, head}.* (VideoMAE's names)."""
+
+    def __init__(self, size="base", num_frames=16, img_size=224, target_dim=264, decoder_depth=1,
+                 decoder_embed_dim=192, decoder_num_heads=6, drop_path=0.0):
+        super().__init__()
+        self.encoder = encoder(size, num_frames, img_size, drop_path=drop_path)
+        self.target_dim = target_dim
+        self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_embed_dim, decoder_depth, decoder_num_heads
+        self.encoder_to_decoder = nn.Linear(self.encoder.dim, decoder_embed_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))            # [1, 1, Cd]
+        self.register_buffer("decoder_pos_embed", sinusoid_table(self.encoder.num_tokens, decoder_embed_dim),
+                             persistent=False)                                            # [1, N, Cd]
+        self.decoder = Decoder(decoder_embed_dim, decoder_depth, decoder_num_heads, target_dim, drop_path)
+        self.encoder_to_decoder.apply(_init)
+        self.decoder.apply(_init)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @classmethod
+    def from_recipe(cls, recipe, target_dim):
+        """From a mme.recipe dict; target_dim is the loader's target width (mme: 264 for L=6, K=4)."""
+        return cls(recipe["model"], recipe["num_frames"], recipe["input_size"], target_dim, recipe["decoder_depth"],
+                   recipe["decoder_embed_dim"], recipe["decoder_num_heads"], recipe["drop_path"])
+
+    def forward(self, video, mask):
+        """video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> pred [B, N_masked, target_dim],
+        the masked tokens in increasing token index (the order of target[mask].reshape(B, -1, D))."""
+        mask = mask.to(video.device)
+        x = self.encoder_to_decoder(self.encoder(video, mask))               # [B, N_visible, Cd]
+        B, _, Cd = x.shape
+        pos = self.decoder_pos_embed.to(x.dtype).expand(B, -1, -1)           # [B, N, Cd]
+        pos_vis, pos_masked = pos[~mask].reshape(B, -1, Cd), pos[mask].reshape(B, -1, Cd)
+        x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_masked], 1)   # [B, N, Cd]
+        return self.decoder(x, pos_masked.shape[1])                          # [B, N_masked, D]
+
+    def loss(self, pred, target, mask, weight=None):
+        return mme_loss(pred, target, mask, weight)
+
+
+def mme_loss(pred, target, mask, weight=None):
+    """Masked MSE (eq. 1) with the loss mask of eq. 7, in float32.
+
+    pred [B, N_masked, D] (PretrainModel's order), target [B, N, D], mask bool [B, N], weight [B, N]
+    (the loader's 0/1 per token, eq. 7; None = all 1). Each masked token's squared error is averaged
+    over D; the loss is sum_i w_i * err_i / sum_i w_i over the masked tokens of the batch, so tokens
+    with weight 0 neither count nor dilute. (Eq. 7 as printed divides by the number of patches N_p
+    instead.) All weights 0 gives 0 (with a graph, so backward works)."""
+    B, N, D = target.shape
+    if mask.shape != (B, N) or pred.shape[0] != B or pred.shape[2] != D:
+        raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)}, mask {tuple(mask.shape)} disagree")
+    mask = mask.to(target.device)
+    t = target[mask].reshape(B, -1, D).float()                               # [B, N_masked, D]
+    if t.shape != pred.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} but the mask selects {tuple(t.shape)}")
+    w = torch.ones(B, N, device=target.device) if weight is None else weight.to(target.device).float()
+    w = w[mask].reshape(B, -1)                                               # [B, N_masked]
+    err = (pred.float() - t).pow(2).mean(-1)                                 # [B, N_masked]
+    return (err * w).sum() / w.sum().clamp_min(1e-6)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+def _peel(model):
+    """The module inside DDP (.module) or torch.compile (._orig_mod) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _unwrap(model):
+    """The Encoder of an Encoder or PretrainModel, wrapped or not."""
+    model = _peel(model)
+    return model.encoder if isinstance(model, PretrainModel) else model
+
+
+def read_checkpoint(path):
+    """torch.load(path, map_location='cpu', weights_only=True) -- never full unpickling. The released
+    VideoMAE/MME files also store their argparse.Namespace `args`, which is allowed as plain data."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_backbone(model, checkpoint):
+    """Load a backbone, strictly, into an Encoder (or the encoder of a PretrainModel).
+
+    checkpoint: a path (read_checkpoint) or a dict in any released wrapping: {'model': sd},
+    {'module': sd}, {'state_dict': sd} or sd itself; keys may carry 'encoder.' (pre-training
+    checkpoints: only those keys are the backbone; decoder.*, encoder_to_decoder.*, mask_token are
+    skipped), 'module.' (DDP) or '_orig_mod.' (torch.compile) prefixes. The final norm maps
+    norm <-> fc_norm to whichever the model has. head.* is loaded when the model has a head of the
+    same shape, else skipped. Every backbone key must be there with its shape, and no other key may
+    look like the backbone's (e.g. pos_embed, an extra block): else KeyError/ValueError naming them.
+    Returns the checkpoint keys that were not loaded."""
+    enc = _unwrap(model)
+    sd = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    for wrap in ("model", "module", "state_dict"):
+        if isinstance(sd.get(wrap), dict):
+            sd = sd[wrap]
+            break
+    sd = {_strip(k): v for k, v in sd.items()}
+    skipped = []
+    if any(k.startswith("encoder.") for k in sd):                            # a pre-training checkpoint
+        skipped = [k for k in sd if not k.startswith("encoder.")]
+        sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    final = "fc_norm" if enc.num_classes else "norm"
+    renamed = {}
+    for k, v in sd.items():
+        if _rename_norm(k, final) in renamed:
+            raise KeyError(f"checkpoint has both norm.* and fc_norm.* ({k}); which is the final norm?")
+        renamed[_rename_norm(k, final)] = v
+    sd, own = renamed, enc.state_dict()
+    head = sorted(k for k in sd if k.startswith("head."))
+    own_head = sorted(k for k in own if k.startswith("head."))
+    if head != own_head or any(sd[k].shape != own[k].shape for k in head):    # no head, or another task's
+        skipped += head
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd.update({k: own[k] for k in own_head})                            # keep the model's own head
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the {enc.dim}-wide, {enc.depth}-deep backbone: "
+                       f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                       f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    bad = [f"{k} {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in sd.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"checkpoint shapes differ: {bad[:8]}")
+    enc.load_state_dict(sd, strict=True)
+    return skipped
+
+
+def _strip(key):
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _rename_norm(key, final):
+    for name in ("norm.", "fc_norm."):
+        if key.startswith(name):
+            return final + key[len(name) - 1:]
+    return key
+
+
+def backbone_state_dict(model):
+    """The backbone of an Encoder or PretrainModel in the released layout (no prefix): patch_embed.*,
+    blocks.*, then norm.* (pre-training encoder) or fc_norm.* + head.* (classifier). Prefix the keys
+    with 'encoder.' and wrap in {'model': ...} for a VideoMAE-style pre-training checkpoint."""
+    return {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+
+def _block_flops(n, dim, mlp_ratio=4.0):
+    """One block on n tokens of width C: qkv 2nC*3C + q k^T 2n^2C + attn v 2n^2C + proj 2nC^2
+    + mlp 2 * 2nC*(rC) = (8 + 4r) n C^2 + 4 n^2 C."""
+    return (8 + 4 * mlp_ratio) * n * dim * dim + 4 * n * n * dim
+
+
+def flops_per_clip(model, num_frames=None, img_size=None, mask_ratio=0.0, mask_type="tube"):
+    """Analytic forward FLOPs for one clip (a multiply-add = 2 FLOPs; one training step is ~3x this).
+
+    Counts the matmuls and attention, which are all but ~1% of the work; LayerNorm, softmax, GELU,
+    residual adds and the position add are left out. With N = T/2 * (S/16)^2 tokens of which N_v
+    are visible (tube masking: round(ratio * h * w) masked per time step, as mme.targets.tube_mask;
+    'random': round(ratio * N)), encoder width C and depth L:
+      patch embedding (all N tokens, as computed)  2 * N * (3*2*16*16) * C
+      encoder blocks                                L * [(8 + 4*4) N_v C^2 + 4 N_v^2 C]
+      classifier (num_classes K)                    2 * C * K
+    PretrainModel adds, with decoder width Cd, depth Ld, target D, N_m = N - N_v:
+      encoder_to_decoder                            2 * N_v * C * Cd
+      decoder blocks (all N tokens)                 Ld * [24 N Cd^2 + 4 N^2 Cd]
+      decoder head (masked tokens only)             2 * N_m * Cd * D
+    num_frames / img_size default to the model's."""
+    net = _peel(model)
+    enc = _unwrap(net)
+    T = num_frames or enc.num_frames
+    S = img_size or enc.img_size
+    t, h, w = T // TUBELET, S // PATCH, S // PATCH
+    n = t * h * w
+    if mask_type == "tube":
+        n_masked = t * int(round(mask_ratio * h * w))
+    elif mask_type == "random":
+        n_masked = int(round(mask_ratio * n))
+    else:
+        raise ValueError(f"mask_type must be 'tube' or 'random', got {mask_type!r}")
+    n_vis = n - n_masked
+    C = enc.dim
+    flops = 2 * n * (3 * TUBELET * PATCH * PATCH) * C
+    flops += enc.depth * _block_flops(n_vis, C, enc.mlp_ratio)
+    flops += 2 * C * enc.num_classes
+    if isinstance(net, PretrainModel):
+        Cd = net.decoder_dim
+        flops += 2 * n_vis * C * Cd
+        flops += net.decoder_depth * _block_flops(n, Cd)
+        flops += 2 * n_masked * Cd * net.target_dim
+    return int(flops)

@@ -1,0 +1,212 @@
+"""MME pre-training (paper §3, Table 14): a ViT learns to reconstruct motion trajectories of masked tubes.
+
+    python extract.py --src synthetic --out shards/synthetic --split train,val
+    python pretrain.py --recipe recipes/tiny.yaml                        # one process, CPU is fine
+    torchrun --nproc_per_node=8 pretrain.py --recipe recipes/ssv2.yaml   # one node of 8 GPUs
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \\
+        pretrain.py --recipe recipes/k400.yaml
+    python pretrain.py --recipe recipes/tiny.yaml --epochs 1 --batch_size 4     # any recipe key overrides
+
+Writes runs/<name>/: recipe.yaml, metrics.jsonl (step, epoch, loss, lr, clips/s), loss.png,
+checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards, plus each rank's
+step, loader position and RNG state) and encoder.pth (the backbone in the released VideoMAE/MME
+layout). Killed? Run the same command again: it continues from the last checkpoint, same curve.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from rich.console import Console
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from mme import data, model as models, recipe as recipes, targets, viz
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def setup_distributed(device_choice):
+    """torchrun's environment, or a one-process group when run with plain python (FSDP2 needs one)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(29500 + os.getpid() % 20000))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda") or device_choice.startswith("cuda")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, device
+
+
+def lr_at(step, r, steps_per_epoch, peak, floor):
+    """Linear warmup to `peak` over warmup_epochs, then cosine decay to `floor` (Table 14)."""
+    warm = r["warmup_epochs"] * steps_per_epoch
+    total = r["epochs"] * steps_per_epoch
+    if step < warm:
+        return peak * step / warm
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def param_groups(net, weight_decay):
+    """No weight decay on biases, norms and tokens (1-D parameters), as MAE/VideoMAE."""
+    decay, no_decay = [], []
+    for p in net.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def latest_checkpoint(run):
+    steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*") if (p / "done").exists()]
+    return (run / "checkpoints" / f"step_{max(steps)}") if steps else None
+
+
+def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
+    """Model + optimizer through DCP (each rank writes its shards), then each rank's own state as
+    JSON; a `done` marker makes the checkpoint count only once everything is on disk."""
+    path = run / "checkpoints" / f"step_{step}"
+    msd, osd = get_state_dict(net, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    rng = {"torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()[1].tolist()}
+    (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
+    dist.barrier()
+    if rank == 0:
+        (path / "done").touch()
+        for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(path, net, opt, loader, rank):
+    msd, osd = get_state_dict(net, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    mine = json.loads((path / f"rank{rank}.json").read_text())
+    loader.load_state_dict(mine["loader"])
+    torch.set_rng_state(torch.tensor(mine["rng"]["torch"], dtype=torch.uint8))
+    return mine["step"]
+
+
+def main(recipe, **overrides):
+    """Pre-train with the recipe (a YAML file in recipes/); any recipe key can be given as --key value."""
+    try:
+        r = recipes.load(recipe, **overrides)
+    except (recipes.RecipeError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    rank, world, device = setup_distributed(r["device"])
+    torch.manual_seed(r["seed"] + rank)
+    run = Path(r["output_dir"]) / r["name"]
+    micro = r["batch_size"] // (world * r["accum_steps"])
+    if micro * world * r["accum_steps"] != r["batch_size"]:
+        fail(rank, f"batch_size {r['batch_size']} must divide by world size {world} x accum_steps {r['accum_steps']}")
+    try:
+        loader = data.build_loader(r["data_path"], r, train=True, rank=rank, world_size=world)
+    except (FileNotFoundError, ValueError) as e:
+        fail(rank, f"data_path {r['data_path']}: {e}")
+
+    # The model, sharded with FSDP2: every transformer block, then the rest at the root.
+    net = models.PretrainModel(size=r["model"], num_frames=r["num_frames"], img_size=r["input_size"],
+                               target_dim=targets.target_dim(r), decoder_depth=r["decoder_depth"],
+                               decoder_embed_dim=r["decoder_embed_dim"], decoder_num_heads=r["decoder_num_heads"],
+                               drop_path=r["drop_path"]).to(device)
+    for block in [m for m in net.modules() if isinstance(m, models.Block)]:
+        fully_shard(block)
+    fully_shard(net)
+    opt = torch.optim.AdamW(param_groups(net, r["weight_decay"]), lr=0.0, betas=tuple(r["opt_betas"]))
+    peak, floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
+    steps_per_epoch = len(loader) // r["accum_steps"]
+    total_steps = r["epochs"] * steps_per_epoch
+
+    step = 0
+    last = latest_checkpoint(run) if r["resume"] else None
+    if last is not None:
+        step = load_checkpoint(last, net, opt, loader, rank)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "recipe.yaml").write_text(recipes.dump(r))
+        keep_metrics(run / "metrics.jsonl", step)          # drop lines a killed run logged past its checkpoint
+        console.print(f"[bold]{r['name']}[/bold]: {world} process(es) on {device}, {total_steps} steps "
+                      f"({steps_per_epoch}/epoch), batch {r['batch_size']} = {world} x {micro} x {r['accum_steps']}, "
+                      f"peak lr {peak:.2e}" + (f", resuming at step {step}" if step else ""))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    progress = viz.progress(console, total_steps, step) if rank == 0 else None
+    last_good = last
+    while step < total_steps:
+        tick, clips, micro_i = time.perf_counter(), 0, 0
+        for b in loader:
+            lr = lr_at(step, r, steps_per_epoch, peak, floor)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with amp:
+                pred = net(b["video"].to(device, non_blocking=True), b["mask"].to(device))
+                loss = net.loss(pred.float(), b["target"].to(device), b["mask"].to(device), b["weight"].to(device))
+            (loss / r["accum_steps"]).backward()
+            clips += b["video"].shape[0] * world
+            micro_i += 1
+            if micro_i % r["accum_steps"]:
+                continue
+            if r["clip_grad"]:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), r["clip_grad"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            reduced = loss.detach().clone()
+            dist.all_reduce(reduced)
+            value = reduced.item() / world
+            if not math.isfinite(value):
+                fail(rank, f"loss is {value} at step {step}; last good checkpoint: {last_good or 'none'} "
+                           f"(lower base_lr or set clip_grad, then rerun to resume from it)")
+            if rank == 0:
+                speed = clips / (time.perf_counter() - tick)
+                metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr,
+                                          "clips_per_s": speed}) + "\n")
+                metrics.flush()
+                progress.update(step, loss=value, lr=lr, speed=speed)
+            tick, clips = time.perf_counter(), 0
+            if step % r["save_every"] == 0 or step == total_steps:
+                last_good = save_checkpoint(run, step, net, opt, loader, rank)
+            if step >= total_steps:
+                break
+
+    # The backbone in the released layout, for finetune.py and the VideoMAE/MME code alike.
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        progress.stop()
+        encoder = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+        torch.save(encoder, run / "encoder.pth")
+        metrics.close()
+        viz.loss_curve(run / "metrics.jsonl", run / "loss.png")
+        console.print(f"done: {run / 'encoder.pth'}, {run / 'loss.png'}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def keep_metrics(path, step):
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def fail(rank, msg):
+    if rank == 0:
+        console.print(f"[red]error:[/red] {msg}")
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

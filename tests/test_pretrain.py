@@ -1,0 +1,105 @@
+"""pretrain.py end to end on tiny synthetic shards: outputs, exact resume after a kill, torchrun with
+2 processes (FSDP2 on gloo), and the errors that must stop a run before or while it starts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mme import model as models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pt") / "shards"
+    subprocess.run([sys.executable, "extract.py", "--src", "synthetic", "--out", str(out), "--split", "train",
+                    "--limit", "16", "--frames", "8", "--stride", "2", "--short_side", "64", "--length", "4"],
+                   cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def args(shards, out, name, **kw):
+    base = dict(data_path=f"{shards}/", val_data_path="none", num_frames=8, sampling_rate=2, trajectory_length=4,
+                input_size=64, batch_size=4, epochs=2, warmup_epochs=1, save_every=2, num_workers=0,
+                output_dir=str(out), name=name)
+    base.update(kw)
+    return ["--recipe", "recipes/tiny.yaml"] + [x for k, v in base.items() for x in (f"--{k}", str(v))]
+
+
+def run(cmd_args, launcher=(sys.executable, "pretrain.py")):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([*launcher, *cmd_args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def losses(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_process_run_writes_everything(shard_dir, tmp_path):
+    r = run(args(shard_dir, tmp_path, "one"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = tmp_path / "one"
+    rows = losses(d)
+    assert [x["step"] for x in rows] == list(range(1, 9))                    # 16 clips / 4 = 4 steps, 2 epochs
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[0]["lr"] == 0 and max(x["lr"] for x in rows) == pytest.approx(3.2e-2 * 4 / 256)   # warmup to base_lr x B/256
+    assert (d / "loss.png").stat().st_size > 1000 and "model: tiny" in (d / "recipe.yaml").read_text()
+    enc = models.encoder("tiny", num_frames=8, img_size=64)
+    models.load_backbone(enc, torch.load(d / "encoder.pth", map_location="cpu", weights_only=True))   # strict
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_6", "step_8"]            # the last 2 kept
+
+
+def test_killed_run_resumes_the_same_curve(shard_dir, tmp_path):
+    whole = run(args(shard_dir, tmp_path, "whole", epochs=4))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "killed", epochs=4)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    done = tmp_path / "killed" / "checkpoints" / "step_4" / "done"
+    deadline = time.time() + 240
+    while not done.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = len(losses(tmp_path / "killed"))
+    assert killed_at < 16, "the run finished before it could be killed; make it longer"
+    again = run(args(shard_dir, tmp_path, "killed", epochs=4))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming at step" in again.stderr
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert [x["step"] for x in b] == list(range(1, 17))                      # no step twice, none missing
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+        assert x["lr"] == pytest.approx(y["lr"])
+
+
+def test_torchrun_two_processes_fsdp(shard_dir, tmp_path):
+    r = run(args(shard_dir, tmp_path, "two"), launcher=("torchrun", "--standalone", "--nproc_per_node=2", "pretrain.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr and "batch 4 = 2 x 2 x 1" in r.stderr
+    rows = losses(tmp_path / "two")
+    assert len(rows) == 8 and rows[-1]["loss"] < rows[0]["loss"]
+    enc = models.encoder("tiny", num_frames=8, img_size=64)
+    models.load_backbone(enc, torch.load(tmp_path / "two" / "encoder.pth", map_location="cpu", weights_only=True))
+
+
+def test_bad_recipe_stops_before_anything(shard_dir, tmp_path):
+    r = run(args(shard_dir, tmp_path, "bad", mask_ratoi=0.5))
+    assert r.returncode == 2 and "unknown key 'mask_ratoi'" in r.stderr and "mask_ratio" in r.stderr
+    assert not (tmp_path / "bad").exists()
+    r = run(args(shard_dir, tmp_path, "bad", data_path=str(tmp_path / "nowhere" / "*.tar")))
+    assert r.returncode == 2 and "no shards match" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_nonfinite_loss_names_step_and_checkpoint(shard_dir, tmp_path):
+    r = run(args(shard_dir, tmp_path, "nan", base_lr=1e12, warmup_epochs=0, epochs=3, min_lr=0))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "at step" in r.stderr and "last good checkpoint" in r.stderr
