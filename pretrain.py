@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import fire
@@ -32,6 +33,9 @@ from torch.distributed.fsdp import fully_shard
 from mme import data, model as models, recipe as recipes, targets, viz
 
 console = Console(stderr=True, soft_wrap=True)
+# The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
+# Nothing here does (the loss reads it), so the warning is noise in every run's log.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 def setup_distributed(device_choice):
