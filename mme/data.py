@@ -286,6 +286,7 @@ def _fhwc(a):
 
 
 def _to_torch(out, device):
+    """A DALI output as a torch tensor of its own: DALI reuses its buffers at the next run."""
     if device.type == "cuda":
-        return torch.from_dlpack(out.as_tensor()).to(device)
-    return torch.from_numpy(np.array(out.as_tensor())).to(device)
+        return torch.from_dlpack(out.as_tensor()).clone()
+    return torch.from_numpy(np.array(out.as_tensor()))

@@ -1,0 +1,108 @@
+"""Training step speed: our ViT blocks against timm's on the same visible tokens, and a full MME step.
+
+    pip install timm        # benchmark only; timm needs a torchvision matching your torch
+    python bench/train_bench.py                                   # CPU: tiny and small, 16 x 224^2, mask 0.7
+    python bench/train_bench.py --sizes base --batch 32           # on a GPU: bf16 autocast, adds MFU
+
+Side by side in the same process, median of several steps after warm-up:
+  - encoder: forward + backward of the transformer (blocks + final norm) on the visible tokens
+    [B, N_visible, C] of a 16 x 224^2 clip at mask 0.7, ours (mme.model) vs timm's Block of the
+    same width, depth, heads and MLP ratio (qkv bias on, as VideoMAE's q/v biases);
+  - a full MME pre-training step of ours (patch embedding, encoder, decoder, loss, AdamW).
+On a GPU, model FLOPs utilisation = 3 x forward FLOPs (mme.model.flops_per_clip) x clips/s / peak.
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mme import model as models, targets  # noqa: E402
+
+console = Console()
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 FLOP/s
+
+
+def timed(fn, steps, sync):
+    fn(), fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=5):
+    try:
+        from timm.models.vision_transformer import Block as TimmBlock
+    except ImportError as e:
+        raise SystemExit(f"timm is needed for the baseline ({e}); pip install timm (with a torchvision matching torch)")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    t = Table(title=f"train step, {frames} x {img}^2, mask {mask_ratio}, batch {batch}, {name}, torch {torch.__version__}")
+    for col in ("model", "ours encoder ms", "timm encoder ms", "ours / timm", "full MME step ms", "clips/s", "MFU"):
+        t.add_column(col, justify="right")
+    for size in (sizes.split(",") if isinstance(sizes, str) else sizes):
+        dim, depth, heads = models.SIZES[size][:3]
+        ours = models.encoder(size, num_frames=frames, img_size=img).to(device)
+        timm_blocks = torch.nn.Sequential(*[TimmBlock(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)],
+                                          torch.nn.LayerNorm(dim, eps=1e-6)).to(device)
+        n = frames // 2 * (img // 16) ** 2
+        visible = n - int(round(mask_ratio * (img // 16) ** 2)) * frames // 2
+        x = torch.randn(batch, visible, dim, device=device, requires_grad=True)
+
+        def step(blocks, norm=None):
+            def run():
+                with amp:
+                    h = x
+                    for blk in blocks:
+                        h = blk(h)
+                    if norm is not None:
+                        h = norm(h)
+                    h.float().square().mean().backward()
+            return run
+
+        ours_ms = timed(step(ours.blocks, ours.norm), steps, sync) * 1e3
+        timm_ms = timed(step(timm_blocks), steps, sync) * 1e3
+
+        recipe = {"target": "mme", "trajectory_density": "dense", "trajectory_length": 6, "interpolation": True,
+                  "shape_target": True, "sampling_rate": 4}
+        net = models.PretrainModel(size, frames, img, targets.target_dim(recipe)).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        video = torch.randn(batch, 3, frames, img, img, device=device)
+        mask = targets.tube_mask(np.random.default_rng(0), batch, frames // 2, img // 16, img // 16, mask_ratio).to(device)
+        target = torch.randn(batch, n, targets.target_dim(recipe), device=device)
+        weight = torch.ones(batch, n, device=device)
+
+        def full():
+            with amp:
+                loss = net.loss(net(video, mask).float(), target, mask, weight)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        full_s = timed(full, steps, sync)
+        clips = batch / full_s
+        mfu = "-"
+        if cuda:
+            peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+            flops = 3 * models.flops_per_clip(net, frames, img, mask_ratio)
+            mfu = f"{flops * clips / peak:.0%}" if peak else "?"
+        t.add_row(size, f"{ours_ms:.1f}", f"{timm_ms:.1f}", f"{ours_ms / timm_ms:.2f}", f"{full_s * 1e3:.0f}", f"{clips:.1f}", mfu)
+    console.print(t)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
