@@ -18,7 +18,9 @@ GPU is there, the same operators on CPU otherwise) or with the pure-PyTorch refe
 (backend="torch", mme.transforms). Targets are then computed in torch on the batch's device.
 """
 import json
+import logging
 
+import cv2
 import numpy as np
 import torch
 
@@ -27,6 +29,7 @@ from mme import shards, stream, targets, transforms
 MEAN = (0.485, 0.456, 0.406)        # ImageNet, as VideoMAE normalises its input
 STD = (0.229, 0.224, 0.225)
 SHUFFLE = 32                        # samples shuffled in each worker's buffer (~40 MB); shards are shuffled at extraction
+log = logging.getLogger(__name__)
 GRID = 8                            # px between trajectories, in the shards and at the output: K = 4 per 16 x 16 patch
 
 
@@ -73,6 +76,7 @@ def prepare(raw, rng, recipe, train):
         "box": np.array(box, np.int64),
         "flip": np.array(flip),
         "label": np.array(int(raw["cls"]), np.int64),
+        "name": f"{raw.get('__url__')} sample {raw['__key__']}",
     }
 
 
@@ -145,14 +149,34 @@ class Loader:
             yield self.finish(items, mask_rng)
         self.epoch, self.done = self.epoch + 1, 0
 
+    def decode(self, items):
+        if self.pipe is not None:
+            return _run_dali(self.pipe, items, self.device)
+        return _run_torch(items, self.recipe["input_size"], self.device)
+
     def finish(self, items, mask_rng):
         """Decode and augment a list of prepared samples, then build masks and targets."""
         r = self.recipe
         size, L = r["input_size"], r["trajectory_length"]
-        if self.pipe is not None:
-            video, disp, hog, valid = _run_dali(self.pipe, items, self.device)
-        else:
-            video, disp, hog, valid = _run_torch(items, size, self.device)
+        try:
+            video, disp, hog, valid = self.decode(items)
+        except Exception:
+            # A JPEG that does not decode fails the whole batch: find it, warn, go on without it.
+            # (DALI's pipeline is unusable after an error, so it is rebuilt.)
+            good = []
+            for it in items:
+                tile = cv2.imdecode(it["jpg"], cv2.IMREAD_COLOR)
+                T, h, w, _ = it["shape"]
+                if tile is None or tile.shape[:2] != (T * h, w):
+                    log.warning("%s: frames.jpg does not decode to %dx%d frames: skipped", it["name"], T, h)
+                else:
+                    good.append(it)
+            if len(good) == len(items) or not good:
+                raise
+            items = good
+            if self.pipe is not None:
+                self.pipe = _dali_pipeline(r, self.batch, self.device)
+            video, disp, hog, valid = self.decode(items)
         B, Tp, gh, gw = valid.shape
         disp = disp.reshape(B, Tp, gh, gw, L, 2)
         hog = hog.reshape(B, Tp, gh, gw, L, transforms.BINS)
@@ -192,7 +216,6 @@ def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend="
 
 def _run_torch(items, size, device):
     """Reference backend: OpenCV JPEG decoding + mme.transforms, on the CPU."""
-    import cv2
     videos, disps, hogs, valids = [], [], [], []
     for it in items:
         T, h, w, _ = it["shape"]

@@ -137,3 +137,24 @@ def test_baseline_targets(synth, target, dim):
     b = next(iter(data.build_loader(synth, make_recipe(target=target), backend="dali")))
     assert b["target"].shape == (2, T // 2 * (S // 16) ** 2, dim) and torch.all(b["weight"] == 1)
     assert torch.isfinite(b["target"]).all()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_undecodable_frames_are_skipped_with_a_warning(known_motion, tmp_path, backend, caplog):
+    """A complete sample whose JPEG is garbage: one warning naming it, the batch goes on without it."""
+    import tarfile
+    good = tarfile.open(known_motion)
+    out = tmp_path / "train-000-000000.tar"
+    with tarfile.open(out, "w") as tar:
+        for m in good:
+            data_ = good.extractfile(m).read()
+            if m.name == "k_w01.frames.jpg":
+                data_ = data_[:200] + bytes(len(data_) - 200)          # header kept, scan data zeroed
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data_)
+            tar.addfile(info, __import__("io").BytesIO(data_))
+    with caplog.at_level("WARNING", logger="mme.data"):
+        b = next(iter(data.build_loader(str(out), make_recipe(batch_size=4, flip=False), backend=backend)))
+    assert b["video"].shape[0] == 3 and torch.all(b["label"] == 3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mme.data"]
+    assert len(lines) == 1 and "k_w01" in lines[0] and str(out) in lines[0]
