@@ -169,7 +169,7 @@ def test_load_is_strict():
 
 
 class NotWeights:
-    pass
+    """An arbitrary object: weights_only loading must refuse to unpickle it."""
 
 
 def test_checkpoint_is_read_weights_only(tmp_path):
