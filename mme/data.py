@@ -309,7 +309,10 @@ def _fhwc(a):
 
 
 def _to_torch(out, device):
-    """A DALI output as a torch tensor of its own: DALI reuses its buffers at the next run."""
-    if device.type == "cuda":
-        return torch.from_dlpack(out.as_tensor()).clone()
-    return torch.from_numpy(np.array(out.as_tensor()))
+    """A DALI output (float32, uniform shape) copied into a torch tensor of its own on `device`:
+    DALI reuses its buffers at the next run. feed_ndarray is DALI's documented copy for both devices."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    t = out.as_tensor()
+    arr = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return feed_ndarray(t, arr, cuda_stream=stream)
