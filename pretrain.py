@@ -104,7 +104,8 @@ def load_checkpoint(path, net, opt, loader, rank):
 
 
 def main(recipe, **overrides):
-    """Pre-train with the recipe (a YAML file in recipes/); any recipe key can be given as --key value."""
+    """Pre-train with the recipe (a YAML file in recipes/); any recipe key can be given as --key value
+    (every key, its default and the paper table it mirrors: mme/recipe.py DEFAULTS)."""
     try:
         r = recipes.load(recipe, **overrides)
     except (recipes.RecipeError, FileNotFoundError) as e:
