@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 import fire
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -81,7 +80,7 @@ def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
     path = run / "checkpoints" / f"step_{step}"
     msd, osd = get_state_dict(net, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-    rng = {"torch": torch.get_rng_state().tolist(), "numpy": np.random.get_state()[1].tolist()}
+    rng = {"torch": torch.get_rng_state().tolist()}      # the loader's and masks' RNGs derive from its state
     (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
     dist.barrier()
     if rank == 0:

@@ -19,6 +19,7 @@ GPU is there, the same operators on CPU otherwise) or with the pure-PyTorch refe
 """
 import json
 import logging
+import os
 
 import cv2
 import numpy as np
@@ -35,7 +36,6 @@ GRID = 8                            # px between trajectories, in the shards and
 
 def shard_urls(urls, split):
     """A folder holding manifest.json means its `split` shards; anything else goes to stream.expand."""
-    import os
     if isinstance(urls, str) and (urls.endswith("/") or os.path.isdir(urls)) and stream.read_manifest(urls.rstrip("/")):
         return stream.split_urls(urls.rstrip("/"), split)
     return stream.expand(urls)
@@ -206,7 +206,6 @@ class Loader:
 
 def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend="dali", device=None):
     """The loader of this rank (rank/world size default to torchrun's environment)."""
-    import os
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     return Loader(urls, recipe, train, rank, world_size, backend, device)

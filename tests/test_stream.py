@@ -1,5 +1,6 @@
 """mme.stream: finding shards, the split over ranks and workers, resuming, bad input, S3 (a real
 moto_server on 127.0.0.1). Shards are tiny and written here; samples are compared as raw bytes."""
+import contextlib
 import ctypes
 import logging
 import os
@@ -368,7 +369,7 @@ def cutting_proxy(upstream_port, cut_after):
 
     def pump(src, dst, limit=None):
         head, body = b"", None                                               # body: bytes after the headers
-        try:
+        with contextlib.suppress(OSError):                                   # the other side hung up: done
             while data := src.recv(65536):
                 if limit is not None:
                     if body is None:
@@ -381,13 +382,9 @@ def cutting_proxy(upstream_port, cut_after):
                         dst.sendall(data[:len(data) - (body - limit)])
                         break
                 dst.sendall(data)
-        except OSError:
-            pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def accept():
