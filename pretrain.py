@@ -12,9 +12,14 @@ checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards,
 step, loader position and RNG state) and encoder.pth (the backbone in the released VideoMAE/MME
 layout). Killed? Run the same command again: it continues from the last checkpoint, same curve.
 """
+import os
+
+# Before torch allocates: 2 MiB pages for large CPU tensors. Each batch's float video is ~10 MB a clip
+# of fresh memory, and faulting it in 4 KiB pages costs as much as computing it (docs/benchmarks.md).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -117,7 +122,7 @@ def main(recipe, **overrides):
     if micro * world * r["accum_steps"] != r["batch_size"]:
         fail(rank, f"batch_size {r['batch_size']} must divide by world size {world} x accum_steps {r['accum_steps']}")
     try:
-        loader = data.build_loader(r["data_path"], r, train=True, rank=rank, world_size=world)
+        loader = data.build_loader(r["data_path"], r, train=True, rank=rank, world_size=world, device=device)
     except (FileNotFoundError, ValueError) as e:
         fail(rank, f"data_path {r['data_path']}: {e}")
 

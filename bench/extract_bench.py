@@ -29,15 +29,16 @@ from mme import clips, flow, hog, shards, sources, synthetic, trajectory, video 
 console = Console()
 
 
-def write_videos(folder, n, size, num_frames):
-    """n synthetic clips as mp4 at size (H, W), in class folders."""
+def write_videos(folder, n, size, num_frames, codec="mp4v"):
+    """n synthetic clips at size (H, W), in class folders: codec "mp4v" (MPEG-4 Part 2, .mp4) or "vp09"
+    (VP9, .webm, Something-Something V2's format; ~100x slower to encode)."""
     paths = []
     for i in range(n):
         c = synthetic.clip(i, size=size, num_frames=num_frames, camera_prob=0.5)
         d = Path(folder) / synthetic.CLASSES[c.label].replace(" ", "_")
         d.mkdir(parents=True, exist_ok=True)
-        path = d / f"clip{i:03d}.mp4"
-        w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (size[1], size[0]))
+        path = d / f"clip{i:03d}.{'webm' if codec == 'vp09' else 'mp4'}"
+        w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 25, (size[1], size[0]))
         for f in c.frames:
             w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         w.release()

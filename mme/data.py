@@ -2,7 +2,7 @@
 
     loader = build_loader(urls, recipe, train=True)      # urls: paths, globs, brace patterns, s3:// URLs
     for b in loader:
-        b["video"]    # float [B, 3, T, S, S], ImageNet-normalised
+        b["video"]    # float [B, 3, T, S, S], ImageNet-normalised (channels_last_3d in memory)
         b["mask"]     # bool  [B, N], True = masked (hidden from the encoder); N = T/2 * (S/16)^2
         b["target"]   # float [B, N, D]: recipe["target"] (mme | pixel | hog), layout in mme/targets.py
         b["weight"]   # float [B, N]: 0 for tokens whose trajectories left the frame (eq. 7)
@@ -12,11 +12,17 @@
 
 Per sample, DataLoader worker processes read the stream (mme.stream: rank/worker split, equal
 epochs, bad input skipped) and draw the augmentation: a MultiScaleCrop box and a flip (seeded by
-seed, epoch, rank and sample). The main process decodes and applies them to the frames and to the
-trajectory maps alike: with DALI (backend="dali": GPU "mixed" JPEG decoding and GPU resize when a
-GPU is there, the same operators on CPU otherwise) or with the pure-PyTorch reference
-(backend="torch", mme.transforms). Targets are then computed in torch on the batch's device.
+seed, epoch, rank and sample). It is applied to the frames and to the trajectory maps alike by one
+of two backends, which tests hold equal:
+  - "dali" (the default with a GPU): the main process feeds each batch to a DALI pipeline, "mixed"
+    nvJPEG decoding and GPU resize; the same operators run on CPU when asked for there.
+  - "torch" (the default without a GPU): each worker decodes (OpenCV) and applies mme.transforms,
+    the pure-PyTorch reference. On CPU it is the faster of the two: DALI's CPU resize costs ~5x
+    torch's uint8 kernel (docs/benchmarks.md), and the work spreads over the workers.
+Frames leave either backend as uint8; normalisation, targets and masks are computed in torch on the
+batch's device (on a GPU the float video never crosses the PCIe bus).
 """
+import functools
 import json
 import logging
 import os
@@ -27,8 +33,6 @@ import torch
 
 from mme import shards, stream, targets, transforms
 
-MEAN = (0.485, 0.456, 0.406)        # ImageNet, as VideoMAE normalises its input
-STD = (0.229, 0.224, 0.225)
 SHUFFLE = 32                        # samples shuffled in each worker's buffer (~40 MB); shards are shuffled at extraction
 log = logging.getLogger(__name__)
 GRID = 8                            # px between trajectories, in the shards and at the output: K = 4 per 16 x 16 patch
@@ -54,11 +58,14 @@ def check_recipe(meta, recipe, url):
         raise ValueError(f"{url}: " + "; ".join(wrong) + ": re-extract, or change the recipe")
 
 
-def prepare(raw, rng, recipe, train):
+def prepare(raw, rng, recipe, train, decode=False):
     """Worker side: parse one raw sample and draw its augmentation. Returns a dict of numpy arrays
-    (the JPEG bytes undecoded) that either backend can finish."""
+    (the JPEG bytes undecoded) that the DALI backend finishes; with decode=True (the torch backend)
+    the worker also applies it: video uint8 [T, S, S, 3] and the trajectories in output units.
+    None (with a one-line warning) if the frames do not decode."""
     meta = json.loads(raw["json"])
-    check_recipe(meta, recipe, f"{raw.get('__url__')} sample {raw['__key__']}")
+    name = f"{raw.get('__url__')} sample {raw['__key__']}"
+    check_recipe(meta, recipe, name)
     T, L = recipe["num_frames"], recipe["trajectory_length"]
     w, h = meta["size"]
     size = recipe["input_size"]
@@ -67,7 +74,7 @@ def prepare(raw, rng, recipe, train):
         flip = bool(recipe["flip"] and rng.random() < 0.5)
     else:
         box, flip = transforms.centre_box(h, w, size), False
-    return {
+    item = {
         "jpg": np.frombuffer(raw["frames.jpg"], np.uint8),
         "shape": np.array([T, h, w, 3], np.int64),
         "disp": shards.npy_load(raw["disp.npy"])[..., :L, :],
@@ -76,15 +83,34 @@ def prepare(raw, rng, recipe, train):
         "box": np.array(box, np.int64),
         "flip": np.array(flip),
         "label": np.array(int(raw["cls"]), np.int64),
-        "name": f"{raw.get('__url__')} sample {raw['__key__']}",
+        "name": name,
     }
+    if not decode:
+        return item
+    frames = decode_frames(item)
+    if frames is None:
+        return None
+    video, disp, hog, valid = transforms.apply(frames, item["disp"], item.pop("hog"), item["valid"], box, size, GRID, flip,
+                                               hog_table=shards.HOG_TABLE)
+    del item["jpg"]
+    return item | {"video": video, "disp": disp, "hog": hog, "valid": valid}
+
+
+def decode_frames(item):
+    """frames.jpg -> uint8 [T, h, w, 3] RGB, or None with a one-line warning naming the sample."""
+    T, h, w, _ = item["shape"]
+    tile = cv2.imdecode(item["jpg"], cv2.IMREAD_COLOR_RGB)
+    if tile is None or tile.shape[:2] != (T * h, w):
+        log.warning("%s: frames.jpg does not decode to %dx%d frames: skipped", item["name"], T, h)
+        return None
+    return tile.reshape(T, h, w, 3)
 
 
 class _Samples(torch.utils.data.IterableDataset):
     """One rank's prepared samples; each DataLoader worker reads its own part of the stream."""
 
-    def __init__(self, urls, recipe, train, rank, world_size, epoch_samples, num_workers):
-        self.urls, self.recipe, self.train = urls, recipe, train
+    def __init__(self, urls, recipe, train, rank, world_size, epoch_samples, num_workers, decode):
+        self.urls, self.recipe, self.train, self.decode = urls, recipe, train, decode
         self.rank, self.world_size, self.epoch_samples, self.num_workers = rank, world_size, epoch_samples, num_workers
         self.epoch, self.skip = 0, [0] * max(num_workers, 1)
 
@@ -99,28 +125,56 @@ class _Samples(torch.utils.data.IterableDataset):
         for i, raw in enumerate(raws, start):
             # one generator per sample: a resumed stream draws the same crops as an uninterrupted one
             rng = np.random.default_rng([seed, self.epoch, self.rank, worker, i])
-            yield prepare(raw, rng, self.recipe, self.train)
+            yield prepare(raw, rng, self.recipe, self.train, self.decode)   # None: skipped, batch one smaller
 
 
-def _collate(items):
-    return items                     # a list of prepared samples: frames differ in size until cropped
+def _collate(items, recipe, decoded):
+    """Worker side: a batch of prepared samples. A skipped sample (None) leaves its batch one smaller
+    rather than shifting the stream, so every rank keeps the same batch count. The torch backend's
+    samples are decoded: stack them (default_collate, which stacks straight into shared memory in a
+    worker) and compute the targets here."""
+    items = [it for it in items if it is not None]
+    if not decoded or not items:
+        return items                                    # DALI: frames differ in size until decoded
+    keys = ("video", "disp", "hog", "valid", "label", "box", "flip")
+    batch = torch.utils.data.default_collate([{k: it[k] for k in keys} for it in items])
+    batch["target"], batch["weight"] = make_target(recipe, batch["video"], batch.pop("disp"), batch.pop("hog"), batch.pop("valid"))
+    return batch
+
+
+def make_target(recipe, clip, disp, hog, valid):
+    """recipe["target"] of a batch: clip uint8 [B, T, S, S, 3], trajectories as Loader.decode gives them
+    -> (target [B, N, D], weight [B, N])."""
+    r = recipe
+    if r["target"] == "mme":
+        target, weight = targets.mme_target(disp, hog, valid, patch_norm=r["patch_norm"], shape=r["shape_target"],
+                                            density=r["trajectory_density"],
+                                            stride=None if r["interpolation"] else r["sampling_rate"])
+    else:
+        pixels = clip.movedim(-1, 1).float() / 255                           # [B, 3, T, S, S] in [0, 1]
+        target = targets.pixel_target(pixels, r["patch_norm"]) if r["target"] == "pixel" else targets.hog_target(pixels)
+        weight = torch.ones(target.shape[:2], device=target.device)
+    return target, weight
 
 
 class Loader:
     """Iterable over batches of one epoch at a time (see the module docstring); `epoch` advances
     after each full pass. state_dict()/load_state_dict() capture (epoch, batches done)."""
 
-    def __init__(self, urls, recipe, train=True, rank=0, world_size=1, backend="dali", device=None):
+    def __init__(self, urls, recipe, train=True, rank=0, world_size=1, backend=None, device=None):
         self.recipe, self.train = recipe, train
         self.urls = shard_urls(urls, "train" if train else "val")
         check_recipe(stream.check_schema(self.urls[0]), recipe, self.urls[0])
         self.batch = max(1, recipe["batch_size"] // (world_size * recipe.get("accum_steps", 1)))
         self.workers = recipe["num_workers"]
         self.epoch_samples = stream.epoch_length(self.urls, world_size, max(self.workers, 1), self.batch) if train else None
-        self.dataset = _Samples(self.urls, recipe, train, rank, world_size, self.epoch_samples, self.workers)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend = backend
-        self.pipe = _dali_pipeline(recipe, self.batch, self.device) if backend == "dali" else None
+        self.backend = backend or ("dali" if self.device.type == "cuda" else "torch")
+        if self.backend not in ("dali", "torch"):
+            raise ValueError(f"backend {backend!r}: use 'dali' or 'torch'")
+        self.dataset = _Samples(self.urls, recipe, train, rank, world_size, self.epoch_samples, self.workers,
+                                decode=self.backend == "torch")
+        self.pipe = _dali_pipeline(recipe, self.batch, self.device) if self.backend == "dali" else None
         self.epoch, self.done, self.rank = 0, 0, rank
 
     def __len__(self):
@@ -139,100 +193,65 @@ class Loader:
         # ceil((done - w) / workers) of them, which its stream skips on resume.
         self.dataset.epoch = self.epoch
         self.dataset.skip = [max(0, -(-(self.done - w) // workers)) * self.batch for w in range(workers)]
+        collate = functools.partial(_collate, recipe=self.recipe, decoded=self.pipe is None)
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, num_workers=self.workers,
-                                         collate_fn=_collate, drop_last=self.train,
+                                         collate_fn=collate, drop_last=self.train,
                                          persistent_workers=False, prefetch_factor=4 if self.workers else None)
-        for items in dl:
+        for batch in dl:
+            if not len(batch):
+                raise RuntimeError(f"{self.urls[0]}...: no sample of batch {self.done} decodes (see the warnings)")
             # masks are drawn per batch from (seed, rank, epoch, batch): a resumed epoch draws the same
             mask_rng = np.random.default_rng([self.recipe["seed"], self.rank, self.epoch, self.done, 7])
             self.done += 1
-            yield self.finish(items, mask_rng)
+            yield self.finish(batch, mask_rng)
         self.epoch, self.done = self.epoch + 1, 0
 
     def decode(self, items):
-        if self.pipe is not None:
-            return _run_dali(self.pipe, items, self.device)
-        return _run_torch(items, self.recipe["input_size"], self.device)
-
-    def finish(self, items, mask_rng):
-        """Decode and augment a list of prepared samples, then build masks and targets."""
-        r = self.recipe
-        size, L = r["input_size"], r["trajectory_length"]
+        """DALI: prepared samples -> video uint8 [B, T, S, S, 3], disp [B, T', n, n, L, 2], hog [..., L, 9],
+        valid bool [B, T', n, n], on the loader's device. Undecodable samples are dropped from `items`."""
         try:
-            video, disp, hog, valid = self.decode(items)
+            return _run_dali(self.pipe, items, self.recipe, self.device)
         except Exception:
             # A JPEG that does not decode fails the whole batch: find it, warn, go on without it.
             # (DALI's pipeline is unusable after an error, so it is rebuilt.)
-            good = []
-            for it in items:
-                tile = cv2.imdecode(it["jpg"], cv2.IMREAD_COLOR)
-                T, h, w, _ = it["shape"]
-                if tile is None or tile.shape[:2] != (T * h, w):
-                    log.warning("%s: frames.jpg does not decode to %dx%d frames: skipped", it["name"], T, h)
-                else:
-                    good.append(it)
+            good = [it for it in items if decode_frames(it) is not None]
             if len(good) == len(items) or not good:
                 raise
-            items = good
-            if self.pipe is not None:
-                self.pipe = _dali_pipeline(r, self.batch, self.device)
-            video, disp, hog, valid = self.decode(items)
-        B, Tp, gh, gw = valid.shape
-        disp = disp.reshape(B, Tp, gh, gw, L, 2)
-        hog = hog.reshape(B, Tp, gh, gw, L, transforms.BINS)
-        d, g, v = [], [], []
-        for i, it in enumerate(items):
-            di, gi, vi = transforms.finish_tracks(disp[i], hog[i], valid[i], tuple(it["box"]), size, bool(it["flip"]))
-            d.append(di), g.append(gi), v.append(vi)
-        disp, hog, valid = torch.stack(d), torch.stack(g), torch.stack(v)
-        if r["target"] == "mme":
-            target, weight = targets.mme_target(disp, hog, valid, patch_norm=r["patch_norm"], shape=r["shape_target"],
-                                                density=r["trajectory_density"],
-                                                stride=None if r["interpolation"] else r["sampling_rate"])
-        else:
-            mean = torch.tensor(MEAN, device=video.device)[:, None, None, None]
-            std = torch.tensor(STD, device=video.device)[:, None, None, None]
-            pixels = video * std + mean                                       # back to [0, 1]
-            target = targets.pixel_target(pixels, r["patch_norm"]) if r["target"] == "pixel" else targets.hog_target(pixels)
-            weight = torch.ones(target.shape[:2], device=target.device)
-        T = r["num_frames"]
-        mask = targets.tube_mask(mask_rng, B, T // 2, size // 16, size // 16, r["mask_ratio"], r["mask_type"])
-        labels = torch.as_tensor(np.stack([it["label"] for it in items]))
-        return {"video": video, "mask": mask.to(video.device), "target": target, "weight": weight,
-                "label": labels.to(video.device),
-                "box": torch.as_tensor(np.stack([it["box"] for it in items])),      # (x0, y0, w, h) in the shard's frames
-                "flip": torch.as_tensor(np.stack([it["flip"] for it in items]))}
+            items[:] = good
+            self.pipe = _dali_pipeline(self.recipe, self.batch, self.device)
+            return _run_dali(self.pipe, items, self.recipe, self.device)
+
+    def finish(self, batch, mask_rng):
+        """A batch from the workers (torch backend: augmented, with targets; DALI: a list of prepared
+        samples, decoded and augmented here) -> the batch dict of the module docstring."""
+        r = self.recipe
+        if isinstance(batch, list):
+            items = batch
+            clip, disp, hog, valid = self.decode(items)
+            batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in ("label", "box", "flip")}
+            batch["video"] = clip
+            batch["target"], batch["weight"] = make_target(r, clip, disp, hog, valid)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch["video"] = transforms.normalize(batch["video"])
+        B, T, size = len(batch["label"]), r["num_frames"], r["input_size"]
+        batch["mask"] = targets.tube_mask(mask_rng, B, T // 2, size // 16, size // 16, r["mask_ratio"],
+                                          r["mask_type"]).to(self.device)
+        batch["box"], batch["flip"] = batch["box"].cpu(), batch["flip"].cpu()    # (x0, y0, w, h) in the shard's frames
+        return batch
 
 
-def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend="dali", device=None):
-    """The loader of this rank (rank/world size default to torchrun's environment)."""
+def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend=None, device=None):
+    """The loader of this rank (rank/world size default to torchrun's environment; backend to "dali"
+    on a GPU, "torch" on CPU)."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     return Loader(urls, recipe, train, rank, world_size, backend, device)
 
 
-# ---- the two backends: same inputs (prepared samples), same outputs --------------------------
-
-def _run_torch(items, size, device):
-    """Reference backend: OpenCV JPEG decoding + mme.transforms, on the CPU."""
-    videos, disps, hogs, valids = [], [], [], []
-    for it in items:
-        T, h, w, _ = it["shape"]
-        tile = cv2.imdecode(it["jpg"], cv2.IMREAD_COLOR)
-        frames = cv2.cvtColor(tile, cv2.COLOR_BGR2RGB).reshape(T, h, w, 3)
-        box, flip = tuple(int(x) for x in it["box"]), bool(it["flip"])
-        video = transforms.crop_frames(frames, box, size, flip)
-        mean, std = torch.tensor(MEAN)[:, None, None, None], torch.tensor(STD)[:, None, None, None]
-        videos.append((video - mean) / std)
-        Tp, gh, gw = it["valid"].shape
-        disps.append(transforms.crop_maps(it["disp"].astype(np.float32).reshape(Tp, gh, gw, -1), box, size, GRID, flip))
-        hogs.append(transforms.crop_maps(shards.decode_hog(it["hog"]).reshape(Tp, gh, gw, -1), box, size, GRID, flip))
-        valids.append(transforms.crop_maps(it["valid"].astype(np.float32)[..., None], box, size, GRID, flip)[..., 0])
-    return tuple(torch.stack(x).to(device) for x in (videos, disps, hogs, valids))
-
+# ---- the DALI backend: the same transforms as mme.transforms, per batch ----------------------
 
 def _dali_pipeline(recipe, batch, device):
-    """DALI graph: JPEG tile -> frames -> crop/resize/flip/normalise; trajectory maps -> the same
+    """DALI graph: JPEG tile -> frames -> crop/resize/flip (uint8); trajectory maps -> the same
     crop/resize/flip in grid coordinates (mme.transforms.crop_maps's mapping: ROI shifted by half a
     source pixel, no antialiasing). A flip is a ROI whose x runs backwards (DALI's resize mirrors
     then; fn.flip cannot take the 54-channel HOG maps). Inputs are fed per batch with feed_input."""
@@ -258,14 +277,12 @@ def _dali_pipeline(recipe, batch, device):
         valid = fn.external_source(name="valid", dtype=types.UINT8, layout="FHWC")
         tile = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
         frames = fn.reshape(tile, shape=shape, layout="FHWC")
-        frames = fn.resize(frames, roi_start=roi_start, roi_end=roi_end, size=[size, size], antialias=True,
-                           interp_type=types.INTERP_LINEAR)              # uint8 out: half the memory traffic of float
-        video = fn.crop_mirror_normalize(frames, mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
-                                         output_layout="CFHW", dtype=types.FLOAT)
+        video = fn.resize(frames, roi_start=roi_start, roi_end=roi_end, size=[size, size], antialias=True,
+                          interp_type=types.INTERP_LINEAR)               # uint8 [T, S, S, 3], as PIL's for VideoMAE
         disp = fn.cast(disp.gpu() if gpu else disp, dtype=types.FLOAT)
         # undo the HOG's log code before resampling, by table: exp() per element costs more than the resize
         codes = list(range(256))
-        hog = fn.lookup_table(hog.gpu() if gpu else hog, keys=codes, values=shards.decode_hog(np.arange(256)).tolist(),
+        hog = fn.lookup_table(hog.gpu() if gpu else hog, keys=codes, values=shards.HOG_TABLE.tolist(),
                               dtype=types.FLOAT)
         valid = fn.cast(valid.gpu() if gpu else valid, dtype=types.FLOAT)
         maps = []
@@ -278,7 +295,8 @@ def _dali_pipeline(recipe, batch, device):
     return pipe
 
 
-def _run_dali(pipe, items, device):
+def _run_dali(pipe, items, recipe, device):
+    """One batch of prepared samples through the pipeline -> what Loader.decode returns."""
     feed = {
         "jpg": [it["jpg"] for it in items],
         "shape": [it["shape"] for it in items],
@@ -298,8 +316,14 @@ def _run_dali(pipe, items, device):
         feed[f"{name}_start"], feed[f"{name}_end"] = starts, ends
     for name, data in feed.items():
         pipe.feed_input(name, data)
-    video, disp, hog, valid = (_to_torch(o, device) for o in pipe.run())
-    return video, disp, hog, valid[..., 0]
+    video, disp, hog, valid = (_to_torch(o, device, dtype) for o, dtype in
+                               zip(pipe.run(), (torch.uint8, torch.float32, torch.float32, torch.float32)))
+    B, Tp, n = len(items), valid.shape[1], valid.shape[2]
+    L = recipe["trajectory_length"]
+    finished = [transforms.finish_tracks(disp[i].view(Tp, n, n, L, 2), hog[i].view(Tp, n, n, L, transforms.BINS),
+                                         valid[i, ..., 0], tuple(int(x) for x in it["box"]), recipe["input_size"],
+                                         bool(it["flip"])) for i, it in enumerate(items)]
+    return (video, *(torch.stack(x) for x in zip(*finished)))
 
 
 def _fhwc(a):
@@ -307,11 +331,11 @@ def _fhwc(a):
     return np.ascontiguousarray(a.reshape(*a.shape[:3], -1))
 
 
-def _to_torch(out, device):
-    """A DALI output (float32, uniform shape) copied into a torch tensor of its own on `device`:
-    DALI reuses its buffers at the next run. feed_ndarray is DALI's documented copy for both devices."""
+def _to_torch(out, device, dtype):
+    """A DALI output (uniform shape) copied into a torch tensor of its own on `device`: DALI reuses its
+    buffers at the next run. feed_ndarray is DALI's documented copy for both devices."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
     t = out.as_tensor()
-    arr = torch.empty(t.shape(), dtype=torch.float32, device=device)
+    arr = torch.empty(t.shape(), dtype=dtype, device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     return feed_ndarray(t, arr, cuda_stream=stream)

@@ -27,7 +27,6 @@ import yaml
 DEFAULTS = {
     # --- data (Table 14 and §4 "Implementation details"; the shards come from extract.py) ---
     "data_path": None,            # required: a shards folder from extract.py (its train split), a glob of .tar shards, an s3:// url, or a list of these
-    "val_data_path": None,        # shards for a held-out reconstruction loss; None: none (the paper reports none)
     "num_frames": 16,             # T input frames per clip (§4, Tables 14/15: 16-frame clips); must match the shards
     "sampling_rate": 4,           # stride s between input frames (§4: K400 4, SSv2 3; Table 10); must match the shards
     "input_size": 224,            # crop side in pixels (§4: 224x224); 16-px patches
@@ -75,7 +74,6 @@ DEFAULTS = {
 # alternatives; [t] is a list of t. Every other key takes the type of its default.
 TYPES = {
     "data_path": (str, [str]),
-    "val_data_path": (str, [str]),
     "clip_grad": float,
     "name": str,
 }
@@ -250,10 +248,9 @@ def _check(r, where, home):
 
     if r["data_path"] is None:
         raise RecipeError(f"{home}: data_path is required (a shards folder from extract.py, a glob of .tar shards, or an s3:// url)")
-    for key in ("data_path", "val_data_path"):
-        paths = r[key] if isinstance(r[key], list) else [r[key]]
-        if r[key] is not None and (not paths or not all(p.strip() for p in paths)):
-            bad(key, f"{key} must be a non-empty path, glob or url")
+    paths = r["data_path"] if isinstance(r["data_path"], list) else [r["data_path"]]
+    if not paths or not all(p.strip() for p in paths):
+        bad("data_path", "data_path must be a non-empty path, glob or url")
     for key, choices in CHOICES.items():
         if r[key] not in choices:
             close = difflib.get_close_matches(str(r[key]), choices, n=1)

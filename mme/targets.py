@@ -37,10 +37,10 @@ def target_dim(recipe):
     return K * L * (2 + (BINS if recipe["shape_target"] else 0))
 
 
-def _norm(x, dims=(-1,)):
-    """Standardise over `dims` (MAE's patch norm: mean, variance + 1e-6)."""
-    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
-    return (x - mean) / (var + 1e-6).sqrt()
+def _norm(x):
+    """Standardise over the last dim (MAE's patch norm: mean, variance + 1e-6). layer_norm computes
+    exactly that and is ~8x faster on CPU than var_mean."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
 def mme_target(disp, hog, valid, patch_norm=True, shape=True, density="dense", stride=None):
@@ -77,10 +77,10 @@ def mme_target(disp, hog, valid, patch_norm=True, shape=True, density="dense", s
 def pixel_target(video, patch_norm=True):
     """VideoMAE's target: video [B, 3, T, S, S] in [0, 1] -> [B, N, 2*16*16*3], each tubelet patch
     standardised per colour channel (patch_norm) or raw."""
-    x = rearrange(video.float(), "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c", p0=TUBELET, p1=PATCH, p2=PATCH)
+    x = rearrange(video.float(), "b c (t p0) (h p1) (w p2) -> b (t h w) c (p0 p1 p2)", p0=TUBELET, p1=PATCH, p2=PATCH)
     if patch_norm:
-        x = _norm(x, (2,))                                  # per channel over the tubelet's pixels
-    return rearrange(x, "b n p c -> b n (p c)")
+        x = _norm(x)                                        # per channel over the tubelet's pixels
+    return rearrange(x, "b n c p -> b n (p c)")
 
 
 def _sobel(x):

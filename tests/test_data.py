@@ -48,10 +48,12 @@ def test_dali_equals_reference(synth, patch_norm):
     torch.testing.assert_close(a["target"], b["target"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a["weight"], b["weight"])
     # frames: DALI's antialiasing filter also reads the pixels just outside the crop, the reference
-    # clamps at its edge; inside they agree up to rounding to uint8 (one grey level = 0.0175 here)
+    # clamps at its edge; inside they agree up to rounding to uint8 (one grey level = 0.0175 here:
+    # torch's fixed-point uint8 kernel and DALI's float one round ~20% of the pixels differently)
     inner = (a["video"] - b["video"])[..., 2:-2, 2:-2].abs()
-    assert inner.max() < 0.018 and (inner > 1e-4).float().mean() < 0.01
+    assert inner.max() < 0.018 and inner.mean() < 0.3 * 0.0175
     assert (a["video"] - b["video"]).abs().mean() < 0.01
+    assert a["video"].is_contiguous(memory_format=torch.channels_last_3d) and b["video"].shape == (2, 3, T, S, S)
 
 
 @pytest.fixture(scope="module")

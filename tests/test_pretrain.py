@@ -26,7 +26,7 @@ def shard_dir(tmp_path_factory):
 
 
 def args(shards, out, name, **kw):
-    base = dict(data_path=f"{shards}/", val_data_path="none", num_frames=8, sampling_rate=2, trajectory_length=4,
+    base = dict(data_path=f"{shards}/", num_frames=8, sampling_rate=2, trajectory_length=4,
                 input_size=64, batch_size=4, epochs=2, warmup_epochs=1, save_every=2, num_workers=0,
                 output_dir=str(out), name=name)
     base.update(kw)

@@ -99,13 +99,13 @@ def test_load_without_a_file_and_does_not_share_defaults():
 
 def test_command_line_strings_parse():
     r = load("recipes/tiny.yaml", mask_ratio="0.5", epochs="2", flip="true", patch_norm="False",
-             opt_betas="0.9,0.95", crop_scales="[1, 0.5]", clip_grad="3", base_lr="1e-3", name=7,
-             val_data_path="none")
+             opt_betas="0.9,0.95", crop_scales="[1, 0.5]", clip_grad="3", base_lr="1e-3", name=7)
     assert r["mask_ratio"] == 0.5 and isinstance(r["mask_ratio"], float)
     assert r["epochs"] == 2 and isinstance(r["epochs"], int)
     assert r["flip"] is True and r["patch_norm"] is False
     assert r["opt_betas"] == [0.9, 0.95] and r["crop_scales"] == [1.0, 0.5]
-    assert r["clip_grad"] == 3.0 and r["base_lr"] == 1e-3 and r["name"] == "7" and r["val_data_path"] is None
+    assert r["clip_grad"] == 3.0 and r["base_lr"] == 1e-3 and r["name"] == "7"
+    assert load("recipes/tiny.yaml", clip_grad="none")["clip_grad"] is None
     assert load("recipes/tiny.yaml", opt_betas=(0.9, 0.95))["opt_betas"] == [0.9, 0.95]   # fire's tuple
 
 
