@@ -7,6 +7,8 @@
         b["target"]   # float [B, N, D]: recipe["target"] (mme | pixel | hog), layout in mme/targets.py
         b["weight"]   # float [B, N]: 0 for tokens whose trajectories left the frame (eq. 7)
         b["label"]    # long  [B], -1 where the shards carry no label
+        b["key"]      # list of B sample keys ("<video key>_w<window>"), to gather a video's views
+        b["pad"]      # bool  [B]: True for the copies that even out evaluation epochs (never in training)
         b["box"], b["flip"]   # the augmentation drawn for each clip (for pictures and tests)
     state = loader.state_dict(); loader.load_state_dict(state)   # resume mid-epoch, same next batch
 
@@ -83,6 +85,8 @@ def prepare(raw, rng, recipe, train, decode=False):
         "box": np.array(box, np.int64),
         "flip": np.array(flip),
         "label": np.array(int(raw["cls"]), np.int64),
+        "key": raw["__key__"],
+        "pad": np.array(False),
         "name": name,
     }
     if not decode:
@@ -110,6 +114,8 @@ class _Samples(torch.utils.data.IterableDataset):
     """One rank's prepared samples; each DataLoader worker reads its own part of the stream."""
 
     def __init__(self, urls, recipe, train, rank, world_size, epoch_samples, num_workers, decode):
+        """epoch_samples: samples per worker per epoch; training stops its endless stream there,
+        evaluation pads its share of the data up to it (see __iter__)."""
         self.urls, self.recipe, self.train, self.decode = urls, recipe, train, decode
         self.rank, self.world_size, self.epoch_samples, self.num_workers = rank, world_size, epoch_samples, num_workers
         self.epoch, self.skip = 0, [0] * max(num_workers, 1)
@@ -122,10 +128,22 @@ class _Samples(torch.utils.data.IterableDataset):
                               num_workers=max(self.num_workers, 1), seed=seed, epoch=self.epoch, resampled=self.train,
                               epoch_samples=self.epoch_samples if self.train else None,
                               shuffle_buffer=SHUFFLE if self.train else 0, start=start)
-        for i, raw in enumerate(raws, start):
+        n, last = start, None
+        for n, raw in enumerate(raws, start + 1):
             # one generator per sample: a resumed stream draws the same crops as an uninterrupted one
-            rng = np.random.default_rng([seed, self.epoch, self.rank, worker, i])
+            rng = np.random.default_rng([seed, self.epoch, self.rank, worker, n - 1])
             yield prepare(raw, rng, self.recipe, self.train, self.decode)   # None: skipped, batch one smaller
+            last = raw
+        # Evaluation gives every sample once, so workers' shares differ by one (more with damaged
+        # shards), and ranks with them: pad each share with copies marked pad, so that every rank
+        # runs the same number of batches (collectives in the model would hang otherwise).
+        if not self.train and n < self.epoch_samples:
+            last = last or next(stream.samples(self.urls, resampled=False))
+            for _ in range(n, self.epoch_samples):
+                item = prepare(last, None, self.recipe, False, self.decode)
+                if item is not None:
+                    item["pad"] = np.array(True)
+                yield item
 
 
 def _collate(items, recipe, decoded):
@@ -136,7 +154,7 @@ def _collate(items, recipe, decoded):
     items = [it for it in items if it is not None]
     if not decoded or not items:
         return items                                    # DALI: frames differ in size until decoded
-    keys = ("video", "disp", "hog", "valid", "label", "box", "flip")
+    keys = ("video", "disp", "hog", "valid", "label", "key", "pad", "box", "flip")
     batch = torch.utils.data.default_collate([{k: it[k] for k in keys} for it in items])
     batch["target"], batch["weight"] = make_target(recipe, batch["video"], batch.pop("disp"), batch.pop("hog"), batch.pop("valid"))
     return batch
@@ -167,7 +185,11 @@ class Loader:
         check_recipe(stream.check_schema(self.urls[0]), recipe, self.urls[0])
         self.batch = max(1, recipe["batch_size"] // (world_size * recipe.get("accum_steps", 1)))
         self.workers = recipe["num_workers"]
-        self.epoch_samples = stream.epoch_length(self.urls, world_size, max(self.workers, 1), self.batch) if train else None
+        parts = world_size * max(self.workers, 1)
+        if train:
+            self.epoch_samples = stream.epoch_length(self.urls, world_size, max(self.workers, 1), self.batch)
+        else:                                 # every sample once, each worker's share padded to the largest
+            self.epoch_samples = -(-sum(stream.shard_sizes(self.urls).values()) // parts)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backend = backend or ("dali" if self.device.type == "cuda" else "torch")
         if self.backend not in ("dali", "torch"):
@@ -178,8 +200,9 @@ class Loader:
         self.epoch, self.done, self.rank = 0, 0, rank
 
     def __len__(self):
-        """Batches per epoch (training): the same on every rank."""
-        return max(self.workers, 1) * (self.epoch_samples // self.batch)
+        """Batches per epoch: the same on every rank."""
+        per_worker = self.epoch_samples // self.batch if self.train else -(-self.epoch_samples // self.batch)
+        return max(self.workers, 1) * per_worker
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches": self.done}
@@ -228,15 +251,17 @@ class Loader:
         if isinstance(batch, list):
             items = batch
             clip, disp, hog, valid = self.decode(items)
-            batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in ("label", "box", "flip")}
+            batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in ("label", "pad", "box", "flip")}
+            batch["key"] = [it["key"] for it in items]
             batch["video"] = clip
             batch["target"], batch["weight"] = make_target(r, clip, disp, hog, valid)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch["video"] = transforms.normalize(batch["video"])
         B, T, size = len(batch["label"]), r["num_frames"], r["input_size"]
         batch["mask"] = targets.tube_mask(mask_rng, B, T // 2, size // 16, size // 16, r["mask_ratio"],
                                           r["mask_type"]).to(self.device)
         batch["box"], batch["flip"] = batch["box"].cpu(), batch["flip"].cpu()    # (x0, y0, w, h) in the shard's frames
+        batch["pad"] = batch["pad"].cpu()
         return batch
 
 

@@ -102,11 +102,30 @@ def test_equal_batches_per_rank_and_determinism(synth):
     counts = []
     for rank in (0, 1):
         loader = data.build_loader(synth, r, rank=rank, world_size=2, backend="torch")
-        counts.append((len(loader), sum(1 for _ in loader)))
+        batches = list(loader)
+        counts.append((len(loader), len(batches)))
+        assert not any(b["pad"].any() for b in batches)                 # padding is for evaluation only
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
     a = next(iter(data.build_loader(synth, r, rank=1, world_size=2, backend="torch")))
     b = next(iter(data.build_loader(synth, r, rank=1, world_size=2, backend="torch")))
     assert torch.equal(a["box"], b["box"]) and torch.equal(a["target"], b["target"])
+
+
+@pytest.mark.parametrize("backend,workers", [("torch", 0), ("dali", 0), ("torch", 2)])
+def test_evaluation_sees_every_sample_once_in_equal_batches(synth, backend, workers):
+    """6 samples over 4 ranks: shares of 2, 2, 1, 1 are padded to 2 with copies marked pad, so every
+    rank runs the same batches and the unpadded samples are the dataset, once each."""
+    r = make_recipe(batch_size=4 * 2, num_workers=workers)               # 2 clips per rank
+    seen, counts = [], []
+    for rank in range(4):
+        loader = data.build_loader(synth, r, train=False, rank=rank, world_size=4, backend=backend)
+        batches = list(loader)
+        counts.append((len(loader), len(batches), sum(len(b["key"]) for b in batches)))
+        for b in batches:
+            assert not b["flip"].any() and b["pad"].dtype == torch.bool
+            seen += [k for k, pad in zip(b["key"], b["pad"].tolist()) if not pad]
+    assert len(set(counts)) == 1, counts
+    assert sorted(seen) == [f"v{i}_w00" for i in range(6)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
