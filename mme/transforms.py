@@ -62,8 +62,10 @@ def normalize(video):
     *lead, T, H, W, C = video.shape
     scale = (1 / (255 * torch.tensor(STD, device=video.device))).repeat(W)
     shift = (torch.tensor(MEAN, device=video.device) / torch.tensor(STD, device=video.device)).repeat(W)
-    # in place over rows of W*3 values: broadcasting over the last dim of 3 is ~6x slower on CPU
-    x = video.reshape(-1, W * C).float().mul_(scale).sub_(shift)
+    # in place over rows of W*3 values (broadcasting over the last dim of 3 is ~6x slower on CPU),
+    # in one pass: x * scale - shift
+    x = video.reshape(-1, W * C).float()
+    torch.addcmul(-shift, x, scale, out=x)
     return x.view(*lead, T, H, W, C).movedim(-1, -4)
 
 

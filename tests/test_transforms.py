@@ -113,3 +113,12 @@ def test_centre_crop_without_rng(translating):
     assert out["video"].shape == (8, SIZE, SIZE, 3) and out["video"].dtype == torch.uint8
     assert out["disp"].shape == (4, 14, 14, 4, 2)
     assert out["hog"].shape == (4, 14, 14, 4, 9) and out["valid"].dtype == torch.bool
+
+
+def test_normalize_is_imagenet_standardisation_in_channels_last_order():
+    clip = torch.randint(0, 256, (2, 4, 8, 12, 3), dtype=torch.uint8)                   # [B, T, H, W, 3]
+    out = transforms.normalize(clip)
+    mean, std = torch.tensor(transforms.MEAN), torch.tensor(transforms.STD)
+    expect = ((clip.float() / 255 - mean) / std).permute(0, 4, 1, 2, 3)                  # [B, 3, T, H, W]
+    assert out.shape == (2, 3, 4, 8, 12) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
