@@ -8,6 +8,7 @@
     python pretrain.py --recipe recipes/tiny.yaml --epochs 1 --batch_size 4     # any recipe key overrides
 
 Writes runs/<name>/: recipe.yaml, metrics.jsonl (step, epoch, loss, lr, clips/s), loss.png,
+trajectories.png (the paper's Fig. 4: true and predicted trajectories of masked patches),
 checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards, plus each rank's
 step, loader position and RNG state) and encoder.pth (the backbone in the released VideoMAE/MME
 layout). Killed? Run the same command again: it continues from the last checkpoint, same curve.
@@ -200,9 +201,25 @@ def main(recipe, **overrides):
         torch.save(encoder, run / "encoder.pth")
         metrics.close()
         viz.loss_curve(run / "metrics.jsonl", run / "loss.png")
-        console.print(f"done: {run / 'encoder.pth'}, {run / 'loss.png'}")
+    if r["target"] == "mme":                   # the paper's Fig. 4: true and predicted trajectories
+        trajectory_picture(net, r, rank, world, device, amp, run / "trajectories.png")
+    if rank == 0:
+        console.print(f"done: {run / 'encoder.pth'}, {run / 'loss.png'}" + (", trajectories.png" if r["target"] == "mme" else ""))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def trajectory_picture(net, r, rank, world, device, amp, path):
+    """Fig. 4 for the first clips of the training stream (the same clips at every run): each rank runs
+    the sharded model on its first batch, rank 0 draws its own."""
+    raw = dict(r, patch_norm=False)            # true trajectories in px; the prediction is mapped to them
+    b = next(iter(data.build_loader(r["data_path"], raw, train=True, rank=rank, world_size=world, device=device)))
+    net.eval()
+    with torch.no_grad(), amp:
+        pred = net(b["video"], b["mask"])
+    net.train()
+    if rank == 0:
+        viz.prediction_figure(path, b, pred, r)
 
 
 def keep_metrics(path, step):

@@ -8,6 +8,7 @@ tubelet with a point every 8 px, so each 16 x 16 patch holds K = 4 trajectories 
     # target [B, N, D]: the position part first, K*L*2 values ordered (trajectory k, step l, (dx, dy)),
     #                   then the shape part, K*L*9 values ordered (k, l, bin). L=6, K=4: D = 48 + 216 = 264.
     # weight [B, N]: 1 where all K trajectories stayed in the frame, else 0 (eq. 7)
+    raw = unnormalize(target, raw_target, mme_parts(recipe).values())   # patch-normalised -> px (for pictures)
     target = pixel_target(video)                   # [B, N, 2*16*16*3]: VideoMAE's normalised pixels
     target = hog_target(video)                     # [B, N, 2*2*3*9 = 108]: MaskFeat-style HOG of each tubelet's 2nd frame
     mask = tube_mask(rng, B, T/2, S/16, S/16, 0.7) # bool [B, N], True = masked; same spatial mask at every t
@@ -30,11 +31,28 @@ def target_dim(recipe):
         return TUBELET * PATCH * PATCH * 3
     if recipe["target"] == "hog":
         return 2 * 2 * 3 * BINS
+    return sum(mme_parts(recipe).values())
+
+
+def mme_parts(recipe):
+    """The mme target's parts and widths, in order: {"position": K*L*2, "shape": K*L*9 (if on)}, with
+    K trajectories per patch and L steps (ceil(L / stride) without interpolation)."""
     K = 4 if recipe["trajectory_density"] == "dense" else 1
     L = recipe["trajectory_length"]
     if not recipe["interpolation"]:
         L = -(-L // recipe["sampling_rate"])
-    return K * L * (2 + (BINS if recipe["shape_target"] else 0))
+    return {"position": K * L * 2, **({"shape": K * L * BINS} if recipe["shape_target"] else {})}
+
+
+def unnormalize(pred, raw, widths):
+    """Patch-normalised values pred [..., D] back to the units of raw [..., D] (the unnormalised target of
+    the same tokens), part by part (widths: mme_parts' values): MAE's way of showing what a model
+    trained with patch norm predicts."""
+    out = []
+    for p, t in zip(pred.split(list(widths), -1), raw.split(list(widths), -1)):
+        var, mean = torch.var_mean(t.float(), -1, keepdim=True, unbiased=False)
+        out.append(p.float() * (var + 1e-6).sqrt() + mean)
+    return torch.cat(out, -1)
 
 
 def _norm(x):

@@ -3,8 +3,13 @@
     p = progress(console, total_steps, start)   # rich progress: step, loss, lr, clips/s, ETA
     p.update(step, loss=..., lr=..., speed=...); p.stop()
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png")   # loss (log scale) and lr against step
+    paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
+    trajectory_figure("runs/x/trajectories.png", frames, mask, true_pos, pred_pos)   # the paper's Fig. 4
+    prediction_figure("runs/x/trajectories.png", batch, pred, recipe)   # the same from a loader batch + model output
 """
 import json
+
+import numpy as np
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -50,3 +55,86 @@ def loss_curve(metrics_path, png_path):
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def token_paths(pos, h, w, grid=8):
+    """The pixel paths of the trajectories of one tubelet's h*w tokens (row-major, as mme.targets):
+    pos [h*w, K, L, 2] per-step displacements in px of the frames -> [h*w, K, L+1, 2] points (x, y).
+    K = 4 trajectories start at the token's 2 x 2 grid points, pixel (g*j + (g-1)/2, g*i + (g-1)/2) for
+    grid point (i, j) (mme.transforms); K = 1 (the sparse targets) at the patch centre."""
+    pos = np.asarray(pos, np.float64)
+    n, K, L, _ = pos.shape
+    ti, tj = np.divmod(np.arange(h * w), w)                                   # token row, column
+    if K == 4:
+        ki, kj = np.divmod(np.arange(4), 2)                                   # (kh, kw), row-major
+        x = grid * (2 * tj[:, None] + kj[None]) + (grid - 1) / 2
+        y = grid * (2 * ti[:, None] + ki[None]) + (grid - 1) / 2
+    else:
+        x, y = (16 * tj + 7.5)[:, None], (16 * ti + 7.5)[:, None]
+    start = np.stack([x, y], -1)[:, :, None]                                  # [n, K, 1, 2]
+    return np.concatenate([start, start + np.cumsum(pos, 2)], 2)
+
+
+def trajectory_figure(path, frames, mask, true_pos, pred_pos):
+    """The paper's Fig. 4, one row per clip: (a) the frame with its masked patches greyed out; (b) the
+    true and (c) the predicted trajectories of the masked patches drawn on it; (d) the frame.
+    frames uint8 [n, S, S, 3] (the first frame of one tubelet per clip), mask bool [n, h*w] (that
+    tubelet's tokens), true_pos / pred_pos [n, h*w, K, L, 2] displacements in px of these frames."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    n, S = len(frames), frames.shape[1]
+    h = w = S // 16
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    for row, (frame, m, true, pred) in enumerate(zip(frames, mask, true_pos, pred_pos)):
+        grey = frame.copy()
+        for t in np.flatnonzero(m):
+            i, j = divmod(int(t), w)
+            grey[16 * i:16 * i + 16, 16 * j:16 * j + 16] = grey[16 * i:16 * i + 16, 16 * j:16 * j + 16] // 3 + 85
+        for col, (img, pos, title) in enumerate([(grey, None, "(a) masked"), (frame, true, "(b) ground truth"),
+                                                 (frame, pred, "(c) prediction"), (frame, None, "(d) frame")]):
+            ax = axes[row, col]
+            ax.imshow(img)
+            if pos is not None:
+                paths = token_paths(pos, h, w)[np.asarray(m, bool)]            # masked tokens only
+                lines = paths.reshape(-1, paths.shape[2], 2)
+                ax.add_collection(LineCollection(lines, colors="yellow", linewidths=0.8))
+                ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=1.5, c="red", lw=0)   # where each one ends
+            ax.set_xlim(-0.5, S - 0.5)
+            ax.set_ylim(S - 0.5, -0.5)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def prediction_figure(path, batch, pred, recipe, clips=4):
+    """trajectory_figure for the middle tubelet of a batch's first clips. batch: the loader's, built with
+    patch_norm off (raw targets in px); pred [B, N_masked, D]: the model's output for it, in the
+    recipe's target space (patch-normalised if recipe["patch_norm"], then shown in the units of the
+    true target of the same patch, as MAE shows its pixels). Returns the drawn (true_pos, pred_pos)."""
+    import torch
+    from mme import targets, transforms
+
+    target, mask = batch["target"].float().cpu(), batch["mask"].cpu()
+    B, N, D = target.shape
+    widths = targets.mme_parts(recipe)
+    full = torch.zeros_like(target)
+    full[mask] = pred.detach().float().cpu().reshape(-1, D)                 # masked tokens in index order
+    if recipe["patch_norm"]:
+        full = targets.unnormalize(full, target, widths.values())
+    n, S = min(clips, B), recipe["input_size"]
+    hw, t = (S // 16) ** 2, recipe["num_frames"] // 4                       # tokens per tubelet, the middle tubelet
+    K = 4 if recipe["trajectory_density"] == "dense" else 1
+    L = widths["position"] // (2 * K)
+    tokens = slice(t * hw, (t + 1) * hw)
+    true_pos, pred_pos = (x[:n, tokens, :widths["position"]].reshape(n, hw, K, L, 2).numpy() for x in (target, full))
+    mean, std = torch.tensor(transforms.MEAN)[:, None, None], torch.tensor(transforms.STD)[:, None, None]
+    video = batch["video"][:n, :, 2 * t].float().cpu()                      # [n, 3, S, S], the tubelet's first frame
+    frames = ((video * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    trajectory_figure(path, frames, mask[:n, tokens].numpy(), true_pos, pred_pos)
+    return true_pos, pred_pos

@@ -51,6 +51,7 @@ def test_one_process_run_writes_everything(shard_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in rows) and rows[-1]["loss"] < rows[0]["loss"]
     assert rows[0]["lr"] == 0 and max(x["lr"] for x in rows) == pytest.approx(3.2e-2 * 4 / 256)   # warmup to base_lr x B/256
     assert (d / "loss.png").stat().st_size > 1000 and "model: tiny" in (d / "recipe.yaml").read_text()
+    assert (d / "trajectories.png").stat().st_size > 1000
     enc = models.encoder("tiny", num_frames=8, img_size=64)
     models.load_backbone(enc, torch.load(d / "encoder.pth", map_location="cpu", weights_only=True))   # strict
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_6", "step_8"]            # the last 2 kept

@@ -108,3 +108,16 @@ def test_mask_counts(kind):
     assert not torch.equal(m[0], m[1])
     again = targets.tube_mask(np.random.default_rng(0), 3, 8, 7, 7, 0.7, kind)
     assert torch.equal(m, again)
+
+
+def test_unnormalize_inverts_patch_norm():
+    rng = torch.Generator().manual_seed(0)
+    disp = torch.randn(2, 2, 4, 4, 3, 2, generator=rng) * 3 + 1                 # [B, T', 4, 4, L=3, 2]: 2x2 patches
+    hog = torch.rand(2, 2, 4, 4, 3, 9, generator=rng) * 0.1
+    valid = torch.ones(2, 2, 4, 4, dtype=torch.bool)
+    normed, _ = targets.mme_target(disp, hog, valid, patch_norm=True)
+    raw, _ = targets.mme_target(disp, hog, valid, patch_norm=False)
+    r = {"trajectory_density": "dense", "trajectory_length": 3, "interpolation": True, "sampling_rate": 2, "shape_target": True}
+    widths = targets.mme_parts(r)
+    assert widths == {"position": 24, "shape": 108} and targets.target_dim(r | {"target": "mme"}) == 132
+    torch.testing.assert_close(targets.unnormalize(normed, raw, widths.values()), raw, atol=1e-4, rtol=1e-4)
