@@ -21,7 +21,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import json
 import math
-import shutil
 import sys
 import time
 import warnings
@@ -30,82 +29,17 @@ from pathlib import Path
 import fire
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from rich.console import Console
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
+from mme.train import latest_checkpoint, load_checkpoint, lr_at, param_groups, save_checkpoint, setup_distributed
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
 # Nothing here does (the loss reads it), so the warning is noise in every run's log.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-
-def setup_distributed(device_choice):
-    """torchrun's environment, or a one-process group when run with plain python (FSDP2 needs one)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 20000))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda") or device_choice.startswith("cuda")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return rank, world, device
-
-
-def lr_at(step, r, steps_per_epoch, peak, floor):
-    """Linear warmup to `peak` over warmup_epochs, then cosine decay to `floor` (Table 14)."""
-    warm = r["warmup_epochs"] * steps_per_epoch
-    total = r["epochs"] * steps_per_epoch
-    if step < warm:
-        return peak * step / warm
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def param_groups(net, weight_decay):
-    """No weight decay on biases, norms and tokens (1-D parameters), as MAE/VideoMAE."""
-    decay, no_decay = [], []
-    for p in net.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def latest_checkpoint(run):
-    steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*") if (p / "done").exists()]
-    return (run / "checkpoints" / f"step_{max(steps)}") if steps else None
-
-
-def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
-    """Model + optimizer through DCP (each rank writes its shards), then each rank's own state as
-    JSON; a `done` marker makes the checkpoint count only once everything is on disk."""
-    path = run / "checkpoints" / f"step_{step}"
-    msd, osd = get_state_dict(net, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-    rng = {"torch": torch.get_rng_state().tolist()}      # the loader's and masks' RNGs derive from its state
-    (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
-    dist.barrier()
-    if rank == 0:
-        (path / "done").touch()
-        for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return path
-
-
-def load_checkpoint(path, net, opt, loader, rank):
-    msd, osd = get_state_dict(net, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    mine = json.loads((path / f"rank{rank}.json").read_text())
-    loader.load_state_dict(mine["loader"])
-    torch.set_rng_state(torch.tensor(mine["rng"]["torch"], dtype=torch.uint8))
-    return mine["step"]
 
 
 def main(recipe, **overrides):
@@ -161,7 +95,7 @@ def main(recipe, **overrides):
         for b in loader:
             lr = lr_at(step, r, steps_per_epoch, peak, floor)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             with amp:
                 pred = net(b["video"].to(device, non_blocking=True), b["mask"].to(device))
                 loss = net.loss(pred.float(), b["target"].to(device), b["mask"].to(device), b["weight"].to(device))

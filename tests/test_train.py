@@ -1,0 +1,29 @@
+"""Training plumbing (mme/train.py): the learning-rate schedule and the parameter groups."""
+import pytest
+
+from mme import model as models
+from mme.train import lr_at, param_groups
+
+
+def test_layer_decay_and_no_decay_groups():
+    clf = models.encoder("tiny", num_frames=4, img_size=32, num_classes=5)
+    scale, decay = {}, {}
+    for g in param_groups(clf, 0.05, layer_decay=0.75):
+        for p in g["params"]:
+            scale[id(p)], decay[id(p)] = g["lr_scale"], g["weight_decay"]
+    named = dict(clf.named_parameters())
+    assert scale[id(named["head.weight"])] == 1.0 and scale[id(named["fc_norm.bias"])] == 1.0
+    assert scale[id(named["blocks.11.mlp.fc1.weight"])] == pytest.approx(0.75)
+    assert scale[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(0.75 ** 12)
+    assert scale[id(named["patch_embed.proj.weight"])] == pytest.approx(0.75 ** 13)
+    assert decay[id(named["blocks.3.attn.qkv.weight"])] == 0.05 and decay[id(named["blocks.3.attn.q_bias"])] == 0.0
+    assert len(scale) == len(named)                                       # every parameter in one group
+    assert {g["lr_scale"] for g in param_groups(clf, 0.05)} == {1.0}
+
+
+def test_lr_warmup_then_cosine():
+    r = {"warmup_epochs": 1, "epochs": 3}
+    assert lr_at(0, r, 10, 1.0, 0.1) == 0.0 and lr_at(5, r, 10, 1.0, 0.1) == 0.5
+    assert lr_at(10, r, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(20, r, 10, 1.0, 0.1) == pytest.approx(0.55)               # half way down the cosine
+    assert lr_at(30, r, 10, 1.0, 0.1) == pytest.approx(0.1)
