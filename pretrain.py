@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
-from mme.train import latest_checkpoint, load_checkpoint, lr_at, param_groups, save_checkpoint, setup_distributed
+from mme.train import autocast, latest_checkpoint, load_checkpoint, lr_at, param_groups, save_checkpoint, setup_distributed
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -85,7 +85,7 @@ def main(recipe, **overrides):
         console.print(f"[bold]{r['name']}[/bold]: {world} process(es) on {device}, {total_steps} steps "
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']} = {world} x {micro} x {r['accum_steps']}, "
                       f"peak lr {peak:.2e}" + (f", resuming at step {step}" if step else ""))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = autocast(device, r["precision"])
 
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
     progress = viz.progress(console, total_steps, step) if rank == 0 else None

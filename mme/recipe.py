@@ -62,12 +62,10 @@ DEFAULTS = {
     "output_dir": "runs",         # a run writes to output_dir/name/
     "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
     "save_every": 1000,           # optimizer steps between checkpoints (one is also written at the end)
-    "log_every": 10,              # optimizer steps between metric lines
     "device": "auto",             # 'auto' (cuda if present, else cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-    "compile": False,             # torch.compile the model
     # Added: 800 epochs take days, so a run must survive restarts and use mixed precision.
     "resume": True,               # continue from the last checkpoint in output_dir/name if there is one (VideoMAE's auto_resume)
-    "precision": "auto",          # 'auto' (bf16 autocast on GPUs that have it, else fp32) | 'fp32' | 'bf16' | 'fp16' (VideoMAE: fp16 AMP)
+    "precision": "auto",          # 'auto' (bf16 autocast on GPUs that have it, else fp32) | 'fp32' | 'bf16' (VideoMAE: fp16 AMP; bf16 needs no loss scaling)
 }
 
 # Types that cannot be read off the default (None, or more than one type). A tuple lists the
@@ -84,7 +82,7 @@ CHOICES = {
     "target": ("mme", "pixel", "hog"),
     "trajectory_density": ("dense", "mean", "max"),
     "model": MODELS,
-    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16"),
 }
 
 
@@ -265,7 +263,7 @@ def _check(r, where, home):
     if not r["crop_scales"] or not all(0 < s <= 1 for s in r["crop_scales"]):
         bad("crop_scales", "crop_scales must be a non-empty list of fractions in (0, 1]")
     positive = ("sampling_rate trajectory_length batch_size epochs decoder_depth decoder_embed_dim "
-                "decoder_num_heads accum_steps save_every log_every")
+                "decoder_num_heads accum_steps save_every")
     for key in positive.split():
         if r[key] < 1:
             bad(key, f"{key} must be positive")

@@ -4,6 +4,7 @@ checkpoints that resume exactly (pretrain.py and finetune.py share these).
     rank, world, device = setup_distributed("auto")       # torchrun's env, or a 1-process group
     lr = lr_at(step, recipe, steps_per_epoch, peak, floor)  # linear warmup, then cosine (Tables 14/15)
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
+    with autocast(device, recipe["precision"]): ...             # bf16 on GPUs (auto), or as the recipe says
     path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state
     step = load_checkpoint(latest_checkpoint(run), net, opt, loader, rank)
 """
@@ -39,6 +40,13 @@ def lr_at(step, r, steps_per_epoch, peak, floor):
     if step < warm:
         return peak * step / warm
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def autocast(device, precision="auto"):
+    """The forward pass's autocast: 'auto' is bf16 on a GPU that supports it and fp32 elsewhere;
+    'bf16' asks for it on any device (CPU autocast included); 'fp32' turns it off."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def param_groups(net, weight_decay, layer_decay=None):

@@ -27,3 +27,13 @@ def test_lr_warmup_then_cosine():
     assert lr_at(10, r, 10, 1.0, 0.1) == pytest.approx(1.0)
     assert lr_at(20, r, 10, 1.0, 0.1) == pytest.approx(0.55)               # half way down the cosine
     assert lr_at(30, r, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_autocast_follows_the_recipe_precision():
+    import torch
+    from mme.train import autocast
+    a = torch.ones(4, 4)
+    cpu = torch.device("cpu")
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast(cpu, precision):
+            assert (a @ a).dtype == dtype, precision
