@@ -8,9 +8,10 @@ frame of a clip, and mixup/cutmix with label smoothing over a batch (timm's `Mix
 RandAugment is timm's `rand-m7-n4-mstd0.5-inc1`: num_ops ops drawn uniformly with replacement from the
 15 "increasing" ops, each applied with probability 0.5 at a magnitude ~ N(magnitude, magnitude_std)
 clipped to [0, 10]. Ops and their parameters are drawn once per clip, so the clip stays temporally
-consistent; statistics (histograms, mean grey) are per frame, as PIL computes them per image. Each op
-in OPS takes frames uint8 [T, H, W, 3] and its value (degrees, factor, bits...; None for the
-parameterless ops) and matches PIL's ImageOps/ImageEnhance/Image.transform on every frame.
+consistent; statistics (histograms, mean grey) are per frame, as VideoMAE calls the PIL op on each
+frame. Each op in OPS takes frames uint8 [T, H, W, 3] and its value (degrees, factor, bits...; None for
+the parameterless ops) and gives what PIL's ImageOps/ImageEnhance/Image.transform give on every frame:
+the point and colour ops exactly, the geometric ones (bilinear, fill 128) within one grey level.
 """
 import cv2
 import numpy as np
@@ -48,8 +49,8 @@ def auto_contrast(frames, _=None):
 
 
 def equalize(frames, _=None):
-    """ImageOps.equalize: per channel, value i -> (step // 2 + #pixels below i) // step with
-    step = (#pixels - #pixels of the top value) // 255 (Pillow >= 10; older Pillow divided by 256)."""
+    """ImageOps.equalize: per channel, value i -> (step // 2 + #pixels below i) // step, where
+    step = (#pixels - #pixels at the highest value present) // 255 (the installed Pillow's formula)."""
     h = _histograms(frames)
     top = np.take_along_axis(h, 255 - (h[..., ::-1] > 0).argmax(-1)[..., None], -1)   # [T, 3, 1]
     step = (h.sum(-1, keepdims=True) - top) // 255
@@ -63,7 +64,8 @@ def invert(frames, _=None):
 
 
 def posterize(frames, bits):
-    """Keep the top `bits` bits; 0 bits gives black (old PIL; Pillow >= 10 refuses bits < 1)."""
+    """ImageOps.posterize: keep the top `bits` bits. 0 bits (PosterizeIncreasing at magnitude 10) gives
+    black, as older Pillow did; current Pillow raises for bits < 1."""
     return frames & np.uint8((0xFF << (8 - bits)) & 0xFF)
 
 
@@ -177,7 +179,7 @@ def _signed(v, rng):
     return -v if rng.random() < 0.5 else v
 
 
-def _enhance(m, rng):
+def _enhance_factor(m, rng):
     return max(0.1, 1.0 + _signed(0.9 * m / MAX_LEVEL, rng))
 
 
@@ -187,8 +189,8 @@ LEVELS = {
     "PosterizeIncreasing": lambda m, rng: 4 - int(4 * m / MAX_LEVEL),
     "SolarizeIncreasing": lambda m, rng: 256 - min(256, int(256 * m / MAX_LEVEL)),
     "SolarizeAdd": lambda m, rng: min(128, int(110 * m / MAX_LEVEL)),
-    "ColorIncreasing": _enhance, "ContrastIncreasing": _enhance,
-    "BrightnessIncreasing": _enhance, "SharpnessIncreasing": _enhance,
+    "ColorIncreasing": _enhance_factor, "ContrastIncreasing": _enhance_factor,
+    "BrightnessIncreasing": _enhance_factor, "SharpnessIncreasing": _enhance_factor,
     "ShearX": lambda m, rng: _signed(0.3 * m / MAX_LEVEL, rng),
     "ShearY": lambda m, rng: _signed(0.3 * m / MAX_LEVEL, rng),
     "TranslateXRel": lambda m, rng: _signed(0.45 * m / MAX_LEVEL, rng),
@@ -197,10 +199,11 @@ LEVELS = {
 
 
 def rand_augment(clip, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.5):
-    """uint8 [T, H, W, 3] -> new uint8 [T, H, W, 3]: `num_ops` ops, each applied with probability `prob`
-    at magnitude N(magnitude, magnitude_std) clipped to [0, 10], the same op and value for every frame."""
-    source = torch.as_tensor(clip).cpu().numpy()
-    frames = source
+    """uint8 [T, H, W, 3] -> new uint8 [T, H, W, 3]: `num_ops` ops drawn with replacement, each applied
+    with probability `prob` at magnitude N(magnitude, magnitude_std) clipped to [0, 10]; one draw per
+    clip, so every frame gets the same ops with the same values (random signs included)."""
+    original = np.ascontiguousarray(torch.as_tensor(clip).cpu().numpy())
+    frames = original
     names = list(OPS)
     for i in rng.integers(len(names), size=num_ops):
         if rng.random() >= prob:
@@ -208,7 +211,8 @@ def rand_augment(clip, rng, num_ops=4, magnitude=7, magnitude_std=0.5, prob=0.5)
         m = rng.normal(magnitude, magnitude_std) if magnitude_std > 0 else magnitude
         m = min(max(m, 0.0), MAX_LEVEL)
         frames = OPS[names[i]](frames, LEVELS[names[i]](m, rng))
-    return torch.from_numpy(frames.copy() if frames is source else np.ascontiguousarray(frames))
+    # every op returns a new array; copy only when none ran, so the result never aliases the input
+    return torch.from_numpy(frames.copy() if frames is original else frames)
 
 
 # --- mixup / cutmix (timm's Mixup, mode 'batch', correct_lam=True): each clip mixes with its mirror

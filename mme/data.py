@@ -61,43 +61,49 @@ def check_recipe(meta, recipe, url):
 
 
 def prepare(raw, rng, recipe, train, decode=False):
-    """Worker side: parse one raw sample and draw its augmentation. Returns a dict of numpy arrays
-    (the JPEG bytes undecoded) that the DALI backend finishes; with decode=True (the torch backend)
-    the worker also applies it: video uint8 [T, S, S, 3] and the trajectories in output units.
-    None (with a one-line warning) if the frames do not decode."""
+    """Worker side: parse one raw sample and draw its augmentation. Returns a list of items, one in
+    training and one per crop in evaluation (recipe["test_num_crop"]): dicts of numpy arrays (the JPEG
+    bytes undecoded) that the DALI backend finishes; with decode=True (the torch backend) the worker
+    also applies the crop: video uint8 [T, S, S, 3] and the trajectories in output units. Trajectory
+    arrays are read only for the mme target. None items (with a one-line warning) if the frames do
+    not decode."""
     meta = json.loads(raw["json"])
     name = f"{raw.get('__url__')} sample {raw['__key__']}"
     check_recipe(meta, recipe, name)
     T, L = recipe["num_frames"], recipe["trajectory_length"]
     w, h = meta["size"]
-    size = recipe["input_size"]
+    size, tracks = recipe["input_size"], recipe["target"] == "mme"
     if train:
-        box = transforms.crop_box(rng, h, w, size, recipe["crop_scales"])
+        boxes = [transforms.crop_box(rng, h, w, size, recipe["crop_scales"])]
         flip = bool(recipe["flip"] and rng.random() < 0.5)
     else:
-        box, flip = transforms.centre_box(h, w, size), False
-    item = {
+        boxes, flip = transforms.eval_boxes(h, w, recipe["test_num_crop"]), False
+    sample = {
         "jpg": np.frombuffer(raw["frames.jpg"], np.uint8),
         "shape": np.array([T, h, w, 3], np.int64),
-        "disp": shards.npy_load(raw["disp.npy"])[..., :L, :],
-        "hog": shards.npy_load(raw["hog.npy"])[..., :L, :],
-        "valid": shards.npy_load(raw["valid.npy"]),
-        "box": np.array(box, np.int64),
         "flip": np.array(flip),
         "label": np.array(int(raw["cls"]), np.int64),
         "key": raw["__key__"],
         "pad": np.array(False),
         "name": name,
     }
-    if not decode:
-        return item
-    frames = decode_frames(item)
-    if frames is None:
-        return None
-    video, disp, hog, valid = transforms.apply(frames, item["disp"], item.pop("hog"), item["valid"], box, size, GRID, flip,
-                                               hog_table=shards.HOG_TABLE)
-    del item["jpg"]
-    return item | {"video": video, "disp": disp, "hog": hog, "valid": valid}
+    if tracks:
+        sample.update(disp=shards.npy_load(raw["disp.npy"])[..., :L, :], hog=shards.npy_load(raw["hog.npy"])[..., :L, :],
+                      valid=shards.npy_load(raw["valid.npy"]))
+    frames = decode_frames(sample) if decode else None
+    if decode and frames is None:
+        return [None] * len(boxes)
+    items = []
+    for box in boxes:
+        item = dict(sample, box=np.array(box, np.int64))
+        if decode:
+            del item["jpg"]
+            item["video"] = transforms.crop_frames(frames, box, size, flip)
+            if tracks:
+                item["disp"], item["hog"], item["valid"] = transforms.crop_tracks(
+                    sample["disp"], sample["hog"], sample["valid"], box, size, GRID, flip, hog_table=shards.HOG_TABLE)
+        items.append(item)
+    return items
 
 
 def decode_frames(item):
@@ -132,7 +138,7 @@ class _Samples(torch.utils.data.IterableDataset):
         for n, raw in enumerate(raws, start + 1):
             # one generator per sample: a resumed stream draws the same crops as an uninterrupted one
             rng = np.random.default_rng([seed, self.epoch, self.rank, worker, n - 1])
-            yield prepare(raw, rng, self.recipe, self.train, self.decode)   # None: skipped, batch one smaller
+            yield from prepare(raw, rng, self.recipe, self.train, self.decode)   # None: skipped, batch one smaller
             last = raw
         # Evaluation gives every sample once, so workers' shares differ by one (more with damaged
         # shards), and ranks with them: pad each share with copies marked pad, so that every rank
@@ -140,10 +146,10 @@ class _Samples(torch.utils.data.IterableDataset):
         if not self.train and n < self.epoch_samples:
             last = last or next(stream.samples(self.urls, resampled=False))
             for _ in range(n, self.epoch_samples):
-                item = prepare(last, None, self.recipe, False, self.decode)
-                if item is not None:
-                    item["pad"] = np.array(True)
-                yield item
+                for item in prepare(last, None, self.recipe, False, self.decode):
+                    if item is not None:
+                        item["pad"] = np.array(True)
+                    yield item
 
 
 def _collate(items, recipe, decoded):
@@ -154,15 +160,17 @@ def _collate(items, recipe, decoded):
     items = [it for it in items if it is not None]
     if not decoded or not items:
         return items                                    # DALI: frames differ in size until decoded
-    keys = ("video", "disp", "hog", "valid", "label", "key", "pad", "box", "flip")
+    keys = ("video", "label", "key", "pad", "box", "flip") + (("disp", "hog", "valid") if recipe["target"] == "mme" else ())
     batch = torch.utils.data.default_collate([{k: it[k] for k in keys} for it in items])
-    batch["target"], batch["weight"] = make_target(recipe, batch["video"], batch.pop("disp"), batch.pop("hog"), batch.pop("valid"))
+    tracks = [batch.pop(k, None) for k in ("disp", "hog", "valid")]
+    if recipe["target"] != "none":
+        batch["target"], batch["weight"] = make_target(recipe, batch["video"], *tracks)
     return batch
 
 
 def make_target(recipe, clip, disp, hog, valid):
     """recipe["target"] of a batch: clip uint8 [B, T, S, S, 3], trajectories as Loader.decode gives them
-    -> (target [B, N, D], weight [B, N])."""
+    (None unless the target is mme) -> (target [B, N, D], weight [B, N])."""
     r = recipe
     if r["target"] == "mme":
         target, weight = targets.mme_target(disp, hog, valid, patch_norm=r["patch_norm"], shape=r["shape_target"],
@@ -201,8 +209,9 @@ class Loader:
 
     def __len__(self):
         """Batches per epoch: the same on every rank."""
-        per_worker = self.epoch_samples // self.batch if self.train else -(-self.epoch_samples // self.batch)
-        return max(self.workers, 1) * per_worker
+        if self.train:
+            return max(self.workers, 1) * (self.epoch_samples // self.batch)
+        return max(self.workers, 1) * -(-self.epoch_samples * self.recipe["test_num_crop"] // self.batch)
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches": self.done}
@@ -250,16 +259,18 @@ class Loader:
         r = self.recipe
         if isinstance(batch, list):
             items = batch
-            clip, disp, hog, valid = self.decode(items)
+            clip, *tracks = self.decode(items)
             batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in ("label", "pad", "box", "flip")}
             batch["key"] = [it["key"] for it in items]
             batch["video"] = clip
-            batch["target"], batch["weight"] = make_target(r, clip, disp, hog, valid)
+            if r["target"] != "none":
+                batch["target"], batch["weight"] = make_target(r, clip, *tracks)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch["video"] = transforms.normalize(batch["video"])
         B, T, size = len(batch["label"]), r["num_frames"], r["input_size"]
-        batch["mask"] = targets.tube_mask(mask_rng, B, T // 2, size // 16, size // 16, r["mask_ratio"],
-                                          r["mask_type"]).to(self.device)
+        if r["target"] != "none":
+            batch["mask"] = targets.tube_mask(mask_rng, B, T // 2, size // 16, size // 16, r["mask_ratio"],
+                                              r["mask_type"]).to(self.device)
         batch["box"], batch["flip"] = batch["box"].cpu(), batch["flip"].cpu()    # (x0, y0, w, h) in the shard's frames
         batch["pad"] = batch["pad"].cpu()
         return batch
@@ -295,15 +306,19 @@ def _dali_pipeline(recipe, batch, device):
         shape = fn.external_source(name="shape", dtype=types.INT64)
         roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT)
         roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT)
+        tile = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        frames = fn.reshape(tile, shape=shape, layout="FHWC")
+        video = fn.resize(frames, roi_start=roi_start, roi_end=roi_end, size=[size, size], antialias=True,
+                          interp_type=types.INTERP_LINEAR)               # uint8 [T, S, S, 3], as PIL's for VideoMAE
+        if recipe["target"] != "mme":
+            pipe.set_outputs(video)
+            pipe.build()
+            return pipe
         map_start = fn.external_source(name="map_start", dtype=types.FLOAT)
         map_end = fn.external_source(name="map_end", dtype=types.FLOAT)
         disp = fn.external_source(name="disp", dtype=types.FLOAT16, layout="FHWC")
         hog = fn.external_source(name="hog", dtype=types.UINT8, layout="FHWC")
         valid = fn.external_source(name="valid", dtype=types.UINT8, layout="FHWC")
-        tile = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        frames = fn.reshape(tile, shape=shape, layout="FHWC")
-        video = fn.resize(frames, roi_start=roi_start, roi_end=roi_end, size=[size, size], antialias=True,
-                          interp_type=types.INTERP_LINEAR)               # uint8 [T, S, S, 3], as PIL's for VideoMAE
         disp = fn.cast(disp.gpu() if gpu else disp, dtype=types.FLOAT)
         # undo the HOG's log code before resampling, by table: exp() per element costs more than the resize
         codes = list(range(256))
@@ -322,14 +337,12 @@ def _dali_pipeline(recipe, batch, device):
 
 def _run_dali(pipe, items, recipe, device):
     """One batch of prepared samples through the pipeline -> what Loader.decode returns."""
-    feed = {
-        "jpg": [it["jpg"] for it in items],
-        "shape": [it["shape"] for it in items],
-        "disp": [_fhwc(it["disp"]) for it in items],
-        "hog": [_fhwc(it["hog"]) for it in items],
-        "valid": [it["valid"].astype(np.uint8)[..., None] for it in items],
-    }
-    for name, shift, scale in (("roi", 0.0, 1), ("map", -0.5, GRID)):   # frames in pixels, maps in grid steps
+    tracks = recipe["target"] == "mme"
+    feed = {"jpg": [it["jpg"] for it in items], "shape": [it["shape"] for it in items]}
+    if tracks:
+        feed.update(disp=[_fhwc(it["disp"]) for it in items], hog=[_fhwc(it["hog"]) for it in items],
+                    valid=[it["valid"].astype(np.uint8)[..., None] for it in items])
+    for name, shift, scale in (("roi", 0.0, 1), ("map", -0.5, GRID))[:2 if tracks else 1]:   # frames in px, maps in grid steps
         starts, ends = [], []
         for it in items:
             x0, y0, cw, ch = it["box"]
@@ -341,8 +354,11 @@ def _run_dali(pipe, items, recipe, device):
         feed[f"{name}_start"], feed[f"{name}_end"] = starts, ends
     for name, data in feed.items():
         pipe.feed_input(name, data)
-    video, disp, hog, valid = (_to_torch(o, device, dtype) for o, dtype in
-                               zip(pipe.run(), (torch.uint8, torch.float32, torch.float32, torch.float32)))
+    outs = pipe.run()
+    video = _to_torch(outs[0], device, torch.uint8)
+    if not tracks:
+        return video, None, None, None
+    disp, hog, valid = (_to_torch(o, device, torch.float32) for o in outs[1:])
     B, Tp, n = len(items), valid.shape[1], valid.shape[2]
     L = recipe["trajectory_length"]
     finished = [transforms.finish_tracks(disp[i].view(Tp, n, n, L, 2), hog[i].view(Tp, n, n, L, transforms.BINS),

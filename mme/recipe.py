@@ -34,7 +34,7 @@ DEFAULTS = {
     "flip": False,                # horizontal flip (Table 14: SSv2 no, K400 yes); the authors' code never flips
     "mask_type": "tube",          # Table 11: tube masking (or 'random', VideoMAE's other choice)
     "mask_ratio": 0.7,            # Table 11: 70% tube masking is best (90%: -1.4, 40%: -2.8)
-    "target": "mme",              # Table 5: 'mme' (trajectories, ours), 'pixel' (VideoMAE), 'hog' (MaskFeat) baselines
+    "target": "mme",              # Table 5: 'mme' (trajectories, ours), 'pixel' (VideoMAE), 'hog' (MaskFeat) baselines; 'none' for fine-tuning (labels only)
     "trajectory_length": 6,       # L raw frames tracked (Table 7: 6 best; the authors' script uses 4); must match the shards
     "interpolation": True,        # Table 6: predict the trajectory at every raw frame (True) or only at the input stride (False)
     "trajectory_density": "dense",  # Table 9: all K=4 trajectories of a patch ('dense'), or merged into one by 'mean' or 'max'
@@ -43,6 +43,7 @@ DEFAULTS = {
     "batch_size": 768,            # Table 14; clips per optimizer step summed over all ranks and accum_steps
     "num_workers": 8,             # loader processes per rank (not from the paper)
     "seed": 0,                    # each rank seeds with seed + rank (as VideoMAE)
+    "test_num_crop": 3,           # evaluation: square crops of the short side spread along the long side (VideoMAE's 3-crop test), x every clip window in the shards
     # --- model (§4: ViT-B; Table 12: decoder) ---
     "model": "base",              # encoder ViT size, 16x16x2 tubelets: tiny | small | base | large (§4 uses base)
     "decoder_depth": 1,           # Table 12: one joint decoder block is best (2 blocks: -0.7)
@@ -79,7 +80,7 @@ TYPES = {
 MODELS = ("tiny", "small", "base", "large")    # ViT-T/S/B/L: widths 192/384/768/1024
 CHOICES = {
     "mask_type": ("tube", "random"),
-    "target": ("mme", "pixel", "hog"),
+    "target": ("mme", "pixel", "hog", "none"),
     "trajectory_density": ("dense", "mean", "max"),
     "model": MODELS,
     "precision": ("auto", "fp32", "bf16"),

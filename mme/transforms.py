@@ -41,8 +41,15 @@ def crop_box(rng, h, w, size=224, scales=(1.0, 0.875, 0.75, 0.66), max_distort=1
 
 def centre_box(h, w, size=224):
     """Evaluation: the centre square of the short side (resized to `size`)."""
+    return eval_boxes(h, w, 1)[0]
+
+
+def eval_boxes(h, w, n):
+    """Multi-crop testing (VideoMAE's spatial_idx 0..n-1): n squares of the short side, evenly spread
+    along the long side from one end to the other (n = 1: the centre one)."""
     side = min(h, w)
-    return (w - side) // 2, (h - side) // 2, side, side
+    starts = [(max(h, w) - side) // 2] if n == 1 else [round(i * (max(h, w) - side) / (n - 1)) for i in range(n)]
+    return [(s, 0, side, side) if w >= h else (0, s, side, side) for s in starts]
 
 
 def crop_frames(frames, box, size, flip=False):

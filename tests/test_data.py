@@ -114,9 +114,9 @@ def test_equal_batches_per_rank_and_determinism(synth):
 @pytest.mark.parametrize("backend,workers", [("torch", 0), ("dali", 0), ("torch", 2)])
 def test_evaluation_sees_every_sample_once_in_equal_batches(synth, backend, workers):
     """6 samples over 4 ranks: shares of 2, 2, 1, 1 are padded to 2 with copies marked pad, so every
-    rank runs the same batches and the unpadded samples are the dataset, once each."""
-    r = make_recipe(batch_size=4 * 2, num_workers=workers)               # 2 clips per rank
-    seen, counts = [], []
+    rank runs the same batches and the unpadded samples are the dataset, once each, in 3 crops."""
+    r = make_recipe(batch_size=4 * 2, num_workers=workers, test_num_crop=3)   # 2 clips per rank
+    seen, counts, boxes = [], [], {}
     for rank in range(4):
         loader = data.build_loader(synth, r, train=False, rank=rank, world_size=4, backend=backend)
         batches = list(loader)
@@ -124,8 +124,11 @@ def test_evaluation_sees_every_sample_once_in_equal_batches(synth, backend, work
         for b in batches:
             assert not b["flip"].any() and b["pad"].dtype == torch.bool
             seen += [k for k, pad in zip(b["key"], b["pad"].tolist()) if not pad]
+            for k, box in zip(b["key"], b["box"].tolist()):
+                boxes.setdefault(k, set()).add(tuple(box))
     assert len(set(counts)) == 1, counts
-    assert sorted(seen) == [f"v{i}_w00" for i in range(6)]
+    assert sorted(seen) == sorted([f"v{i}_w00" for i in range(6)] * 3)
+    assert all(v == {(0, 0, 80, 80), (8, 0, 80, 80), (16, 0, 80, 80)} for v in boxes.values())   # 96 x 80 frames
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -179,3 +182,11 @@ def test_undecodable_frames_are_skipped_with_a_warning(known_motion, tmp_path, b
     assert b["video"].shape[0] == 3 and torch.all(b["label"] == 3)
     lines = [r.getMessage() for r in caplog.records if r.name == "mme.data"]
     assert len(lines) == 1 and "k_w01" in lines[0] and str(out) in lines[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_labels_only_for_fine_tuning(synth, backend):
+    """target: none reads no trajectories and yields clips and labels, no targets or masks."""
+    b = next(iter(data.build_loader(synth, make_recipe(target="none"), backend=backend)))
+    assert set(b) == {"video", "label", "key", "pad", "box", "flip"}
+    assert b["video"].shape == (2, 3, T, S, S) and b["label"].tolist() == [int(k[1]) % 10 for k in b["key"]]
