@@ -80,8 +80,9 @@ GEOMETRIC = [
     *[("Rotate", d, lambda im, d=d: im.rotate(d, resample=Image.BILINEAR, fillcolor=FILL)) for d in (-23.7, 9.0, 30.0)],
     *[("ShearX", s, pil_affine((1, s, 0, 0, 1, 0))) for s in (-0.3, 0.17)],
     *[("ShearY", s, pil_affine((1, 0, 0, s, 1, 0))) for s in (-0.3, 0.17)],
-    *[("TranslateXRel", p, pil_affine((1, 0, p * 64, 0, 1, 0))) for p in (-0.45, 0.213)],
-    *[("TranslateYRel", p, pil_affine((1, 0, 0, 0, 1, p * 48))) for p in (-0.45, 0.213)],
+    # +-10.5 px puts sample points exactly on the frame's edges, where PIL's inside/outside rule decides
+    *[("TranslateXRel", p, pil_affine((1, 0, p * 64, 0, 1, 0))) for p in (-0.45, 0.213, 10.5 / 64, -10.5 / 64)],
+    *[("TranslateYRel", p, pil_affine((1, 0, 0, 0, 1, p * 48))) for p in (-0.45, 0.213, 10.5 / 48, -10.5 / 48)],
 ]
 
 
