@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from mme import shards, stream, targets, transforms
+from mme import augment, shards, stream, targets, transforms
 
 SHUFFLE = 32                        # samples shuffled in each worker's buffer (~40 MB); shards are shuffled at extraction
 log = logging.getLogger(__name__)
@@ -61,12 +61,13 @@ def check_recipe(meta, recipe, url):
 
 
 def prepare(raw, rng, recipe, train, decode=False):
-    """Worker side: parse one raw sample and draw its augmentation. Returns a list of items, one in
-    training and one per crop in evaluation (recipe["test_num_crop"]): dicts of numpy arrays (the JPEG
-    bytes undecoded) that the DALI backend finishes; with decode=True (the torch backend) the worker
-    also applies the crop: video uint8 [T, S, S, 3] and the trajectories in output units. Trajectory
-    arrays are read only for the mme target. None items (with a one-line warning) if the frames do
-    not decode."""
+    """Worker side: parse one raw sample and draw its augmentation. Returns a list of items: in
+    training recipe["repeated_aug"] differently augmented ones (Table 15's repeated sampling; 1 in
+    pre-training), in evaluation one per crop (recipe["test_num_crop"]). Items are dicts of numpy
+    arrays (the JPEG bytes undecoded) that the DALI backend finishes; with decode=True (the torch
+    backend) the worker also applies the augmentation: video uint8 [T, S, S, 3] (RandAugment too, if
+    the recipe asks) and the trajectories in output units. Trajectory arrays are read only for the
+    mme target. None items (with a one-line warning) if the frames do not decode."""
     meta = json.loads(raw["json"])
     name = f"{raw.get('__url__')} sample {raw['__key__']}"
     check_recipe(meta, recipe, name)
@@ -74,14 +75,13 @@ def prepare(raw, rng, recipe, train, decode=False):
     w, h = meta["size"]
     size, tracks = recipe["input_size"], recipe["target"] == "mme"
     if train:
-        boxes = [transforms.crop_box(rng, h, w, size, recipe["crop_scales"])]
-        flip = bool(recipe["flip"] and rng.random() < 0.5)
+        draws = [(transforms.crop_box(rng, h, w, size, recipe["crop_scales"]), bool(recipe["flip"] and rng.random() < 0.5))
+                 for _ in range(recipe["repeated_aug"])]
     else:
-        boxes, flip = transforms.eval_boxes(h, w, recipe["test_num_crop"]), False
+        draws = [(box, False) for box in transforms.eval_boxes(h, w, recipe["test_num_crop"])]
     sample = {
         "jpg": np.frombuffer(raw["frames.jpg"], np.uint8),
         "shape": np.array([T, h, w, 3], np.int64),
-        "flip": np.array(flip),
         "label": np.array(int(raw["cls"]), np.int64),
         "key": raw["__key__"],
         "pad": np.array(False),
@@ -92,13 +92,16 @@ def prepare(raw, rng, recipe, train, decode=False):
                       valid=shards.npy_load(raw["valid.npy"]))
     frames = decode_frames(sample) if decode else None
     if decode and frames is None:
-        return [None] * len(boxes)
+        return [None] * len(draws)
     items = []
-    for box in boxes:
-        item = dict(sample, box=np.array(box, np.int64))
+    for box, flip in draws:
+        item = dict(sample, box=np.array(box, np.int64), flip=np.array(flip))
         if decode:
             del item["jpg"]
             item["video"] = transforms.crop_frames(frames, box, size, flip)
+            if train and recipe["rand_aug"]:
+                ops, magnitude, std = recipe["rand_aug"]
+                item["video"] = augment.rand_augment(item["video"], rng, int(ops), magnitude, std)
             if tracks:
                 item["disp"], item["hog"], item["valid"] = transforms.crop_tracks(
                     sample["disp"], sample["hog"], sample["valid"], box, size, GRID, flip, hog_table=shards.HOG_TABLE)
@@ -193,15 +196,21 @@ class Loader:
         check_recipe(stream.check_schema(self.urls[0]), recipe, self.urls[0])
         self.batch = max(1, recipe["batch_size"] // (world_size * recipe.get("accum_steps", 1)))
         self.workers = recipe["num_workers"]
+        self.per_sample = recipe["repeated_aug"] if train else recipe["test_num_crop"]   # items a sample gives
+        if train and self.batch % self.per_sample:
+            raise ValueError(f"batch per rank {self.batch} must divide by repeated_aug {self.per_sample}")
         parts = world_size * max(self.workers, 1)
         if train:
-            self.epoch_samples = stream.epoch_length(self.urls, world_size, max(self.workers, 1), self.batch)
+            self.epoch_samples = stream.epoch_length(self.urls, world_size, max(self.workers, 1), self.batch // self.per_sample)
         else:                                 # every sample once, each worker's share padded to the largest
             self.epoch_samples = -(-sum(stream.shard_sizes(self.urls).values()) // parts)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend = backend or ("dali" if self.device.type == "cuda" else "torch")
+        # RandAugment (fine-tuning) is mme.augment's, on CPU: it makes the workers' backend the default
+        self.backend = backend or ("dali" if self.device.type == "cuda" and not recipe["rand_aug"] else "torch")
         if self.backend not in ("dali", "torch"):
             raise ValueError(f"backend {backend!r}: use 'dali' or 'torch'")
+        if self.backend == "dali" and recipe["rand_aug"]:
+            raise ValueError("rand_aug runs in the torch backend's workers (mme/augment.py), not in DALI")
         self.dataset = _Samples(self.urls, recipe, train, rank, world_size, self.epoch_samples, self.workers,
                                 decode=self.backend == "torch")
         self.pipe = _dali_pipeline(recipe, self.batch, self.device) if self.backend == "dali" else None
@@ -210,8 +219,8 @@ class Loader:
     def __len__(self):
         """Batches per epoch: the same on every rank."""
         if self.train:
-            return max(self.workers, 1) * (self.epoch_samples // self.batch)
-        return max(self.workers, 1) * -(-self.epoch_samples * self.recipe["test_num_crop"] // self.batch)
+            return max(self.workers, 1) * (self.epoch_samples * self.per_sample // self.batch)
+        return max(self.workers, 1) * -(-self.epoch_samples * self.per_sample // self.batch)
 
     def state_dict(self):
         return {"epoch": self.epoch, "batches": self.done}
@@ -224,7 +233,7 @@ class Loader:
         # DataLoader takes batches from its workers in turn: after `done` batches, worker w has made
         # ceil((done - w) / workers) of them, which its stream skips on resume.
         self.dataset.epoch = self.epoch
-        self.dataset.skip = [max(0, -(-(self.done - w) // workers)) * self.batch for w in range(workers)]
+        self.dataset.skip = [max(0, -(-(self.done - w) // workers)) * self.batch // self.per_sample for w in range(workers)]
         collate = functools.partial(_collate, recipe=self.recipe, decoded=self.pipe is None)
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, num_workers=self.workers,
                                          collate_fn=collate, drop_last=self.train,

@@ -59,6 +59,16 @@ DEFAULTS = {
     "opt_betas": [0.9, 0.999],    # Table 14 prints 0.9, 0.999; the authors' scripts (and VideoMAE's) use 0.9, 0.95
     "clip_grad": None,            # max gradient norm; None: no clipping (not in Table 14; VideoMAE's default)
     "accum_steps": 1,             # gradient accumulation: batch_size is split over world size x accum_steps
+    # --- fine-tuning and linear probing (finetune.py; Table 15, Table 4) ---
+    "finetune": None,             # weights to start from: pretrain.py's encoder.pth or a released VideoMAE/MME checkpoint; None: random init
+    "num_classes": None,          # classifier outputs (SSv2 174, K400 400, UCF101 101, HMDB51 51); required by finetune.py
+    "eval_data_path": None,       # shards to evaluate on; None: the val split of data_path (a shards folder with manifest.json)
+    "layer_decay": 0.75,          # Table 15: layer-wise lr decay (full fine-tuning)
+    "smoothing": 0.1,             # Table 15: label smoothing (full fine-tuning)
+    "mixup": 0.8,                 # Table 15: mixup alpha (full fine-tuning; 0 = off)
+    "cutmix": 1.0,                # Table 15: cutmix alpha (full fine-tuning; 0 = off)
+    "rand_aug": None,             # Table 15 "RandAug (9, 0.5)": [ops, magnitude, magnitude std], e.g. [2, 9, 0.5]; None: off
+    "repeated_aug": 1,            # Table 15 "repeated sampling": differently augmented clips per sample in an epoch (VideoMAE: 2)
     # --- runtime ---
     "output_dir": "runs",         # a run writes to output_dir/name/
     "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
@@ -75,6 +85,10 @@ TYPES = {
     "data_path": (str, [str]),
     "clip_grad": float,
     "name": str,
+    "finetune": str,
+    "num_classes": int,
+    "eval_data_path": (str, [str]),
+    "rand_aug": [float],
 }
 
 MODELS = ("tiny", "small", "base", "large")    # ViT-T/S/B/L: widths 192/384/768/1024
@@ -264,7 +278,7 @@ def _check(r, where, home):
     if not r["crop_scales"] or not all(0 < s <= 1 for s in r["crop_scales"]):
         bad("crop_scales", "crop_scales must be a non-empty list of fractions in (0, 1]")
     positive = ("sampling_rate trajectory_length batch_size epochs decoder_depth decoder_embed_dim "
-                "decoder_num_heads accum_steps save_every")
+                "decoder_num_heads accum_steps save_every repeated_aug test_num_crop")
     for key in positive.split():
         if r[key] < 1:
             bad(key, f"{key} must be positive")
@@ -292,6 +306,13 @@ def _check(r, where, home):
         bad("opt_betas", "opt_betas must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     if r["clip_grad"] is not None and r["clip_grad"] <= 0:
         bad("clip_grad", "clip_grad must be positive, or null for no clipping")
+    if r["rand_aug"] is not None and (len(r["rand_aug"]) != 3 or r["rand_aug"][0] != int(r["rand_aug"][0])
+                                      or not 0 <= r["rand_aug"][1] <= 10 or r["rand_aug"][2] < 0):
+        bad("rand_aug", "rand_aug must be [ops, magnitude 0..10, magnitude std >= 0], e.g. [2, 9, 0.5], or null")
+    if r["num_classes"] is not None and r["num_classes"] < 1:
+        bad("num_classes", "num_classes must be positive")
+    if not 0 < r["layer_decay"] <= 1 or not 0 <= r["smoothing"] < 1 or r["mixup"] < 0 or r["cutmix"] < 0:
+        bad("layer_decay smoothing mixup cutmix", "need 0 < layer_decay <= 1, 0 <= smoothing < 1, mixup and cutmix >= 0")
     if not r["output_dir"].strip():
         bad("output_dir", "output_dir must not be empty")
     if r["name"] is not None and (not r["name"].strip() or r["name"] in (".", "..") or re.search(r"[/\\]", r["name"])):

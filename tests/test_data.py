@@ -190,3 +190,20 @@ def test_labels_only_for_fine_tuning(synth, backend):
     b = next(iter(data.build_loader(synth, make_recipe(target="none"), backend=backend)))
     assert set(b) == {"video", "label", "key", "pad", "box", "flip"}
     assert b["video"].shape == (2, 3, T, S, S) and b["label"].tolist() == [int(k[1]) % 10 for k in b["key"]]
+
+
+def test_repeated_sampling_and_randaugment(synth):
+    """Table 15's repeated sampling: each sample gives 2 differently augmented clips, consecutive in a
+    batch; an epoch gives every sample's clips; RandAugment changes the clips and is the torch backend's."""
+    r = make_recipe(batch_size=4, target="none", repeated_aug=2, rand_aug=[2, 9, 0.5])
+    loader = data.build_loader(synth, r)
+    b = next(iter(loader))
+    assert b["key"][0] == b["key"][1] and b["key"][2] == b["key"][3]
+    assert not torch.equal(b["video"][0], b["video"][1])
+    assert loader.epoch_samples == 6 and len(loader) == 3                 # 6 samples x 2 clips = 3 batches of 4
+    plain = next(iter(data.build_loader(synth, make_recipe(batch_size=4, target="none", repeated_aug=2))))
+    assert torch.equal(plain["box"], b["box"]) and not torch.equal(plain["video"], b["video"])   # same crops, RandAugment on top
+    with pytest.raises(ValueError, match="rand_aug"):
+        data.build_loader(synth, r, backend="dali")
+    with pytest.raises(ValueError, match="divide"):
+        data.build_loader(synth, make_recipe(batch_size=3, repeated_aug=2))
