@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
-from mme.train import autocast, latest_checkpoint, load_checkpoint, lr_at, param_groups, save_checkpoint, setup_distributed
+from mme.train import (autocast, keep_metrics, latest_checkpoint, load_checkpoint, lr_at, optimizer_step, param_groups,
+                       save_checkpoint, set_lr, setup_distributed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -94,8 +95,7 @@ def main(recipe, **overrides):
         tick, clips, micro_i = time.perf_counter(), 0, 0
         for b in loader:
             lr = lr_at(step, r, steps_per_epoch, peak, floor)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
+            set_lr(opt, lr)
             with amp:
                 pred = net(b["video"].to(device, non_blocking=True), b["mask"].to(device))
                 loss = net.loss(pred.float(), b["target"].to(device), b["mask"].to(device), b["weight"].to(device))
@@ -104,14 +104,8 @@ def main(recipe, **overrides):
             micro_i += 1
             if micro_i % r["accum_steps"]:
                 continue
-            if r["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), r["clip_grad"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            value = optimizer_step(net, opt, loss, r["clip_grad"], world)
             step += 1
-            reduced = loss.detach().clone()
-            dist.all_reduce(reduced)
-            value = reduced.item() / world
             if not math.isfinite(value):
                 fail(rank, f"loss is {value} at step {step}; last good checkpoint: {last_good or 'none'} "
                            f"(lower base_lr or set clip_grad, then rerun to resume from it)")
@@ -154,12 +148,6 @@ def trajectory_picture(net, r, rank, world, device, amp, path):
     net.train()
     if rank == 0:
         viz.prediction_figure(path, b, pred, r)
-
-
-def keep_metrics(path, step):
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
 
 
 def fail(rank, msg):

@@ -7,6 +7,7 @@ checkpoint layout we keep exactly so released VideoMAE/MME weights load and ours
     feats = enc(video, mask)          # video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> [B, N_visible, C]
     clf = encoder("base", num_classes=174, drop_path=0.1)     # classifier: ... + fc_norm.* + head.*
     logits = clf(video)               # [B, 174]: mean of the tokens -> fc_norm -> head
+    add_probe_norm(clf); sd = fold_probe_norm(clf.state_dict())   # linear probe: BatchNorm before the head, folded away
 
     model = PretrainModel("base", 16, 224, target_dim=264)    # encoder + 1-block decoder (Table 12)
     pred = model(video, mask)         # [B, N_masked, target_dim], the masked tokens in increasing index
@@ -313,6 +314,26 @@ def mme_loss(pred, target, mask, weight=None):
     w = w[mask].reshape(B, -1)                                               # [B, N_masked]
     err = (pred.float() - t).pow(2).mean(-1)                                 # [B, N_masked]
     return (err * w).sum() / w.sum().clamp_min(1e-6)
+
+
+def add_probe_norm(clf):
+    """The linear probe's head (MAE's protocol): BatchNorm without affine parameters (eps 1e-6) before
+    the Linear head. Features of masked-modelling encoders share a large common component (the mean
+    token after fc_norm varies ~2% between clips), which a bare Linear head learns from very slowly."""
+    clf.head = nn.Sequential(nn.BatchNorm1d(clf.dim, affine=False, eps=1e-6), clf.head)
+    return clf
+
+
+def fold_probe_norm(state_dict):
+    """A probe's state_dict (head.0 = the BatchNorm's running statistics, head.1 = the Linear) -> the
+    released layout's head.weight / head.bias computing the same function as the probe in eval mode."""
+    sd = dict(state_dict)
+    mean, var = sd.pop("head.0.running_mean").double(), sd.pop("head.0.running_var").double()
+    sd.pop("head.0.num_batches_tracked", None)
+    weight, bias = sd.pop("head.1.weight").double(), sd.pop("head.1.bias").double()
+    scaled = weight / torch.sqrt(var + 1e-6)                                  # [classes, C]
+    sd["head.weight"], sd["head.bias"] = scaled.float(), (bias - scaled @ mean).float()
+    return sd
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

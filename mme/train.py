@@ -4,6 +4,7 @@ checkpoints that resume exactly (pretrain.py and finetune.py share these).
     rank, world, device = setup_distributed("auto")       # torchrun's env, or a 1-process group
     lr = lr_at(step, recipe, steps_per_epoch, peak, floor)  # linear warmup, then cosine (Tables 14/15)
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
+    set_lr(opt, lr); loss = optimizer_step(net, opt, loss, clip_grad, world)   # after backward
     with autocast(device, recipe["precision"]): ...             # bf16 on GPUs (auto), or as the recipe says
     path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state
     step = load_checkpoint(latest_checkpoint(run), net, opt, loader, rank)
@@ -66,6 +67,24 @@ def param_groups(net, weight_decay, layer_decay=None):
     return list(groups.values())
 
 
+def set_lr(opt, lr):
+    """The schedule's lr into every group, times the group's layer-decay scale."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+
+
+def optimizer_step(net, opt, loss, clip_grad, world):
+    """After backward: clip the gradient norm (if clip_grad), step, zero the gradients. Returns the
+    loss averaged over the ranks, as a float (for the log and the non-finite check)."""
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    reduced = loss.detach().clone()
+    dist.all_reduce(reduced)
+    return reduced.item() / world
+
+
 def latest_checkpoint(run):
     steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*") if (p / "done").exists()]
     return (run / "checkpoints" / f"step_{max(steps)}") if steps else None
@@ -97,3 +116,10 @@ def load_checkpoint(path, net, opt, loader, rank):
     loader.load_state_dict(mine["loader"])
     torch.set_rng_state(torch.tensor(mine["rng"]["torch"], dtype=torch.uint8))
     return mine["step"]
+
+
+def keep_metrics(path, step):
+    """Drop the metrics.jsonl lines a killed run logged past the checkpoint it resumes from."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))

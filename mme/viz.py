@@ -3,6 +3,7 @@
     p = progress(console, total_steps, start)   # rich progress: step, loss, lr, clips/s, ETA
     p.update(step, loss=..., lr=..., speed=...); p.stop()
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png")   # loss (log scale) and lr against step
+    confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes)   # row-normalised, counts in cells
     paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
     trajectory_figure("runs/x/trajectories.png", frames, mask, true_pos, pred_pos)   # the paper's Fig. 4
     prediction_figure("runs/x/trajectories.png", batch, pred, recipe)   # the same from a loader batch + model output
@@ -33,7 +34,7 @@ def progress(console, total, start=0):
     return _Progress(console, total, start)
 
 
-def loss_curve(metrics_path, png_path):
+def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)"):
     """Plot loss (log scale) and learning rate against step from a metrics.jsonl."""
     import matplotlib
     matplotlib.use("Agg")
@@ -47,7 +48,7 @@ def loss_curve(metrics_path, png_path):
     ax.plot(steps, [r["loss"] for r in rows], lw=1, color="tab:blue")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (masked MSE, eq. 1)", color="tab:blue")
+    ax.set_ylabel(label, color="tab:blue")
     lr = ax.twinx()
     lr.plot(steps, [r["lr"] for r in rows], lw=1, color="tab:orange")
     lr.set_ylabel("learning rate", color="tab:orange")
@@ -138,3 +139,29 @@ def prediction_figure(path, batch, pred, recipe, clips=4):
     frames = ((video * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     trajectory_figure(path, frames, mask[:n, tokens].numpy(), true_pos, pred_pos)
     return true_pos, pred_pos
+
+
+def confusion_matrix(path, truth, predicted, num_classes):
+    """Rows: true class, columns: predicted; each row normalised to the fraction of its videos (colour),
+    the count written in each non-empty cell. Returns the count matrix [num_classes, num_classes]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (np.asarray(truth), np.asarray(predicted)), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = min(12, 2 + 0.35 * num_classes)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if num_classes <= 30:
+        for i, j in zip(*np.nonzero(counts)):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{counts.sum()} videos, top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return counts

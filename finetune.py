@@ -1,0 +1,215 @@
+"""Linear probing, fine-tuning and multi-view evaluation of a pre-trained encoder (paper Tables 4, 15).
+
+    python pretrain.py --recipe recipes/tiny.yaml                      # -> runs/tiny/encoder.pth
+    python finetune.py probe --recipe recipes/probe_tiny.yaml          # frozen encoder, linear head (Table 4)
+    python finetune.py full --recipe recipes/finetune_tiny.yaml        # every layer (Table 15)
+    python finetune.py eval --recipe recipes/probe_tiny.yaml --finetune runs/probe_tiny/model.pth
+    torchrun --nproc_per_node=8 finetune.py full --recipe recipes/ssv2_finetune.yaml --finetune runs/ssv2/encoder.pth
+    python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
+
+The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
+VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
+the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the pre-training's final
+norm -> head), as the authors' probe; full trains everything with layer decay, drop path, label
+smoothing, mixup/cutmix, RandAugment and repeated sampling as the recipe says (Table 15).
+Writes runs/<name>/: recipe.yaml, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
+model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/top-5
+over videos: every clip window x test_num_crop crops, softmax averaged) and confusion.png.
+"""
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # before torch: see pretrain.py
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from mme import augment, data, model as models, recipe as recipes, viz
+from mme.train import (autocast, keep_metrics, latest_checkpoint, load_checkpoint, lr_at, optimizer_step, param_groups,
+                       save_checkpoint, set_lr, setup_distributed)
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def setup(recipe, overrides, probe=False):
+    """Recipe, process group and the classifier, loaded from recipe["finetune"] and sharded with FSDP2;
+    probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
+    try:
+        r = recipes.load(recipe, **overrides)
+        if r["num_classes"] is None:
+            raise recipes.RecipeError(f"{recipe}: num_classes is required for finetune.py")
+    except (recipes.RecipeError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    rank, world, device = setup_distributed(r["device"])
+    torch.manual_seed(r["seed"] + rank)
+    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=r["num_classes"],
+                         drop_path=r["drop_path"])
+    if r["finetune"]:
+        try:
+            skipped = models.load_backbone(clf, r["finetune"])
+        except (OSError, KeyError, ValueError) as e:
+            fail(rank, f"finetune {r['finetune']}: {e}")
+        if rank == 0:
+            console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
+    if probe:
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        models.add_probe_norm(clf)
+        clf.head.requires_grad_(True)       # the head (BatchNorm + Linear) is all that trains
+    clf.to(device)
+    for block in clf.blocks:
+        fully_shard(block)
+    fully_shard(clf)
+    return r, rank, world, device, clf
+
+
+def train(mode, recipe, **overrides):
+    r, rank, world, device, clf = setup(recipe, overrides, probe=mode == "probe")
+    run = Path(r["output_dir"]) / r["name"]
+    if r["batch_size"] % world:
+        fail(rank, f"batch_size {r['batch_size']} must divide by world size {world}")
+    try:
+        loader = data.build_loader(r["data_path"], dict(r, target="none"), train=True, rank=rank, world_size=world, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(rank, f"data_path {r['data_path']}: {e}")
+    opt = torch.optim.AdamW(param_groups(clf, r["weight_decay"], r["layer_decay"] if mode == "full" else None),
+                            lr=0.0, betas=tuple(r["opt_betas"]))
+    peak, floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
+    steps_per_epoch = len(loader)
+    total_steps = r["epochs"] * steps_per_epoch
+    last = latest_checkpoint(run) if r["resume"] else None
+    step = load_checkpoint(last, clf, opt, loader, rank) if last else 0
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "recipe.yaml").write_text(recipes.dump(r))
+        keep_metrics(run / "metrics.jsonl", step)
+        console.print(f"[bold]{r['name']}[/bold] ({mode}): {world} process(es) on {device}, {total_steps} steps "
+                      f"({steps_per_epoch}/epoch), batch {r['batch_size']}, peak lr {peak:.2e}"
+                      + (f", resuming at step {step}" if step else ""))
+    amp = autocast(device, r["precision"])
+    mixing = mode == "full" and (r["mixup"] > 0 or r["cutmix"] > 0)
+    smoothing = r["smoothing"] if mode == "full" else 0.0
+    metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    progress = viz.progress(console, total_steps, step) if rank == 0 else None
+    clf.train()
+    while step < total_steps:
+        tick = time.perf_counter()
+        for b in loader:
+            lr = lr_at(step, r, steps_per_epoch, peak, floor)
+            set_lr(opt, lr)
+            video, labels = b["video"], b["label"]
+            rng = np.random.default_rng([r["seed"], rank, step, 11])          # mixing draws, the same on resume
+            if mixing:
+                video, soft, _ = augment.mix(video, labels, rng, r["num_classes"], r["mixup"], r["cutmix"], smoothing=smoothing)
+            else:
+                soft = augment.smooth_one_hot(labels, r["num_classes"], smoothing)
+            with amp:
+                loss = augment.soft_cross_entropy(clf(video).float(), soft)
+            loss.backward()
+            value = optimizer_step(clf, opt, loss, r["clip_grad"], world)
+            step += 1
+            if not math.isfinite(value):
+                fail(rank, f"loss is {value} at step {step}; lower base_lr or set clip_grad")
+            if rank == 0:
+                speed = len(labels) * world / (time.perf_counter() - tick)
+                metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr, "clips_per_s": speed}) + "\n")
+                metrics.flush()
+                progress.update(step, loss=value, lr=lr, speed=speed)
+            tick = time.perf_counter()
+            if step % r["save_every"] == 0 or step == total_steps:
+                save_checkpoint(run, step, clf, opt, loader, rank)
+            if step >= total_steps:
+                break
+    full = get_model_state_dict(clf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        progress.stop()
+        metrics.close()
+        torch.save(models.fold_probe_norm(full) if mode == "probe" else full, run / "model.pth")
+        viz.loss_curve(run / "metrics.jsonl", run / "loss.png", label="loss (cross-entropy)")
+    evaluate(clf, r, rank, world, device, run)
+
+
+def evaluate(clf, r, rank, world, device, run):
+    """Multi-view testing: every clip window of a video x test_num_crop crops, softmax averaged per
+    video (VideoMAE's protocol), gathered over ranks; rank 0 writes eval.json and confusion.png."""
+    where = r["eval_data_path"] or r["data_path"]
+    try:
+        loader = data.build_loader(where, dict(r, target="none"), train=False, rank=rank, world_size=world, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(rank, f"eval data {where}: {e}")
+    keys, probs, labels = [], [], []
+    clf.eval()
+    with torch.no_grad(), autocast(device, r["precision"]):
+        for b in loader:                      # every rank runs the same number of batches (padded)
+            p = torch.softmax(clf(b["video"]).float(), -1).cpu()
+            keep = ~b["pad"]
+            keys += [k.rsplit("_w", 1)[0] for k, ok in zip(b["key"], keep.tolist()) if ok]
+            probs.append(p[keep])
+            labels += b["label"].cpu()[keep].tolist()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (keys, torch.cat(probs).tolist() if probs else [], labels))
+    if rank == 0:
+        videos = {}
+        for ks, ps, ls in gathered:
+            for k, p, label in zip(ks, ps, ls):
+                v = videos.setdefault(k, [np.zeros(r["num_classes"]), 0, label])
+                v[0] += p
+                v[1] += 1
+        names = sorted(videos)
+        score = np.stack([videos[k][0] / videos[k][1] for k in names])    # [videos, classes]
+        truth = np.array([videos[k][2] for k in names])
+        top5 = np.argsort(-score, 1)[:, :min(5, r["num_classes"])]
+        result = {"videos": len(names), "views": int(sum(videos[k][1] for k in names)),
+                  "top1": float((top5[:, 0] == truth).mean() * 100), "top5": float((top5 == truth[:, None]).any(1).mean() * 100),
+                  "weights": r["finetune"], "data": str(where)}
+        (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+        viz.confusion_matrix(run / "confusion.png", truth, top5[:, 0], r["num_classes"])
+        table = Table(title=f"{r['name']}: {result['videos']} videos, {result['views']} views")
+        for col in ("top-1 %", "top-5 %"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{result['top1']:.1f}", f"{result['top5']:.1f}")
+        console.print(table)
+        console.print(f"done: {run / 'eval.json'}, {run / 'confusion.png'}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def probe(recipe, **overrides):
+    """Linear probe (Table 4): train the head on the frozen encoder, then evaluate."""
+    train("probe", recipe, **overrides)
+
+
+def full(recipe, **overrides):
+    """Fine-tune every layer (Table 15), then evaluate."""
+    train("full", recipe, **overrides)
+
+
+def eval(recipe, **overrides):
+    """Evaluate the classifier in recipe["finetune"] (a model.pth of probe/full, or a released fine-tuned checkpoint)."""
+    r, rank, world, device, clf = setup(recipe, overrides)
+    run = Path(r["output_dir"]) / r["name"]
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+    evaluate(clf, r, rank, world, device, run)
+
+
+def fail(rank, msg):
+    if rank == 0:
+        console.print(f"[red]error:[/red] {msg}")
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    fire.Fire({"probe": probe, "full": full, "eval": eval})

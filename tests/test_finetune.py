@@ -1,0 +1,80 @@
+"""finetune.py end to end on tiny synthetic shards: a probe and a full fine-tuning from pretrain.py's
+encoder write a released-layout classifier that `eval` scores exactly as the run did, every video
+once over its views; and the probe's folded BatchNorm computes what the probe computed."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mme import model as models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """train (16 videos) and val (8 videos, 2 windows each) shards, and a 4-step pre-training on them."""
+    tmp = tmp_path_factory.mktemp("ft")
+    subprocess.run([sys.executable, "extract.py", "--src", "synthetic", "--out", str(tmp / "shards"), "--split", "train,val",
+                    "--limit", "16", "--frames", "8", "--stride", "2", "--short_side", "64", "--length", "4"],
+                   cwd=ROOT, check=True, capture_output=True)
+    base = common(tmp)
+    subprocess.run([sys.executable, "pretrain.py", "--recipe", "recipes/tiny.yaml", *base, "--epochs", "1",
+                    "--name", "pre", "--trajectory_length", "4"], cwd=ROOT, check=True, capture_output=True)
+    return tmp
+
+
+def common(tmp):
+    kw = dict(data_path=f"{tmp}/shards/", num_frames=8, sampling_rate=2, input_size=64, batch_size=4, num_workers=0,
+              output_dir=str(tmp), warmup_epochs=0)
+    return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+
+
+def finetune(*a):
+    r = subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("mode,recipe", [("probe", "recipes/probe_tiny.yaml"), ("full", "recipes/finetune_tiny.yaml")])
+def test_train_then_eval_agree(pretrained, mode, recipe):
+    tmp = pretrained
+    finetune(mode, "--recipe", recipe, *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth", "--epochs", "1", "--name", mode)
+    d = tmp / mode
+    result = json.loads((d / "eval.json").read_text())
+    val = json.loads((tmp / "shards" / "manifest.json").read_text())["splits"]["val"]
+    assert result["videos"] == val["videos"] and result["views"] == 3 * val["samples"]     # every window x 3 crops
+    assert (d / "confusion.png").stat().st_size > 1000 and (d / "loss.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(torch.isfinite(torch.tensor(x["loss"])) for x in rows)
+    sd = torch.load(d / "model.pth", weights_only=True)
+    clf = models.encoder("tiny", num_frames=8, img_size=64, num_classes=10)
+    assert sorted(sd) == sorted(clf.state_dict())                                          # the released layout
+    pre = torch.load(tmp / "pre" / "encoder.pth", weights_only=True)
+    frozen = torch.equal(sd["blocks.3.mlp.fc1.weight"], pre["blocks.3.mlp.fc1.weight"])
+    assert frozen == (mode == "probe")                                                     # the probe trains the head only
+    finetune("eval", "--recipe", recipe, *common(tmp), "--finetune", str(d / "model.pth"), "--name", f"{mode}_eval")
+    again = json.loads((tmp / f"{mode}_eval" / "eval.json").read_text())
+    assert (again["top1"], again["top5"], again["views"]) == (result["top1"], result["top5"], result["views"])
+
+
+def test_folded_probe_norm_computes_the_probe():
+    clf = models.add_probe_norm(models.encoder("tiny", num_frames=4, img_size=32, num_classes=7))
+    bn = clf.head[0]
+    bn.running_mean.normal_(0, 3)
+    bn.running_var.uniform_(0.01, 4)
+    clf.head[1].weight.data.normal_(0, 0.5)
+    clf.eval()
+    video = torch.randn(3, 3, 4, 32, 32)
+    plain = models.encoder("tiny", num_frames=4, img_size=32, num_classes=7).eval()
+    plain.load_state_dict(models.fold_probe_norm(clf.state_dict()))
+    torch.testing.assert_close(plain(video), clf(video), atol=1e-4, rtol=1e-4)
+
+
+def test_num_classes_is_required(pretrained):
+    r = subprocess.run([sys.executable, "finetune.py", "probe", "--recipe", "recipes/tiny.yaml", *common(pretrained)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "num_classes is required" in r.stderr
