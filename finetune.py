@@ -10,7 +10,8 @@
 The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
 VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
 the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the pre-training's final
-norm -> head), as the authors' probe; full trains everything with layer decay, drop path, label
+norm -> head; MAE's BatchNorm before it, folded into it when saved), with the recipe's crops and
+flips only; full trains everything with layer decay, drop path, label
 smoothing, mixup/cutmix, RandAugment and repeated sampling as the recipe says (Table 15).
 Writes runs/<name>/: recipe.yaml, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
 model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/top-5
@@ -52,6 +53,8 @@ def setup(recipe, overrides, probe=False):
     except (recipes.RecipeError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
+    if probe:                                # a frozen encoder, the recipe's crops and flips only
+        r.update(drop_path=0.0, rand_aug=None, repeated_aug=1, mixup=0.0, cutmix=0.0, smoothing=0.0)
     rank, world, device = setup_distributed(r["device"])
     torch.manual_seed(r["seed"] + rank)
     clf = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=r["num_classes"],
@@ -99,8 +102,7 @@ def train(mode, recipe, **overrides):
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']}, peak lr {peak:.2e}"
                       + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])
-    mixing = mode == "full" and (r["mixup"] > 0 or r["cutmix"] > 0)
-    smoothing = r["smoothing"] if mode == "full" else 0.0
+    mixing, smoothing = r["mixup"] > 0 or r["cutmix"] > 0, r["smoothing"]
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
     progress = viz.progress(console, total_steps, step) if rank == 0 else None
     clf.train()
