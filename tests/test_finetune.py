@@ -2,6 +2,7 @@
 encoder write a released-layout classifier that `eval` scores exactly as the run did, every video
 once over its views; and the probe's folded BatchNorm computes what the probe computed."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,9 @@ def common(tmp):
     return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
 
 
-def finetune(*a):
-    r = subprocess.run([sys.executable, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def finetune(*a, launcher=(sys.executable,)):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([*launcher, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -59,6 +61,11 @@ def test_train_then_eval_agree(pretrained, mode, recipe):
     finetune("eval", "--recipe", recipe, *common(tmp), "--finetune", str(d / "model.pth"), "--name", f"{mode}_eval")
     again = json.loads((tmp / f"{mode}_eval" / "eval.json").read_text())
     assert (again["top1"], again["top5"], again["views"]) == (result["top1"], result["top5"], result["views"])
+    if mode == "probe":                   # 2 ranks: padded shares, gathered views, the same scores
+        finetune("eval", "--recipe", recipe, *common(tmp), "--finetune", str(d / "model.pth"), "--name", "two",
+                 launcher=("torchrun", "--standalone", "--nproc_per_node=2"))
+        two = json.loads((tmp / "two" / "eval.json").read_text())
+        assert (two["videos"], two["views"], two["top1"], two["top5"]) == (again["videos"], again["views"], again["top1"], again["top5"])
 
 
 def test_folded_probe_norm_computes_the_probe():
