@@ -236,8 +236,11 @@ class Loader:
         self.dataset.epoch = self.epoch
         self.dataset.skip = [max(0, -(-(self.done - w) // workers)) * self.batch // self.per_sample for w in range(workers)]
         collate = functools.partial(_collate, recipe=self.recipe, decoded=self.pipe is None)
+        # A generator of its own: DataLoader draws a seed from the global torch RNG at every iter()
+        # otherwise, and a resumed run (which starts an iterator mid-epoch) would drift from an
+        # uninterrupted one wherever that RNG is used (drop path). Nothing here needs its seeds.
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, num_workers=self.workers,
-                                         collate_fn=collate, drop_last=self.train,
+                                         collate_fn=collate, drop_last=self.train, generator=torch.Generator(),
                                          persistent_workers=False, prefetch_factor=4 if self.workers else None)
         for batch in dl:
             if not len(batch):

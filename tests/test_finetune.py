@@ -3,8 +3,10 @@ encoder write a released-layout classifier that `eval` scores exactly as the run
 once over its views; and the probe's folded BatchNorm computes what the probe computed."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,30 @@ def test_num_classes_is_required(pretrained):
     r = subprocess.run([sys.executable, "finetune.py", "probe", "--recipe", "recipes/tiny.yaml", *common(pretrained)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "num_classes is required" in r.stderr
+
+
+def test_killed_fine_tuning_resumes_the_same_curve(pretrained):
+    """Full fine-tuning (mixup/cutmix, RandAugment, repeated sampling: every random draw must come
+    back) killed after a checkpoint and rerun: the same losses as an uninterrupted run."""
+    tmp = pretrained
+    a = ("full", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth",
+         "--epochs", "3", "--save_every", "2")
+    finetune(*a, "--name", "whole")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.Popen([sys.executable, "finetune.py", *a, "--name", "killed"], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = tmp / "killed" / "checkpoints" / "step_4" / "done"
+    deadline = time.time() + 240
+    while not done.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    rows = lambda name: [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    whole = rows("whole")
+    assert len(rows("killed")) < len(whole), "the run finished before it could be killed"
+    again = finetune(*a, "--name", "killed")
+    assert "resuming at step" in again.stderr
+    killed = rows("killed")
+    assert [x["step"] for x in killed] == [x["step"] for x in whole]
+    for x, y in zip(whole, killed):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)

@@ -58,10 +58,11 @@ def test_one_process_run_writes_everything(shard_dir, tmp_path):
 
 
 def test_killed_run_resumes_the_same_curve(shard_dir, tmp_path):
-    whole = run(args(shard_dir, tmp_path, "whole", epochs=4))
+    """With drop path on, so the torch RNG's state must come back exactly too."""
+    whole = run(args(shard_dir, tmp_path, "whole", epochs=4, drop_path=0.1))
     assert whole.returncode == 0, whole.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "killed", epochs=4)], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "killed", epochs=4, drop_path=0.1)], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     done = tmp_path / "killed" / "checkpoints" / "step_4" / "done"
     deadline = time.time() + 240
@@ -71,7 +72,7 @@ def test_killed_run_resumes_the_same_curve(shard_dir, tmp_path):
     p.wait()
     killed_at = len(losses(tmp_path / "killed"))
     assert killed_at < 16, "the run finished before it could be killed; make it longer"
-    again = run(args(shard_dir, tmp_path, "killed", epochs=4))
+    again = run(args(shard_dir, tmp_path, "killed", epochs=4, drop_path=0.1))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming at step" in again.stderr
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
