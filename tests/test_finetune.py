@@ -3,16 +3,17 @@ encoder write a released-layout classifier that `eval` scores exactly as the run
 once over its views; and the probe's folded BatchNorm computes what the probe computed."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from mme import model as models
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import kill_when  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,15 +97,7 @@ def test_killed_fine_tuning_resumes_the_same_curve(pretrained):
     a = ("full", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth",
          "--epochs", "3", "--save_every", "2")
     finetune(*a, "--name", "whole")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen([sys.executable, "finetune.py", *a, "--name", "killed"], cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = tmp / "killed" / "checkpoints" / "step_4" / "done"
-    deadline = time.time() + 240
-    while not done.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_when(["finetune.py", *a, "--name", "killed"], tmp / "killed" / "checkpoints" / "step_4" / "done", ROOT)
     rows = lambda name: [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
     whole = rows("whole")
     assert len(rows("killed")) < len(whole), "the run finished before it could be killed"

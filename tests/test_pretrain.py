@@ -2,16 +2,17 @@
 2 processes (FSDP2 on gloo), and the errors that must stop a run before or while it starts."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from mme import model as models
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import kill_when  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,15 +62,8 @@ def test_killed_run_resumes_the_same_curve(shard_dir, tmp_path):
     """With drop path on, so the torch RNG's state must come back exactly too."""
     whole = run(args(shard_dir, tmp_path, "whole", epochs=4, drop_path=0.1))
     assert whole.returncode == 0, whole.stderr[-2000:]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "killed", epochs=4, drop_path=0.1)], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    done = tmp_path / "killed" / "checkpoints" / "step_4" / "done"
-    deadline = time.time() + 240
-    while not done.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_when(["pretrain.py", *args(shard_dir, tmp_path, "killed", epochs=4, drop_path=0.1)],
+              tmp_path / "killed" / "checkpoints" / "step_4" / "done", ROOT)
     killed_at = len(losses(tmp_path / "killed"))
     assert killed_at < 16, "the run finished before it could be killed; make it longer"
     again = run(args(shard_dir, tmp_path, "killed", epochs=4, drop_path=0.1))
