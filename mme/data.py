@@ -6,11 +6,16 @@
         b["mask"]     # bool  [B, N], True = masked (hidden from the encoder); N = T/2 * (S/16)^2
         b["target"]   # float [B, N, D]: recipe["target"] (mme | pixel | hog), layout in mme/targets.py
         b["weight"]   # float [B, N]: 0 for tokens whose trajectories left the frame (eq. 7)
+                      # (no mask, target, weight for target "none": fine-tuning reads labels only)
         b["label"]    # long  [B], -1 where the shards carry no label
         b["key"]      # list of B sample keys ("<video key>_w<window>"), to gather a video's views
         b["pad"]      # bool  [B]: True for the copies that even out evaluation epochs (never in training)
         b["box"], b["flip"]   # the augmentation drawn for each clip (for pictures and tests)
     state = loader.state_dict(); loader.load_state_dict(state)   # resume mid-epoch, same next batch
+
+Training draws a MultiScaleCrop and flip per clip (recipe["repeated_aug"] clips per sample, with
+RandAugment if recipe["rand_aug"]); evaluation (train=False) gives every sample once, in
+recipe["test_num_crop"] crops along the long side, with equal batch counts on every rank.
 
 Per sample, DataLoader worker processes read the stream (mme.stream: rank/worker split, equal
 epochs, bad input skipped) and draw the augmentation: a MultiScaleCrop box and a flip (seeded by
