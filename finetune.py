@@ -189,17 +189,20 @@ def evaluate(clf, r, rank, world, device, run):
 
 
 def probe(recipe, **overrides):
-    """Linear probe (Table 4): train the head on the frozen encoder, then evaluate."""
+    """Linear probe (Table 4): train the head on the frozen encoder, then evaluate. Any recipe key can
+    be given as --key value (every key, its default and its table: mme/recipe.py DEFAULTS)."""
     train("probe", recipe, **overrides)
 
 
 def full(recipe, **overrides):
-    """Fine-tune every layer (Table 15), then evaluate."""
+    """Fine-tune every layer (Table 15), then evaluate. Any recipe key can be given as --key value
+    (every key, its default and its table: mme/recipe.py DEFAULTS)."""
     train("full", recipe, **overrides)
 
 
 def eval(recipe, **overrides):
-    """Evaluate the classifier in recipe["finetune"] (a model.pth of probe/full, or a released fine-tuned checkpoint)."""
+    """Evaluate the classifier in recipe["finetune"] (a model.pth of probe/full, or a released fine-tuned
+    checkpoint) on eval_data_path (default: the val split of data_path); --key value overrides any key."""
     r, rank, world, device, clf = setup(recipe, overrides)
     run = Path(r["output_dir"]) / r["name"]
     if rank == 0:
