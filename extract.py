@@ -11,7 +11,6 @@ RANK/WORLD_SIZE, a SLURM array's SLURM_ARRAY_TASK_ID/COUNT, or --part i/N; parts
 shard names and manifests, merged into OUT/manifest.json.
 Interrupted? Rerun the same command: finished shards are kept, the rest is redone, no duplicates.
 """
-import json
 import multiprocessing
 import os
 import random

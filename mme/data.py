@@ -377,7 +377,7 @@ def _run_dali(pipe, items, recipe, device):
     if not tracks:
         return video, None, None, None
     disp, hog, valid = (_to_torch(o, device, torch.float32) for o in outs[1:])
-    B, Tp, n = len(items), valid.shape[1], valid.shape[2]
+    Tp, n = valid.shape[1], valid.shape[2]
     L = recipe["trajectory_length"]
     finished = [transforms.finish_tracks(disp[i].view(Tp, n, n, L, 2), hog[i].view(Tp, n, n, L, transforms.BINS),
                                          valid[i, ..., 0], tuple(int(x) for x in it["box"]), recipe["input_size"],

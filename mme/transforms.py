@@ -15,7 +15,6 @@ g x g cell of the output, pixel (g*j + (g-1)/2, g*i + (g-1)/2), which is symmetr
 back through the resize and the crop to a source pixel x, i.e. to the source grid index (x - g//2)/g
 (source point j starts at pixel g*j + g//2, docs/shards.md), sampled bilinearly, edges clamped.
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 

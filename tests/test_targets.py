@@ -1,5 +1,4 @@
 """Targets and masks (mme/targets.py): layout, normalisation, weights, and the baselines' targets."""
-import cv2
 import numpy as np
 import pytest
 import torch
