@@ -8,7 +8,7 @@ trajectories.
     maps = crop_maps(m, box, size, grid, flip)                         # float [T', H/g, W/g, C] -> [T', size/g, size/g, C]
     disp, hog, valid = finish_tracks(disp, hog, valid, box, size, flip)  # the units: px scale, dx sign, HOG bins
     disp, hog, valid = crop_tracks(disp, hog, valid, box, size, grid, flip)   # crop_maps + finish_tracks
-    video, disp, hog, valid = apply(frames, disp, hog, valid, box, size, grid, flip)   # all of it, one clip
+    out = augment(sample, size, grid, rng, flip_prob=0.5)             # all of it, one decoded shard sample
 
 Trajectory maps are resampled, not just cropped: output grid point (i, j) sits at the centre of its
 g x g cell of the output, pixel (g*j + (g-1)/2, g*i + (g-1)/2), which is symmetric under a flip. It maps
@@ -134,12 +134,6 @@ def crop_tracks(disp, hog, valid, box, size, grid, flip=False, hog_table=None):
     return finish_tracks(d, g, v, box, size, flip)
 
 
-def apply(frames, disp, hog, valid, box, size, grid, flip=False, hog_table=None):
-    """One clip through a given crop box and flip: frames uint8 [T, H, W, 3] and the trajectories
-    (crop_tracks) -> (video uint8 [T, S, S, 3], disp, hog, valid)."""
-    return (crop_frames(frames, box, size, flip), *crop_tracks(disp, hog, valid, box, size, grid, flip, hog_table))
-
-
 def augment(sample, size, grid, rng=None, scales=(1.0, 0.875, 0.75, 0.66), flip_prob=0.0):
     """The whole reference transform of one decoded sample (mme.shards.decode): a random
     MultiScaleCrop (centre crop when rng is None) and flip, applied to frames and trajectories.
@@ -148,5 +142,5 @@ def augment(sample, size, grid, rng=None, scales=(1.0, 0.875, 0.75, 0.66), flip_
     T, h, w, _ = sample["frames"].shape
     box = crop_box(rng, h, w, size, scales) if rng is not None else centre_box(h, w, size)
     flip = bool(rng is not None and rng.random() < flip_prob)
-    video, disp, hog, valid = apply(sample["frames"], sample["disp"], sample["hog"], sample["valid"], box, size, grid, flip)
-    return dict(video=video, disp=disp, hog=hog, valid=valid, box=box, flip=flip)
+    disp, hog, valid = crop_tracks(sample["disp"], sample["hog"], sample["valid"], box, size, grid, flip)
+    return dict(video=crop_frames(sample["frames"], box, size, flip), disp=disp, hog=hog, valid=valid, box=box, flip=flip)
