@@ -6,6 +6,7 @@
     python finetune.py eval --recipe recipes/probe_tiny.yaml --finetune runs/probe_tiny/model.pth
     torchrun --nproc_per_node=8 finetune.py full --recipe recipes/ssv2_finetune.yaml --finetune runs/ssv2/encoder.pth
     python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
+    python finetune.py frozen --recipe recipes/probe_tiny.yaml        # frozen features: logistic regression + k-NN, seconds
 
 The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
 VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
@@ -16,6 +17,9 @@ smoothing, mixup/cutmix, RandAugment and repeated sampling as the recipe says (T
 Writes runs/<name>/: recipe.yaml, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
 model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/top-5
 over videos: every clip window x test_num_crop crops, softmax averaged) and confusion.png.
+frozen trains nothing: it computes the encoder's features once (cached in features.pt, reused while
+the weights, shards and feature-related keys stay the same) and fits a deterministic logistic-regression
+probe and a weighted k-NN on them (mme/frozen.py), scored over the same views into eval.json.
 """
 import os
 
@@ -36,16 +40,15 @@ from rich.table import Table
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from mme import augment, data, model as models, recipe as recipes, viz
+from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, viz
 from mme.train import (autocast, keep_metrics, latest_checkpoint, load_checkpoint, lr_at, optimizer_step, param_groups,
                        save_checkpoint, set_lr, setup_distributed)
 
 console = Console(stderr=True, soft_wrap=True)
 
 
-def setup(recipe, overrides, probe=False):
-    """Recipe, process group and the classifier, loaded from recipe["finetune"] and sharded with FSDP2;
-    probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
+def load_recipe(recipe, overrides):
+    """The recipe with overrides, or exit 2 with a one-line error; finetune.py needs num_classes."""
     try:
         r = recipes.load(recipe, **overrides)
         if r["num_classes"] is None:
@@ -53,6 +56,13 @@ def setup(recipe, overrides, probe=False):
     except (recipes.RecipeError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
+    return r
+
+
+def setup(recipe, overrides, probe=False):
+    """Recipe, process group and the classifier, loaded from recipe["finetune"] and sharded with FSDP2;
+    probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
+    r = load_recipe(recipe, overrides)
     if probe:                                # a frozen encoder, the recipe's crops and flips only
         r.update(drop_path=0.0, rand_aug=None, repeated_aug=1, mixup=0.0, cutmix=0.0, smoothing=0.0)
     rank, world, device = setup_distributed(r["device"])
@@ -210,6 +220,97 @@ def eval(recipe, **overrides):
     evaluate(clf, r, rank, world, device, run)
 
 
+def frozen(recipe, knn_k=10, knn_T=0.07, **overrides):
+    """Frozen-feature evaluation in seconds (mme/frozen.py): features of the encoder in recipe["finetune"]
+    (null: random), once per clip, cached in runs/<name>/features.pt; a logistic-regression probe
+    (L-BFGS, l2 chosen on held-out training videos) and a weighted k-NN (knn_k neighbours, temperature
+    knn_T), both over every view of the evaluation videos. --key value overrides any recipe key."""
+    r = load_recipe(recipe, overrides)
+    rank, world, device = setup_distributed(r["device"])
+    run = Path(r["output_dir"]) / r["name"]
+    where = r["eval_data_path"] or r["data_path"]
+    try:
+        train_urls, eval_urls = data.shard_urls(r["data_path"], "train"), data.shard_urls(where, "val")
+        source = frozen_lib.feature_source(r, train_urls, eval_urls, device)
+    except (FileNotFoundError, ValueError) as e:                # no shards, no split, no weights file
+        fail(rank, str(e))
+    cache = run / "features.pt"
+    splits = frozen_lib.load_features(cache, source) if rank == 0 else None
+    cached = [splits is not None]
+    dist.broadcast_object_list(cached)                      # rank 0 decides: every rank computes, or none
+    if cached[0]:
+        if rank == 0:
+            console.print(f"features: {cache} (cached)")
+    else:
+        enc = frozen_encoder(r, rank, device)
+        tick = time.perf_counter()
+        splits = {"train": gather_features(enc, train_urls, dict(r, test_num_crop=1), rank, world, device),   # centre view
+                  "eval": gather_features(enc, eval_urls, r, rank, world, device)}                             # every view
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            frozen_lib.save_features(cache, source, splits)
+            console.print(f"features: {len(splits['train']['keys'])} train clips, {len(splits['eval']['keys'])} "
+                          f"eval views in {time.perf_counter() - tick:.0f} s -> {cache}")
+    if rank == 0:
+        tick = time.perf_counter()
+        try:
+            result, truth, predicted = frozen_lib.evaluate(splits["train"], splits["eval"], r["num_classes"], r["seed"],
+                                                           knn_k, knn_T, device)
+        except ValueError as e:
+            fail(rank, str(e))
+        result = {"protocol": "frozen", **result, "top1": result["probe"]["top1"], "top5": result["probe"]["top5"],
+                  "weights": r["finetune"], "data": str(where)}
+        (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+        viz.confusion_matrix(run / "confusion.png", truth.numpy(), predicted.cpu().numpy(), r["num_classes"])
+        table = Table(title=f"{r['name']} (frozen): {result['videos']} videos, {result['views']} views, "
+                            f"fitted in {time.perf_counter() - tick:.1f} s")
+        for col in ("", "top-1 %", "top-5 %"):
+            table.add_column(col, justify="right")
+        table.add_row(f"logistic regression (l2 {result['probe']['l2']:g})", f"{result['probe']['top1']:.1f}", f"{result['probe']['top5']:.1f}")
+        table.add_row(f"{knn_k}-NN (T {knn_T:g})", f"{result['knn']['top1']:.1f}", f"{result['knn']['top5']:.1f}")
+        console.print(table)
+        console.print(f"done: {run / 'eval.json'}, {run / 'confusion.png'}, {cache}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def frozen_encoder(r, rank, device):
+    """The encoder in the pre-training layout (final per-token norm), loaded from r["finetune"] or
+    randomly initialised from r["seed"] (the same on every rank); frozen, eval mode, no drop path."""
+    torch.manual_seed(r["seed"])
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=0)
+    if r["finetune"]:
+        try:
+            skipped = models.load_backbone(enc, r["finetune"])
+        except (OSError, KeyError, ValueError) as e:
+            fail(rank, f"finetune {r['finetune']}: {e}")
+        if rank == 0:
+            console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
+    return enc.requires_grad_(False).eval().to(device)
+
+
+def gather_features(enc, urls, r, rank, world, device):
+    """Every sample of `urls` x r["test_num_crop"] views through the frozen encoder, gathered over ranks.
+    Rank 0 gets {"keys" [m], "features" [m, C], "labels" [m]} sorted by key (a sample's views in crop
+    order, whatever the world size); other ranks None."""
+    loader = data.build_loader(urls, dict(r, target="none"), train=False, rank=rank, world_size=world, device=device)
+    keys, feats, labels = [], [], []
+    with torch.no_grad(), autocast(device, r["precision"]):
+        for b in loader:                      # every rank runs the same number of batches (padded)
+            keep = ~b["pad"]
+            feats.append(frozen_lib.clip_features(enc, b["video"]).cpu()[keep])
+            keys += [k for k, ok in zip(b["key"], keep.tolist()) if ok]
+            labels += b["label"].cpu()[keep].tolist()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (keys, torch.cat(feats), labels))
+    if rank:
+        return None
+    keys = [k for ks, _, _ in gathered for k in ks]
+    order = sorted(range(len(keys)), key=keys.__getitem__)                   # stable
+    return {"keys": [keys[i] for i in order], "features": torch.cat([f for _, f, _ in gathered])[order],
+            "labels": torch.tensor([label for _, _, ls in gathered for label in ls])[order]}
+
+
 def fail(rank, msg):
     if rank == 0:
         console.print(f"[red]error:[/red] {msg}")
@@ -217,4 +318,4 @@ def fail(rank, msg):
 
 
 if __name__ == "__main__":
-    fire.Fire({"probe": probe, "full": full, "eval": eval})
+    fire.Fire({"probe": probe, "full": full, "eval": eval, "frozen": frozen})

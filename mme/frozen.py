@@ -1,0 +1,254 @@
+"""Frozen-feature evaluation: a logistic-regression probe and a weighted k-NN on a frozen encoder's
+features, fitted in seconds and deterministically (finetune.py frozen wires it to shards and runs).
+
+    x = clip_features(enc, video)           # video [B, 3, T, S, S] -> [B, C]: mean over tokens of the
+                                            #   pre-training encoder's output (after its per-token norm)
+    probe = fit_logreg(train_x, train_y, groups, num_classes, seed=0)    # train_x [n, C], train_y [n],
+    p = probe.scores(test_x)                #   groups [n] (the video of each row) -> Probe; p [m, classes]
+    s = knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07) # [m, classes], each row sums to 1
+    names, score, truth = video_scores(videos, p, labels)   # [m] rows (views) -> [V] videos: scores averaged
+    top1, top5, predicted = accuracy(score, truth)           # % over videos, predicted [V]
+    result, truth, predicted = evaluate(train, test, num_classes)    # all of it: what eval.json holds
+    save_features(path, source, splits); splits = load_features(path, source)   # the cache (None if stale)
+
+The probe: features standardised with the training mean/std, then softmax regression (weights W
+[C, classes], bias b) minimising mean cross-entropy + l2 * |W|^2, to convergence with L-BFGS
+(strong Wolfe line search) in float64 from zeros. l2 is chosen from L2_GRID by accuracy (ties: the
+lower cross-entropy) on a held-out 20% of the training VIDEOS (drawn from the seed), then the probe
+is refitted on all of them. Unlike an SGD-trained head (Table 4's probe), it has no learning rate,
+epochs or batch order, so the same features give the same probe.
+
+The k-NN (DINO's weighted k-NN, as V-JEPA reports it): features centred with the training mean and
+L2-normalised; the k most cosine-similar training clips vote for their class with weight
+exp(sim / T); a row's votes are normalised to sum to 1.
+
+Both score every view of an evaluation video and average the scores per video, then rank classes
+per video: the protocol of finetune.py's multi-view evaluation.
+"""
+import contextlib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+L2_GRID = tuple(10.0 ** e for e in range(-5, 2))      # 1e-5 ... 1e1, the probe's penalties to choose from
+HELD_OUT = 0.2                                          # share of training videos that chooses l2
+
+
+def clip_features(enc, video):
+    """enc: an Encoder in the pre-training layout (num_classes=0), video [B, 3, T, S, S] -> [B, C] float32."""
+    return enc(video).float().mean(1)                                        # [B, N, C] -> [B, C]
+
+
+def video_of(key):
+    """'<video>_w<window>' (a sample key) -> '<video>'."""
+    return key.rsplit("_w", 1)[0]
+
+
+# --- the logistic-regression probe --------------------------------------------------------------
+
+@dataclass
+class Probe:
+    mean: torch.Tensor            # [C] training mean, float64
+    std: torch.Tensor             # [C] training std (1 where a feature is constant)
+    weight: torch.Tensor          # [C, classes]
+    bias: torch.Tensor            # [classes]
+    l2: float                     # the penalty it was fitted with
+    held_out: dict                # l2 -> held-out top-1 % (empty if there was no choice to make)
+
+    def scores(self, x):
+        """x [m, C] -> softmax probabilities [m, classes], float64."""
+        z = (x.to(self.mean) - self.mean) / self.std
+        return torch.softmax(z @ self.weight + self.bias, -1)
+
+
+def standardiser(x):
+    """Training features [n, C] -> (mean [C], std [C]) in float64; std 1 for a constant feature."""
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    return mean, torch.where(std > 1e-8 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
+
+
+def fit_softmax(z, y, num_classes, l2, max_iter=1000):
+    """Softmax regression on standardised z [n, C] (float64), y [n] -> (weight [C, classes], bias
+    [classes]) minimising mean cross-entropy + l2 * |weight|^2. L-BFGS from zeros: deterministic."""
+    weight = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, device=z.device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=z.device, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = F.cross_entropy(z @ weight + bias, y) + l2 * weight.pow(2).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return weight.detach(), bias.detach()
+
+
+def held_out_split(groups, seed, share=HELD_OUT):
+    """groups [n] (a video name per row) -> bool [n], True for the rows of a held-out `share` of the
+    videos, drawn from the seed (every row of a video on the same side). All False below 2 videos."""
+    names = sorted(set(groups))
+    if len(names) < 2:
+        return np.zeros(len(groups), bool)
+    order = np.random.default_rng([seed, 8]).permutation(len(names))
+    chosen = {names[i] for i in order[:min(len(names) - 1, max(1, round(share * len(names))))]}
+    return np.array([g in chosen for g in groups])
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's CPU ops on one thread inside the block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_logreg(train_x, train_y, groups, num_classes, seed=0, grid=L2_GRID, device=None):
+    """train_x [n, C], train_y [n] class indices, groups [n] video names -> Probe (module docstring):
+    l2 chosen from `grid` on a held-out 20% of the videos, then the probe refitted on all rows.
+    On a CPU it runs on one thread: a thread count changes the order of float sums (one thread gives
+    the same probe on every CPU), and L-BFGS's many small ops ([n, C] @ [C, classes]) gain little from
+    threads but lose much more (40x measured) when another process keeps a core busy."""
+    x = train_x.to(device or train_x.device, torch.float64)
+    with one_thread() if x.device.type == "cpu" else contextlib.nullcontext():
+        return _fit_logreg(x, train_y, groups, num_classes, seed, grid)
+
+
+def _fit_logreg(x, train_y, groups, num_classes, seed, grid):
+    y = torch.as_tensor(train_y, dtype=torch.long, device=x.device)
+    held = torch.as_tensor(held_out_split(list(groups), seed), device=x.device)
+    held_out = {}
+    if len(grid) > 1 and held.any():
+        mean, std = standardiser(x[~held])
+        z_fit, z_held, y_held = (x[~held] - mean) / std, (x[held] - mean) / std, y[held]
+        best = None
+        for l2 in grid:
+            w, b = fit_softmax(z_fit, y[~held], num_classes, l2)
+            logits = z_held @ w + b
+            top1 = (logits.argmax(1) == y_held).double().mean().item() * 100
+            held_out[l2] = top1
+            rank = (top1, -F.cross_entropy(logits, y_held).item())           # accuracy, then the lower loss
+            if best is None or rank > best[0]:
+                best = (rank, l2)
+        l2 = best[1]
+    else:
+        l2 = grid[len(grid) // 2]
+    mean, std = standardiser(x)
+    w, b = fit_softmax((x - mean) / std, y, num_classes, l2)
+    return Probe(mean, std, w, b, l2, held_out)
+
+
+# --- k-NN ---------------------------------------------------------------------------------------
+
+def knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07):
+    """Weighted k-NN: train_x [n, C], train_y [n], test_x [m, C] -> votes [m, classes] (rows sum to 1),
+    cosine similarity on features centred with the training mean, weights exp(sim / T)."""
+    mean = train_x.double().mean(0)
+    bank = F.normalize(train_x.double() - mean, dim=1)                      # [n, C]
+    labels = torch.as_tensor(train_y, dtype=torch.long, device=bank.device)
+    k = min(k, len(bank))
+    chunk = max(1, 2 ** 26 // len(bank))                                     # similarities [chunk, n]: 512 MB at most
+    out = []
+    for part in test_x.double().split(chunk):
+        sim = F.normalize(part.to(bank.device) - mean, dim=1) @ bank.T       # [m', n]
+        top, idx = sim.topk(k, dim=1)                                        # [m', k]
+        votes = torch.zeros(len(part), num_classes, dtype=torch.float64, device=bank.device)
+        votes.scatter_add_(1, labels[idx], torch.exp(top / T))
+        out.append(votes / votes.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+# --- per video ----------------------------------------------------------------------------------
+
+def video_scores(videos, scores, labels):
+    """videos [m] (the video of each row, e.g. video_of(key)), scores [m, classes], labels [m] ->
+    (names [V] sorted, score [V, classes] = the mean over a video's rows, truth [V] long)."""
+    names = sorted(set(videos))
+    row_of = {name: i for i, name in enumerate(names)}
+    index = torch.tensor([row_of[v] for v in videos], dtype=torch.long)     # [m]
+    scores = scores.double().cpu()
+    total = torch.zeros(len(names), scores.shape[1], dtype=torch.float64).index_add_(0, index, scores)
+    count = torch.bincount(index, minlength=len(names))                     # views per video [V]
+    truth = torch.zeros(len(names), dtype=torch.long)
+    truth[index] = torch.as_tensor(labels, dtype=torch.long).cpu()
+    return names, total / count[:, None], truth
+
+
+def accuracy(score, truth):
+    """score [V, classes], truth [V] -> (top-1 %, top-5 %, predicted class [V])."""
+    top = score.topk(min(5, score.shape[1]), dim=1).indices                  # [V, 5]
+    hit = top == truth[:, None]
+    return hit[:, 0].double().mean().item() * 100, hit.any(1).double().mean().item() * 100, top[:, 0]
+
+
+def evaluate(train, test, num_classes, seed=0, k=10, T=0.07, device=None):
+    """train: {"keys" [n] clip keys, "features" [n, C], "labels" [n]} (a view per clip), test: the same
+    for every view of the evaluation videos -> (result, truth [V], the probe's predicted class [V]);
+    result: {"videos", "views", "probe": {"top1", "top5", "l2"}, "knn": {"top1", "top5", "k"}}."""
+    train_y = torch.as_tensor(train["labels"], dtype=torch.long)
+    if len(train_y) == 0 or bool((train_y < 0).any()) or bool((train_y >= num_classes).any()):
+        raise ValueError(f"training labels must be in [0, {num_classes}) (shards without labels give -1)")
+    train_x = train["features"].to(device or "cpu", torch.float64)
+    test_x = test["features"].to(train_x.device, torch.float64)
+    probe = fit_logreg(train_x, train_y, [video_of(key) for key in train["keys"]], num_classes, seed)
+    videos = [video_of(key) for key in test["keys"]]
+    result = {"videos": len(set(videos)), "views": len(videos)}
+    methods = {"probe": (probe.scores(test_x), {"l2": probe.l2}),                       # scores [m, classes]
+               "knn": (knn_scores(train_x, train_y, test_x, num_classes, k, T), {"k": k})}
+    predicted = {}
+    for name, (scores, extra) in methods.items():
+        _, score, truth = video_scores(videos, scores, test["labels"])
+        top1, top5, predicted[name] = accuracy(score, truth)
+        result[name] = {"top1": top1, "top5": top5, **extra}
+    return result, truth, predicted["probe"]
+
+
+# --- the feature cache --------------------------------------------------------------------------
+
+def feature_source(recipe, train_urls, eval_urls, device):
+    """What a feature cache is computed from (a JSON-able dict): the weights (path, size, mtime; or
+    random and the seed), the recipe keys that change features, and the shards (with size and mtime)."""
+    r = recipe
+    if r["finetune"]:
+        stat = Path(r["finetune"]).stat()
+        weights = {"path": str(Path(r["finetune"]).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    else:
+        weights = {"random": True, "seed": r["seed"]}
+    stamp = lambda url: [url] + ([os.stat(url).st_size, os.stat(url).st_mtime_ns] if os.path.isfile(url) else [])
+    return {"weights": weights, "device": torch.device(device).type,
+            **{key: r[key] for key in ("model", "num_frames", "input_size", "sampling_rate", "test_num_crop",
+                                       "data_path", "eval_data_path", "precision")},
+            "train": [stamp(u) for u in train_urls], "eval": [stamp(u) for u in eval_urls]}
+
+
+def save_features(path, source, splits):
+    """splits: {"train": {"keys": [n] str, "features": [n, C], "labels": [n]}, "eval": ...}; source: a
+    JSON-able dict of what the features were computed from (weights, recipe keys, shards)."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")                                 # a killed run leaves no half a cache
+    torch.save({"source": json.dumps(source, sort_keys=True),
+                **{name: {"keys": list(s["keys"]), "features": s["features"].float().cpu(),
+                          "labels": torch.as_tensor(s["labels"], dtype=torch.long)} for name, s in splits.items()}},
+               tmp)
+    os.replace(tmp, path)
+
+
+def load_features(path, source):
+    """The splits save_features wrote, if the file exists and was computed from `source`; else None."""
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
+    if cached.get("source") != json.dumps(source, sort_keys=True):
+        return None
+    return {name: s for name, s in cached.items() if name != "source"}
