@@ -99,6 +99,8 @@ def prepare(raw, rng, recipe, train, decode=False):
     frames = decode_frames(sample) if decode else None
     if decode and frames is None:
         return [None] * len(draws)
+    if train and recipe["shuffle_frames"]:              # Fig. 3: no temporal order left in the input
+        frames = shuffle_frames(rng, frames, sample, tracks)
     items = []
     for box, flip in draws:
         item = dict(sample, box=np.array(box, np.int64), flip=np.array(flip))
@@ -113,6 +115,18 @@ def prepare(raw, rng, recipe, train, decode=False):
                     sample["disp"], sample["hog"], sample["valid"], box, size, GRID, flip, hog_table=shards.HOG_TABLE)
         items.append(item)
     return items
+
+
+def shuffle_frames(rng, frames, sample, tracks):
+    """Permute the T frames of a clip (uint8 [T, h, w, 3]) at random; tubelet j (frames 2j, 2j+1 after
+    the shuffle) keeps the trajectory map that starts at its first frame's original tubelet, so the
+    target still describes that frame's true motion while the input carries no temporal order."""
+    perm = rng.permutation(len(frames))
+    if tracks:
+        first = perm[0::2] // 2                           # [T/2]: original tubelet of each new tubelet's first frame
+        for k in ("disp", "hog", "valid"):
+            sample[k] = sample[k][first]
+    return frames[perm]
 
 
 def decode_frames(item):
@@ -211,12 +225,15 @@ class Loader:
         else:                                 # every sample once, each worker's share padded to the largest
             self.epoch_samples = -(-sum(stream.shard_sizes(self.urls).values()) // parts)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # RandAugment (fine-tuning) is mme.augment's, on CPU: it makes the workers' backend the default
-        self.backend = backend or ("dali" if self.device.type == "cuda" and not recipe["rand_aug"] else "torch")
+        # RandAugment and frame shuffling run in the torch backend's workers, on CPU
+        cpu_only = recipe["rand_aug"] or (train and recipe["shuffle_frames"])
+        self.backend = backend or ("dali" if self.device.type == "cuda" and not cpu_only else "torch")
         if self.backend not in ("dali", "torch"):
             raise ValueError(f"backend {backend!r}: use 'dali' or 'torch'")
         if self.backend == "dali" and recipe["rand_aug"]:
             raise ValueError("rand_aug runs in the torch backend's workers (mme/augment.py), not in DALI")
+        if self.backend == "dali" and train and recipe["shuffle_frames"]:
+            raise ValueError("shuffle_frames runs in the torch backend's workers, not in DALI")
         self.dataset = _Samples(self.urls, recipe, train, rank, world_size, self.epoch_samples, self.workers,
                                 decode=self.backend == "torch")
         self.pipe = _dali_pipeline(recipe, self.batch, self.device) if self.backend == "dali" else None

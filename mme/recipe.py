@@ -40,6 +40,7 @@ DEFAULTS = {
     "trajectory_density": "dense",  # Table 9: all K=4 trajectories of a patch ('dense'), or merged into one by 'mean' or 'max'
     "patch_norm": True,           # Table 8: standardise targets over the K trajectories of each patch (+2.0)
     "shape_target": True,         # Table 5: predict trajectory-aligned HOG (eq. 5) too; False = "Traj. w/o shape" (-0.6)
+    "shuffle_frames": False,      # Fig. 3: shuffle the frame order within each clip before anything else (temporal information removed)
     "batch_size": 768,            # Table 14; clips per optimizer step summed over all ranks and accum_steps
     "num_workers": 8,             # loader processes per rank (not from the paper)
     "seed": 0,                    # each rank seeds with seed + rank (as VideoMAE)

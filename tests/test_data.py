@@ -207,3 +207,24 @@ def test_repeated_sampling_and_randaugment(synth):
         data.build_loader(synth, r, backend="dali")
     with pytest.raises(ValueError, match="divide"):
         data.build_loader(synth, make_recipe(batch_size=3, repeated_aug=2))
+
+
+def test_shuffled_frames_keep_each_frame_s_own_trajectories(synth):
+    """Fig. 3's switch: every clip's frames come in a random order (the same crop as without it), and
+    tubelet j's target is the trajectory map of the tubelet its first frame came from."""
+    r = make_recipe(batch_size=4, flip=False, patch_norm=False)
+    plain = next(iter(data.build_loader(synth, r, backend="torch")))
+    mixed = next(iter(data.build_loader(synth, dict(r, shuffle_frames=True), backend="torch")))
+    assert torch.equal(plain["box"], mixed["box"]) and plain["key"] == mixed["key"]
+    n = (S // 16) ** 2
+    for i in range(4):
+        perm = [next(k for k in range(T) if torch.equal(mixed["video"][i, :, j], plain["video"][i, :, k])) for j in range(T)]
+        assert sorted(perm) == list(range(T)) and perm != list(range(T))
+        for j in range(T // 2):
+            src = perm[2 * j] // 2
+            assert torch.equal(mixed["target"][i, j * n:(j + 1) * n], plain["target"][i, src * n:(src + 1) * n])
+    evaluation = next(iter(data.build_loader(synth, dict(r, shuffle_frames=True), train=False, backend="torch")))
+    same = next(iter(data.build_loader(synth, r, train=False, backend="torch")))
+    assert torch.equal(evaluation["video"], same["video"])                 # only pre-training shuffles
+    with pytest.raises(ValueError, match="shuffle_frames"):
+        data.build_loader(synth, dict(r, shuffle_frames=True), backend="dali")
