@@ -1,0 +1,148 @@
+"""The paper's ablations at small scale, on the built-in synthetic data: each cell pre-trains with one
+recipe change and scores the encoder by the frozen-feature evaluation (docs/results.md).
+
+    python bench/ablate.py                                   # every table, 3 seeds (hours on 2 cores)
+    python bench/ablate.py --only table5,fig3 --seeds 1      # some tables, one seed
+    python bench/ablate.py --dry_run                         # print the commands, run nothing
+    python bench/ablate.py --only table8 --override epochs=2      # a quick pass (any recipe key)
+
+A cell is `pretrain.py --recipe RECIPE --seed S --name ablate/<table>/<row>/s<S> <row's keys>`, then
+`finetune.py frozen --recipe EVAL --finetune runs/ablate/.../encoder.pth` (logistic-regression probe
+and k-NN on frozen features of the val split; "random encoder" rows skip pre-training). Killed? Rerun
+the same command: finished cells (their eval.json) are read back, an interrupted pre-training resumes
+from its last checkpoint, so nothing is run twice. Cells that need other shards (L = 8) extract them
+once. Each table is written into docs/results.md between `<!-- ablate:NAME -->` markers, mean ± std
+over seeds, with the command that made it.
+"""
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+ROOT = Path(__file__).resolve().parents[1]
+RANDOM = {"random encoder": True}        # a row marker: no pre-training, the encoder's initial weights
+
+# name -> (title as in the paper, rows: (label, recipe overrides)); the base recipe's own value of
+# a key is the row without overrides. L = 8 needs shards extracted with --length 8 (EXTRA_SHARDS).
+TABLES = {
+    "headline": ("MME against a random encoder and the VideoMAE / MaskFeat targets", [
+        ("random encoder", RANDOM), ("pixel (VideoMAE)", {"target": "pixel"}), ("HOG (MaskFeat)", {"target": "hog"}),
+        ("MME (trajectory)", {})]),
+    "fig3": ("Fig. 3: pre-training on temporally shuffled frames", [
+        ("pixel", {"target": "pixel"}), ("pixel, shuffled frames", {"target": "pixel", "shuffle_frames": True}),
+        ("MME", {}), ("MME, shuffled frames", {"shuffle_frames": True})]),
+    "table5": ("Table 5: reconstruction target", [
+        ("pixel", {"target": "pixel"}), ("HOG", {"target": "hog"}), ("trajectory w/o shape", {"shape_target": False}),
+        ("trajectory", {})]),
+    "table6": ("Table 6: sparse vs dense (interpolated) trajectories", [
+        ("sparse (input stride)", {"interpolation": False}), ("dense, interpolated", {})]),
+    "table7": ("Table 7: trajectory length L", [
+        ("L = 4", {"trajectory_length": 4}), ("L = 6", {}), ("L = 8", {"trajectory_length": 8})]),
+    "table8": ("Table 8: trajectory normalisation", [
+        ("w/o patch norm", {"patch_norm": False}), ("w/ patch norm", {"patch_norm": True})]),
+    "table9": ("Table 9: trajectories per patch", [
+        ("one (mean of the K)", {"trajectory_density": "mean"}), ("K = 4", {})]),
+    "table11": ("Table 11: mask ratio (tube)", [
+        ("0.4", {"mask_ratio": 0.4}), ("0.7", {"mask_ratio": 0.7}), ("0.9", {"mask_ratio": 0.9})]),
+}
+EXTRA_SHARDS = {8: "shards/synthetic_L8/"}     # trajectory_length -> shards holding that long a trajectory
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def run(cmd, dry_run, log):
+    line = " ".join(cmd)
+    print(("(dry run) " if dry_run else "") + line, flush=True)
+    if dry_run:
+        return
+    with open(log, "a") as f:
+        f.write(f"\n$ {line}\n")
+        f.flush()
+        done = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {line}; its output is in {log}")
+
+
+def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run):
+    # sets: overrides for every pre-training (--override); keys: the row's own
+    """Pre-train (unless a random-encoder row) and evaluate one cell; returns its eval.json or None (dry run)."""
+    name = f"ablate/{table}/{slug(label)}/s{seed}"
+    out = ROOT / "runs" / name
+    result = out / "frozen" / "eval.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    keys = dict(keys)
+    data = EXTRA_SHARDS.get(keys.get("trajectory_length"))
+    if data and not (ROOT / data / "manifest.json").exists():
+        run(["extract.py", "--src", "synthetic", "--out", data, "--split", "train,val",
+             "--length", str(keys["trajectory_length"])], dry_run, log)
+    common = [f"--{k}={v}" for k, v in sets.items()] + (["--data_path", data] if data else [])
+    if keys == RANDOM:
+        weights = "null"
+    else:
+        overrides = [f"--{k}={v}" for k, v in keys.items()]
+        run(["pretrain.py", "--recipe", recipe, "--seed", str(seed), "--name", name, *common, *overrides], dry_run, log)
+        weights = str(out / "encoder.pth")
+    run(["finetune.py", "frozen", "--recipe", eval_recipe, "--finetune", weights, "--seed", str(seed),
+         "--name", f"{name}/frozen", *([f"--data_path={data}"] if data else [])], dry_run, log)
+    return None if dry_run else json.loads(result.read_text())
+
+
+def summarise(values):
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def write_table(doc, table, rows, seeds, command):
+    """Replace (or append) the table between its markers in docs/results.md."""
+    title = TABLES[table][0]
+    lines = [f"<!-- ablate:{table} -->", f"**{title}** ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
+             f"{time.strftime('%Y-%m-%d')}; `{command}`)", "",
+             "| row | frozen probe top-1 % | k-NN top-1 % |", "|---|---:|---:|"]
+    for label, results in rows:
+        lines.append(f"| {label} | {summarise([r['probe']['top1'] for r in results])} | "
+                     f"{summarise([r['knn']['top1'] for r in results])} |")
+    lines.append(f"<!-- /ablate:{table} -->")
+    block = "\n".join(lines)
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    pattern = re.compile(rf"<!-- ablate:{table} -->.*?<!-- /ablate:{table} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def main(only=None, seeds=3, recipe="recipes/ablate_tiny.yaml", eval_recipe="recipes/probe_tiny.yaml", override=None,
+         dry_run=False, doc="docs/results.md"):
+    """Run the ablation tables (only: comma-separated names among headline, fig3, table5-9, table11)
+    over `seeds` pre-training seeds (0..seeds-1); override: recipe keys for every pre-training,
+    'key=value,key=value' (e.g. 'epochs=2' for a quick pass)."""
+    names = list(TABLES) if only is None else [n.strip() for n in (only if isinstance(only, (list, tuple)) else str(only).split(","))]
+    unknown = [n for n in names if n not in TABLES]
+    if unknown:
+        raise SystemExit(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}")
+    sets = dict(kv.split("=", 1) for kv in (override.split(",") if isinstance(override, str) else override or []))
+    seed_list = list(range(int(seeds)))
+    command = "python bench/ablate.py " + " ".join(sys.argv[1:])
+    for table in names:
+        rows = []
+        for label, keys in TABLES[table][1]:
+            results = [cell(table, label, keys, s, recipe, eval_recipe, sets, dry_run) for s in seed_list]
+            rows.append((label, [r for r in results if r]))
+        if not dry_run:
+            write_table(ROOT / doc, table, rows, seed_list, command)
+            print(f"{table}: written to {doc}", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

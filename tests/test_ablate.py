@@ -1,0 +1,73 @@
+"""bench/ablate.py: the commands of each cell, resuming from finished cells, the tables it writes."""
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("ablate", Path(__file__).resolve().parents[1] / "bench" / "ablate.py")
+ablate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablate)
+
+
+@pytest.fixture
+def fake_runs(tmp_path, monkeypatch):
+    """Runs go to tmp_path; 'running' finetune.py frozen writes an eval.json whose top-1 is a function
+    of the run's name, so the tables can be checked against it."""
+    monkeypatch.setattr(ablate, "ROOT", tmp_path)
+    calls = []
+
+    def run(cmd, dry_run, log):
+        calls.append(cmd)
+        if cmd[0] == "finetune.py" and not dry_run:
+            name = cmd[cmd.index("--name") + 1]
+            out = tmp_path / "runs" / name
+            out.mkdir(parents=True, exist_ok=True)
+            score = float(len(name) + int(name.split("/s")[-1].split("/")[0]))
+            (out / "eval.json").write_text(json.dumps({"probe": {"top1": score}, "knn": {"top1": score / 2}}))
+    monkeypatch.setattr(ablate, "run", run)
+    return tmp_path, calls
+
+
+def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
+    root, calls = fake_runs
+    ablate.main(only="table8,headline", seeds=2, override="epochs=2")
+    pretrain = [c for c in calls if c[0] == "pretrain.py"]
+    frozen = [c for c in calls if c[0] == "finetune.py"]
+    assert len(pretrain) == (2 + 3) * 2 and len(frozen) == (2 + 4) * 2        # the random encoder is not pre-trained
+    assert all("--epochs=2" in c for c in pretrain)
+    assert ["--patch_norm=False"] == [a for a in pretrain[0] if a.startswith("--patch_norm")]
+    random_rows = [c for c in frozen if "random_encoder" in c[c.index("--name") + 1]]
+    assert len(random_rows) == 2 and all(c[c.index("--finetune") + 1] == "null" for c in random_rows)
+    text = (root / "docs" / "results.md").read_text()
+    name = "ablate/table8/w_o_patch_norm/s{}/frozen"
+    scores = [len(name.format(s)) + s for s in (0, 1)]
+    row = next(line for line in text.splitlines() if line.startswith("| w/o patch norm"))
+    assert row == (f"| w/o patch norm | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} | "
+                   f"{statistics.fmean(scores) / 2:.1f} ± {statistics.stdev(scores) / 2:.1f} |")
+    assert text.count("<!-- ablate:table8 -->") == 1 and "<!-- /ablate:headline -->" in text
+
+    calls.clear()                                  # rerun: every cell is read back, nothing runs again
+    ablate.main(only="table8", seeds=2)
+    assert calls == []
+    assert (root / "docs" / "results.md").read_text().count("<!-- ablate:table8 -->") == 1
+
+
+def test_an_interrupted_table_continues_with_the_missing_cells(fake_runs):
+    root, calls = fake_runs
+    ablate.main(only="table9", seeds=1)
+    (root / "runs/ablate/table9/k_4/s0/frozen/eval.json").unlink()          # that cell was killed
+    calls.clear()
+    ablate.main(only="table9", seeds=1)
+    assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"] and "ablate/table9/k_4/s0" in calls[0]
+
+
+def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
+    root, calls = fake_runs
+    ablate.main(only="table7", seeds=1, dry_run=True)
+    assert not (root / "docs" / "results.md").exists() and not (root / "runs" / "ablate" / "table7" / "l_4" / "s0" / "frozen").exists()
+    extract = [c for c in calls if c[0] == "extract.py"]
+    assert extract and "--length" in extract[0] and "8" in extract[0]       # L = 8 needs its own shards
+    with pytest.raises(SystemExit, match="unknown table"):
+        ablate.main(only="table99")
