@@ -163,6 +163,7 @@ def run(steps=300, target="mme", norm="patch", balance=False, shape=True, depth=
         eval_every=0, threads=2, note=""):
     """One controlled run (module docstring); prints and appends its read-outs."""
     torch.set_num_threads(threads)
+    balance, shape, fixed_batch = (str(v).lower() not in ("false", "0", "no") for v in (balance, shape, fixed_batch))
     cfg = dict(steps=steps, target=target, norm=norm, balance=balance, shape=shape, depth=depth, mask_type=mask_type,
                mask_ratio=mask_ratio, loss_visible=loss_visible, lr=lr, batch=batch, weight_decay=weight_decay,
                seed=seed, fixed_batch=fixed_batch, size=112, note=note)
