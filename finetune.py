@@ -59,6 +59,18 @@ def load_recipe(recipe, overrides):
     return r
 
 
+def load_weights(model, r, rank):
+    """Load r["finetune"] into the encoder (kept as initialised when null); a bad file exits in one line."""
+    if not r["finetune"]:
+        return
+    try:
+        skipped = models.load_backbone(model, r["finetune"])
+    except (OSError, KeyError, ValueError) as e:
+        fail(rank, f"finetune {r['finetune']}: {e}")
+    if rank == 0:
+        console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
+
+
 def setup(recipe, overrides, probe=False):
     """Recipe, process group and the classifier, loaded from recipe["finetune"] and sharded with FSDP2;
     probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
@@ -69,13 +81,7 @@ def setup(recipe, overrides, probe=False):
     torch.manual_seed(r["seed"] + rank)
     clf = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=r["num_classes"],
                          drop_path=r["drop_path"])
-    if r["finetune"]:
-        try:
-            skipped = models.load_backbone(clf, r["finetune"])
-        except (OSError, KeyError, ValueError) as e:
-            fail(rank, f"finetune {r['finetune']}: {e}")
-        if rank == 0:
-            console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
+    load_weights(clf, r, rank)
     if probe:
         for p in clf.parameters():
             p.requires_grad_(False)
@@ -279,13 +285,7 @@ def frozen_encoder(r, rank, device):
     randomly initialised from r["seed"] (the same on every rank); frozen, eval mode, no drop path."""
     torch.manual_seed(r["seed"])
     enc = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=0)
-    if r["finetune"]:
-        try:
-            skipped = models.load_backbone(enc, r["finetune"])
-        except (OSError, KeyError, ValueError) as e:
-            fail(rank, f"finetune {r['finetune']}: {e}")
-        if rank == 0:
-            console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
+    load_weights(enc, r, rank)
     return enc.requires_grad_(False).eval().to(device)
 
 

@@ -101,20 +101,11 @@ def masked_loss(pred, target, select, weight, widths, balance):
     return (err * w).sum() / w.sum().clamp_min(1e-6)
 
 
-def decode(net, feats, mask):
-    """The decoder on given encoder features: predictions of every token, [visible..., masked...]."""
-    x = net.encoder_to_decoder(feats)
-    B, _, Cd = x.shape
-    pos = net.decoder_pos_embed.expand(B, -1, -1)
-    x = torch.cat([x + pos[~mask].reshape(B, -1, Cd), net.mask_token + pos[mask].reshape(B, -1, Cd)], 1)
-    return net.decoder(x, x.shape[1])
-
-
 def step_loss(net, video, target, weight, mask, widths, cfg):
     feats = net.encoder(normalise(video), mask)
     if cfg["target"] == "flow":                                # a linear read-out of the visible tokens
         return masked_loss(net.flow_head(feats), target, ~mask, weight, None, False)
-    pred = decode(net, feats, mask)
+    pred = net.decode(feats, mask, every_token=True)
     nv = feats.shape[1]
     loss = masked_loss(pred[:, nv:], target, mask, weight, widths, cfg["balance"])
     if cfg["loss_visible"]:
@@ -134,7 +125,7 @@ def readouts(net, d, cfg):
             mask = targets.tube_mask(np.random.default_rng(123), len(idx), 8, n, n, cfg["mask_ratio"], cfg["mask_type"])
             feats = net.encoder(normalise(val["video"]), mask)
             for name, f in (("own", feats), ("swap", feats.roll(1, 0)), ("zero", torch.zeros_like(feats))):
-                pred = decode(net, f, mask)[:, feats.shape[1]:]
+                pred = net.decode(f, mask)
                 out[f"loss_{name}"] = masked_loss(pred, target, mask, weight, widths, cfg["balance"]).item()
         tokens = {s: torch.cat([net.encoder(normalise(d[s]["video"][i:i + 25])) for i in range(0, len(d[s]["label"]), 25)])
                   for s in ("train", "val")}                                      # [n, N, C], every token visible

@@ -120,7 +120,8 @@ def prepare(raw, rng, recipe, train, decode=False):
 def shuffle_frames(rng, frames, sample, tracks):
     """Permute the T frames of a clip (uint8 [T, h, w, 3]) at random; tubelet j (frames 2j, 2j+1 after
     the shuffle) keeps the trajectory map that starts at its first frame's original tubelet, so the
-    target still describes that frame's true motion while the input carries no temporal order."""
+    target still describes that frame's true motion while the input carries no temporal order. The
+    trajectory arrays are permuted in `sample` itself (tracks: whether it holds them)."""
     perm = rng.permutation(len(frames))
     if tracks:
         first = perm[0::2] // 2                           # [T/2]: original tubelet of each new tubelet's first frame

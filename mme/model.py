@@ -11,6 +11,7 @@ checkpoint layout we keep exactly so released VideoMAE/MME weights load and ours
 
     model = PretrainModel("base", 16, 224, target_dim=264)    # encoder + 1-block decoder (Table 12)
     pred = model(video, mask)         # [B, N_masked, target_dim], the masked tokens in increasing index
+    pred = model.decode(model.encoder(video, mask), mask)     # the same, from given encoder features
     loss = model.loss(pred, target, mask, weight)             # eq. 1 with the loss mask of eq. 7
 
     skipped = load_backbone(enc, "videomae_pretrain.pth")      # released or ours, any wrapping, strict
@@ -284,12 +285,18 @@ class PretrainModel(nn.Module):
         """video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> pred [B, N_masked, target_dim],
         the masked tokens in increasing token index (the order of target[mask].reshape(B, -1, D))."""
         mask = mask.to(video.device)
-        x = self.encoder_to_decoder(self.encoder(video, mask))               # [B, N_visible, Cd]
+        return self.decode(self.encoder(video, mask), mask)
+
+    def decode(self, feats, mask, every_token=False):
+        """Encoder features of the visible tokens [B, N_visible, C], mask [B, N] -> predictions of the
+        masked tokens [B, N_masked, D] (every_token: of all tokens, [B, N, D], visible first, then
+        masked, each in increasing index)."""
+        x = self.encoder_to_decoder(feats)                                   # [B, N_visible, Cd]
         B, _, Cd = x.shape
         pos = self.decoder_pos_embed.to(x.dtype).expand(B, -1, -1)           # [B, N, Cd]
         pos_vis, pos_masked = pos[~mask].reshape(B, -1, Cd), pos[mask].reshape(B, -1, Cd)
         x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_masked], 1)   # [B, N, Cd]
-        return self.decoder(x, pos_masked.shape[1])                          # [B, N_masked, D]
+        return self.decoder(x, x.shape[1] if every_token else pos_masked.shape[1])   # [B, N_masked or N, D]
 
     def loss(self, pred, target, mask, weight=None):
         return mme_loss(pred, target, mask, weight)
