@@ -11,11 +11,16 @@ RANK/WORLD_SIZE, a SLURM array's SLURM_ARRAY_TASK_ID/COUNT, or --part i/N; parts
 shard names and manifests, merged into OUT/manifest.json.
 Interrupted? Rerun the same command: finished shards are kept, the rest is redone, no duplicates.
 """
+import difflib
+import inspect
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import cv2
@@ -40,6 +45,21 @@ def fail(msg):
     sys.exit(2)
 
 
+def check_flags(argv, fn):
+    """Refuse flags that `fn` does not take, before any work: fire would run main first and only then
+    complain about the arguments it could not use (and main exits before that)."""
+    names = list(inspect.signature(fn).parameters)
+    for arg in argv:
+        if arg == "--":                                  # fire's own flags follow
+            break
+        if not arg.startswith("--") or arg in ("--help",):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and not (name.startswith("no") and name[2:] in names):
+            close = difflib.get_close_matches(name, names, n=1)
+            fail(f"unknown flag --{name}" + (f" (did you mean --{close[0]}?)" if close else "") + "; see --help")
+
+
 def which_part(part):
     """(i, N) from --part 'i/N', else a SLURM array, else torchrun, else (0, 1)."""
     if part:
@@ -56,6 +76,17 @@ def which_part(part):
     if not 0 <= i < n:
         fail(f"part {i}/{n}: need 0 <= i < N")
     return i, n
+
+
+def check_numbers(**flags):
+    """flags: name=(value, lowest, highest); None values are defaults. One line for the first bad one."""
+    for name, (value, lo, hi) in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"--{name} {value!r}: expected a whole number")
+        if value < lo or (hi is not None and value > hi):
+            fail(f"--{name} {value}: must be " + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
 
 
 def list_split(src, root, split, fold, limit):
@@ -76,6 +107,11 @@ _worker = {}
 def _init(params, seed):
     cv2.setNumThreads(1)                    # one video per process; OpenCV's own threads would fight
     _worker.update(params=params, seed=seed)
+
+
+def _init_pool(params, seed):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the main process stops its workers, quietly
+    _init(params, seed)
 
 
 def _extract(video):
@@ -115,12 +151,22 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
     """
     if src not in sources.SOURCES:
         fail(f"unknown --src {src!r}; choose one of {', '.join(sources.SOURCES)}")
-    splits = [s for s in (split.split(",") if isinstance(split, str) else split) if s]
+    splits = split.split(",") if isinstance(split, str) else list(split) if isinstance(split, (tuple, list)) else [split]
+    splits = [s for s in splits if s != ""]
+    bad = [s for s in splits if s not in sources.SPLITS]
+    if bad or not splits:
+        fail(f"--split {split!r}: expected one or more of {', '.join(sources.SPLITS)}, comma-separated")
+    check_numbers(limit=(limit, 1, None), workers=(workers, 1, None), frames=(frames, 2, None), stride=(stride, 1, None),
+                  length=(length, 1, None), short_side=(short_side, 32, None), quality=(quality, 1, 100),
+                  windows=(windows, 1, None), shard_samples=(shard_samples, 1, None), fold=(fold, 1, None),
+                  seed=(seed, 0, None), grid=(grid, 1, 16))
     d = DEFAULTS[src]
     params = clips.Params(frames=frames, stride=stride or d["stride"], length=length, grid=grid, camera=bool(camera),
                           short_side=short_side or d["short_side"], quality=quality, windows=windows)
     if params.frames % 2 or params.short_side % 16 or params.short_side < 32:
         fail("--frames must be even (tubelets of 2) and --short_side a multiple of 16, at least 32")
+    if 16 % params.grid:
+        fail(f"--grid {grid}: must divide 16 (1, 2, 4, 8 or 16), so the trajectory grid tiles every frame")
     root = root or f"data/{src}"
     i, n = which_part(part)
     try:
@@ -164,17 +210,15 @@ def run(writer, todo, total, params, seed, workers):
     start, frames = time.perf_counter(), 0
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("extracting", total=total, completed=total - len(todo), fps=0.0)
-        if workers > 1 and len(todo) > 1:
-            pool = multiprocessing.get_context("fork").Pool(workers, _init, (params, seed))
-            results = pool.imap_unordered(_extract, todo, chunksize=1)
-        else:
-            pool, results = None, map(_extract, todo)
+        parallel = workers > 1 and len(todo) > 1
+        if not parallel:
             _init(params, seed)
+        results = extract_all(todo, params, seed, workers) if parallel else iter(map(_extract, todo))
         try:
             for video, samples, warnings, decoded, error in results:
                 if error:
                     console.print(f"[yellow]skip[/yellow] {escape(f'{video.path}: {error}')}")
-                    writer.skip(video.key, video.path, error)
+                    writer.skip(video.key, video.path, error, retry=error == WORKER_DIED)
                 else:
                     writer.write_video(video.key, samples, video.label_name)
                 for w in warnings:
@@ -183,10 +227,80 @@ def run(writer, todo, total, params, seed, workers):
                 frames += decoded
                 progress.update(task, advance=1, fps=frames / (time.perf_counter() - start))
         finally:
-            if pool:
-                pool.terminate()
+            if parallel:
+                results.close()                          # stops the pool now, even on an exception
         writer.close()
 
 
+WORKER_DIED = "the process extracting it died twice (killed by a signal: out of memory?)"
+
+
+def extract_all(todo, params, seed, workers):
+    """_extract over `todo` in `workers` processes, yielding results as videos finish. A worker that dies
+    (the OOM killer, kill -9) breaks the pool: the videos then in flight are redone one at a time, each in
+    a process of its own, and one whose process dies again is reported failed (WORKER_DIED); the others
+    go on in a new pool. Nothing waits forever, nothing is lost."""
+    # forkserver: workers are forked from a clean single-threaded server, never from this process, whose
+    # progress thread (and a test's OpenCV threads) may hold locks at the fork that the child waits on forever
+    fork = multiprocessing.get_context("forkserver")
+    fork.set_forkserver_preload(["mme.clips"])
+    queue = list(reversed(todo))
+    while queue:
+        suspects, pool = [], ProcessPoolExecutor(workers, fork, initializer=_init_pool, initargs=(params, seed))
+        try:
+            running, broken, finished_any = {}, False, False
+            while (queue or running) and not broken:
+                try:
+                    while queue and len(running) < workers:    # only as many as run: all in flight if it breaks
+                        f = pool.submit(_extract, queue[-1])
+                        running[f] = queue.pop()
+                except BrokenProcessPool:
+                    broken = True
+                for f in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    video = running.pop(f)
+                    try:
+                        result = f.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        suspects.append(video)
+                        continue
+                    finished_any = True
+                    yield result
+            suspects += running.values()
+        finally:
+            stop(pool)
+        if broken and not suspects and not finished_any:
+            raise RuntimeError("the extraction worker processes die as they start")
+        if broken:
+            console.print("[yellow]note[/yellow] a worker process died (killed: out of memory?)" + (
+                f"; redoing the {len(suspects)} video(s) in flight, one at a time" if suspects else "; going on"))
+        for video in suspects:
+            alone = ProcessPoolExecutor(1, fork, initializer=_init_pool, initargs=(params, seed))
+            try:
+                yield alone.submit(_extract, video).result()
+            except BrokenProcessPool:
+                yield video, [], [], 0, WORKER_DIED
+            finally:
+                stop(alone)
+
+
+def stop(pool):
+    """Shut a pool down without waiting for videos in progress (an interrupted or broken run), leaving no
+    process behind (a worker may wait forever on a queue lock its killed sibling held)."""
+    procs = list((pool._processes or {}).values())     # no public way before Python 3.14's terminate_workers
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    check_flags(sys.argv[1:], main)
+    try:
+        fire.Fire(main)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished shards are kept; rerun the same command to extract the rest")
+        sys.exit(130)

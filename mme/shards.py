@@ -98,6 +98,57 @@ def decode(sample):
     }
 
 
+def parse(sample, tracks=True):
+    """Check one raw sample against the schema and parse what the loader reads: (meta, label, disp,
+    hog, valid), the arrays as stored (float16, uint8 codes, bool; None unless `tracks`). The JPEG is
+    left to the decoder. Raises ValueError naming the component and what is wrong: one bad sample in
+    a million is skipped by the loader with that line, not a crash."""
+    missing = [c for c in COMPONENTS if c not in sample]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    try:
+        meta = json.loads(sample["json"])
+        if not isinstance(meta, dict):
+            raise ValueError(f"a {type(meta).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"json: not a JSON object ({' '.join(str(e).split())})") from None
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"json: schema {meta.get('schema')!r}, this code reads {SCHEMA_VERSION}")
+    p, size, T = meta.get("params"), meta.get("size"), meta.get("num_frames")
+    if not (_whole(T) and T > 0 and T % 2 == 0 and isinstance(p, dict) and all(_whole(p.get(k)) and p[k] > 0 for k in
+            ("grid", "length", "stride")) and isinstance(size, list) and len(size) == 2
+            and all(_whole(x) and x > 0 and x % 16 == 0 and x % p["grid"] == 0 for x in size)):
+        raise ValueError("json: num_frames (even), size [W, H] (multiples of 16 and of the grid) and params "
+                         "grid, length, stride (positive) are required")
+    try:
+        label = int(sample["cls"].decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"cls: {bytes(sample['cls'][:20])!r} is not a class index") from None
+    if label < -1:
+        raise ValueError(f"cls: {label} is not a class index (-1 = unknown)")
+    if not tracks:
+        return meta, label, None, None, None
+    (w, h), g, L = size, p["grid"], p["length"]
+    grid = (T // 2, h // g, w // g)
+    arrays = [_array(sample, name, dtype, grid + tail)
+              for name, dtype, tail in (("disp.npy", np.float16, (L, 2)), ("hog.npy", np.uint8, (L, 9)), ("valid.npy", np.bool_, ()))]
+    return (meta, label, *arrays)
+
+
+def _whole(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _array(sample, name, dtype, shape):
+    try:
+        a = npy_load(sample[name])
+    except Exception as e:                               # garbage, a pickle (object dtype), a cut file
+        raise ValueError(f"{name}: not a NumPy array file ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if a.dtype != dtype or a.shape != shape:
+        raise ValueError(f"{name}: {a.dtype} {list(a.shape)}, the schema says {np.dtype(dtype)} {list(shape)}")
+    return a
+
+
 def write_sample(tar, sample):
     """Add one sample's components to an open tarfile as `<key>.<component>` members (WebDataset's
     convention), with fixed metadata so identical samples give identical bytes."""
@@ -149,8 +200,10 @@ class ShardWriter:
             os.fsync(f.fileno())
 
     def done(self):
-        """Video keys already handled: in a finished shard, or skipped with a reason."""
-        return {v for e in self.entries for v in e.get("videos", [])} | {e["skipped"] for e in self.entries if "skipped" in e}
+        """Video keys already handled: in a finished shard, or skipped for a reason that lasts (a skip
+        marked retry, such as a worker killed for memory, is tried again by the next run)."""
+        return {v for e in self.entries for v in e.get("videos", [])} | \
+            {e["skipped"] for e in self.entries if "skipped" in e and not e.get("retry")}
 
     def write_video(self, video_key, samples, label_name):
         """Write all samples of one video (never split across shards)."""
@@ -166,8 +219,8 @@ class ShardWriter:
         self.videos.append(video_key)
         self.classes[label_name] += len(samples)
 
-    def skip(self, video_key, path, reason):
-        entry = {"skipped": video_key, "video": str(path), "reason": reason}
+    def skip(self, video_key, path, reason, retry=False):
+        entry = {"skipped": video_key, "video": str(path), "reason": reason} | ({"retry": True} if retry else {})
         self._append(entry)
         self.entries.append(entry)
 
@@ -180,6 +233,8 @@ class ShardWriter:
         if self.tar is None:
             return
         self.tar.close()
+        with open(self.out / (self.name + ".tmp"), "rb") as f:
+            os.fsync(f.fileno())                                # on disk before its name says it is finished
         os.replace(self.out / (self.name + ".tmp"), self.out / self.name)
         entry = {"shard": self.name, "videos": self.videos, "samples": self.count, "classes": dict(self.classes)}
         self._append(entry)
@@ -210,6 +265,7 @@ def write_json(path, obj):
 def part_manifest(entries, split, params, part, total_videos):
     """Summary of one part's journal entries."""
     shards = [e for e in entries if "shard" in e]
+    stored = {v for e in shards for v in e["videos"]}
     classes = Counter()
     for e in shards:
         classes.update(e.get("classes", {}))
@@ -222,8 +278,9 @@ def part_manifest(entries, split, params, part, total_videos):
             "shards": {e["shard"]: e["samples"] for e in shards},
             "listed": total_videos,
         }},
-        # dict.fromkeys: a resumed run may have noted the same thing twice
-        "skipped": [dict(video=v, reason=r) for v, r in dict.fromkeys((e["video"], e["reason"]) for e in entries if "skipped" in e)],
+        # dict.fromkeys: a resumed run may have noted the same thing twice; a retried skip that worked is gone
+        "skipped": [dict(video=v, reason=r) for v, r in dict.fromkeys(
+            (e["video"], e["reason"]) for e in entries if "skipped" in e and e["skipped"] not in stored)],
         "warnings": [dict(video=v, reason=r) for v, r in dict.fromkeys((e["video"], e["reason"]) for e in entries if "warning" in e)],
     }
 

@@ -358,6 +358,12 @@ def error_runs(tmp_path_factory):
         "part_out_of_range": ["--src", "synthetic", "--limit", 1, *SMALL, "--part", "2/2", "--out", base / "out_part"],
         "bad_short_side": ["--src", "synthetic", "--limit", 1, "--short_side", 50, "--out", base / "out_short"],
         "malformed_part": ["--src", "synthetic", "--limit", 1, *SMALL, "--part", "x/2", "--out", base / "out_malformed"],
+        # issue #10, points 11 and 12: a misspelled flag, or a value no run can use, stops before any work
+        "misspelled_flag": ["--src", "synthetic", "--limt", 2, *SMALL, "--out", base / "out_limt"],
+        "split_typo": ["--src", "synthetic", "--limit", 1, *SMALL, "--split", "trian", "--out", base / "out_trian"],
+        "split_path": ["--src", "synthetic", "--limit", 1, *SMALL, "--split", "../../x", "--out", base / "out_dots"],
+        "negative_limit": ["--src", "synthetic", "--limit", -5, *SMALL, "--out", base / "out_negative"],
+        "zero_grid": ["--src", "synthetic", "--limit", 1, *SMALL, "--grid", 0, "--out", base / "out_grid"],
     }
     procs = {name: start(*args) for name, args in cases.items()}      # side by side: each is mostly start-up
     return base, {name: finish(p) for name, p in procs.items()}
@@ -397,6 +403,20 @@ def test_error_bad_part_and_short_side(error_runs):
 def test_error_malformed_part(error_runs):
     base, r = error_runs
     assert_error(r["malformed_part"], base / "out_malformed", "--part")
+
+
+def test_error_unknown_flag_before_any_work(error_runs):
+    base, r = error_runs
+    assert_error(r["misspelled_flag"], base / "out_limt", "--limt", "--limit")
+
+
+def test_error_invalid_values_name_the_flag(error_runs):
+    base, r = error_runs
+    assert_error(r["split_typo"], base / "out_trian", "--split", "trian", "train")
+    assert_error(r["split_path"], base / "out_dots", "--split")
+    assert not (base.parent / "x").exists()
+    assert_error(r["negative_limit"], base / "out_negative", "--limit", "at least 1")
+    assert_error(r["zero_grid"], base / "out_grid", "--grid")
 
 
 # --- 4. resuming after an interruption ---------------------------------------------------------
@@ -573,3 +593,73 @@ def test_help_lists_every_flag():
     assert len(flags) >= 18
     for name in flags:
         assert re.search(rf"--{name}\b", text) or (name == "src" and "SRC" in text), f"--help does not mention {name}"
+
+
+# --- 7. a worker process killed (the OOM killer, kill -9) -----------------------------------------
+
+def children(pid):
+    """{child pid: command line} of process `pid`, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            pass                                          # a process that ended while we looked
+    return found
+
+
+def pool_workers(pid):
+    """The pool workers of extract.py process `pid`: the children of its forkserver."""
+    return [w for server, cmd in children(pid).items() if b"forkserver" in cmd for w in children(server)]
+
+
+def test_killed_worker_loses_nothing_and_the_run_ends(tmp_path):
+    """Issue #10 point 1: multiprocessing.Pool lost the task and waited forever."""
+    out = tmp_path / "out"
+    proc = start("--src", "synthetic", "--limit", 10, "--shard_samples", 2, "--workers", 2, *SMALL, "--out", out)
+    try:
+        deadline = time.monotonic() + 90
+        while not (list(out.glob("train-000-*.tar")) and (workers := pool_workers(proc.pid))):
+            assert proc.poll() is None, f"finished before a worker could be killed: {finish(proc).stderr[-2000:]}"
+            assert time.monotonic() < deadline, "no shard after 90 s"
+            time.sleep(0.005)
+        os.kill(workers[0], signal.SIGKILL)
+        r = ok(finish(proc, timeout=120))                 # ends, by itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "workerprocessdied" in squash(r.stderr)
+    pairs = shard_keys(out)
+    assert_unique(pairs)
+    assert len(pairs) == 10 and manifest(out)["skipped"] == []
+    assert_clean(out)
+
+
+def _dies_on_bad(video):
+    """_extract for test_worker_killed_by_one_video: the worker of video 'bad' is killed every time."""
+    if video == "bad":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return video, [], [], 1, None
+
+
+def test_worker_killed_by_one_video_reports_it_and_goes_on(monkeypatch):
+    import extract
+    monkeypatch.setattr(extract, "_extract", _dies_on_bad)
+    todo = ["a", "b", "bad", "c", "d", "e"]
+    results = {video: error for video, _, _, _, error in extract.extract_all(todo, None, 0, 2)}
+    assert sorted(results) == sorted(todo)                # each once
+    assert results.pop("bad") == extract.WORKER_DIED and set(results.values()) == {None}
+
+
+def test_skip_for_a_passing_reason_is_retried(tmp_path):
+    w = shardlib.ShardWriter(tmp_path, "train-000")
+    w.skip("v1", "a.mp4", "died", retry=True)
+    w.skip("v2", "b.mp4", "cannot open", retry=False)
+    assert shardlib.ShardWriter(tmp_path, "train-000").done() == {"v2"}
+    w = shardlib.ShardWriter(tmp_path, "train-000")
+    w.write_video("v1", [], "cats")
+    w.close()
+    m = shardlib.part_manifest(shardlib.ShardWriter(tmp_path, "train-000").entries, "train", {}, "train-0/1", 2)
+    assert [e["video"] for e in m["skipped"]] == ["b.mp4"]
