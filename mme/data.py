@@ -30,7 +30,6 @@ Frames leave either backend as uint8; normalisation, targets and masks are compu
 batch's device (on a GPU the float video never crosses the PCIe bus).
 """
 import functools
-import json
 import logging
 import os
 
@@ -73,13 +72,18 @@ def prepare(raw, rng, recipe, train, decode=False):
     arrays (the JPEG bytes undecoded) that the DALI backend finishes; with decode=True (the torch
     backend) the worker also applies the augmentation: video uint8 [T, S, S, 3] (RandAugment too, if
     the recipe asks) and the trajectories in output units. Trajectory arrays are read only for the
-    mme target. None items (with a one-line warning) if the frames do not decode."""
-    meta = json.loads(raw["json"])
+    mme target. None items (with a one-line warning naming shard, key and reason) for a sample that
+    breaks the schema (mme.shards.parse) or the recipe, or whose frames do not decode."""
     name = f"{raw.get('__url__')} sample {raw['__key__']}"
-    check_recipe(meta, recipe, name)
     T, L = recipe["num_frames"], recipe["trajectory_length"]
-    w, h = meta["size"]
     size, tracks = recipe["input_size"], recipe["target"] == "mme"
+    try:
+        meta, label, disp, hog, valid = shards.parse(raw, tracks)
+        check_recipe(meta, recipe, name)
+    except ValueError as e:
+        log.warning("%s: %s; skipped", name, " ".join(str(e).removeprefix(f"{name}: ").split()))
+        return [None] * (recipe["repeated_aug"] if train else recipe["test_num_crop"])
+    w, h = meta["size"]
     if train:
         draws = [(transforms.crop_box(rng, h, w, size, recipe["crop_scales"]), bool(recipe["flip"] and rng.random() < 0.5))
                  for _ in range(recipe["repeated_aug"])]
@@ -88,14 +92,13 @@ def prepare(raw, rng, recipe, train, decode=False):
     sample = {
         "jpg": np.frombuffer(raw["frames.jpg"], np.uint8),
         "shape": np.array([T, h, w, 3], np.int64),
-        "label": np.array(int(raw["cls"]), np.int64),
+        "label": np.array(label, np.int64),
         "key": raw["__key__"],
         "pad": np.array(False),
         "name": name,
     }
     if tracks:
-        sample.update(disp=shards.npy_load(raw["disp.npy"])[..., :L, :], hog=shards.npy_load(raw["hog.npy"])[..., :L, :],
-                      valid=shards.npy_load(raw["valid.npy"]))
+        sample.update(disp=disp[..., :L, :], hog=hog[..., :L, :], valid=valid)
     frames = decode_frames(sample) if decode else None
     if decode and frames is None:
         return [None] * len(draws)

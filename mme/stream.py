@@ -150,6 +150,8 @@ def split_urls(urls, split):
         manifest = read_manifest(folder)
         if manifest is None:
             raise FileNotFoundError(f"{folder}: no manifest.json")
+        if manifest.get("schema") != SCHEMA_VERSION:
+            raise SchemaError(f"{folder}/manifest.json: shard schema {manifest.get('schema')}, this code reads {SCHEMA_VERSION}")
         if split not in manifest.get("splits", {}):
             raise ValueError(f"{folder}/manifest.json: no split {split!r} (has {', '.join(manifest.get('splits', {})) or 'none'})")
         out.update(posixpath.join(folder, name) for name in manifest["splits"][split]["shards"])
@@ -181,7 +183,7 @@ def read_shard(url, required=REQUIRED, keep=None):
     keep(i) -> bool picks samples by their position i in the shard; the others' bytes are not copied
     (local files: not even read). A sample missing a required component is skipped with a warning.
     Damage ends the shard with one warning; the samples before it that are complete are yielded."""
-    n, key, sample = 0, None, None                       # samples begun, current key, the one being filled
+    n, key, sample, checked = 0, None, None, False       # samples begun, current key, the one being filled
     try:
         with closing(gopen(url)) as stream:
             seekable = getattr(stream, "seekable", lambda: False)()
@@ -196,14 +198,23 @@ def read_shard(url, required=REQUIRED, keep=None):
                         yield from complete(sample, required)
                     key, n = k, n + 1
                     sample = {"__key__": key, "__url__": url} if keep is None or keep(n - 1) else None
+                first_json = ext.lower() == "json" and not checked      # every shard's version, as it is opened
+                if sample is None and not first_json:
+                    continue
+                if sample is not None and ext.lower() in sample:
+                    raise ValueError(f"duplicate member {m.name}")
+                data = tar.extractfile(m).read()
+                if first_json:
+                    check_version(data, url)
+                    checked = True
                 if sample is not None:
-                    if ext.lower() in sample:
-                        raise ValueError(f"duplicate member {m.name}")
-                    sample[ext.lower()] = tar.extractfile(m).read()
+                    sample[ext.lower()] = data
             if not getattr(tar, "complete", False):
                 raise tarfile.ReadError("no end-of-archive marker (cut at a member boundary?)")
         if sample is not None:
             yield from complete(sample, required)
+    except SchemaError:
+        raise                                            # not damage: the caller refuses the shard
     except Exception as e:                               # any damage: report it, keep what is whole
         where = f" in sample {key}; skipping the rest of the shard" if key else "; shard skipped"
         log.warning(f"{url}: {one_line(e)}{where}")
@@ -222,18 +233,39 @@ def complete(sample, required):
         yield sample
 
 
+class SchemaError(ValueError):
+    """Shards of another schema version (docs/shards.md: a reader must refuse them)."""
+
+
+def check_version(json_bytes, url):
+    """Raise SchemaError unless a sample's json says schema SCHEMA_VERSION."""
+    try:
+        meta = json.loads(json_bytes)
+    except ValueError:
+        return                                           # a broken sample, not a version: the loader skips it
+    v = meta.get("schema") if isinstance(meta, dict) else None
+    if v != SCHEMA_VERSION:
+        raise SchemaError(f"{url}: shard schema {v}, this code reads {SCHEMA_VERSION}")
+
+
 def check_schema(url):
-    """Read the first sample's json of a shard; raise ValueError unless its schema is SCHEMA_VERSION.
-    Returns the meta dict."""
+    """Read the first sample's json of a shard; raise ValueError unless its schema is SCHEMA_VERSION
+    (the check before a run starts; read_shard checks every shard it opens). Returns the meta dict."""
     with closing(read_shard(url, required=("json",))) as it:
         sample = next(it, None)
     if sample is None:
         raise ValueError(f"{url}: no readable sample with a json component")
-    meta = json.loads(sample["json"])
-    v = meta.get("schema")
-    if v != SCHEMA_VERSION:
-        raise ValueError(f"{url}: shard schema {v}, this code reads {SCHEMA_VERSION}")
-    return meta
+    return json.loads(sample["json"])
+
+
+def refusing_other_versions(shard):
+    """Run read_shard-like generator `shard`, turning a SchemaError into one warning: the shard is
+    skipped, the stream goes on. Returns the shard's sample count (0 when refused)."""
+    try:
+        return (yield from shard)
+    except SchemaError as e:
+        log.warning(f"{e}; shard skipped")
+        return 0
 
 # -----------------------------------------------------------------------------
 # the stream of one (rank, worker)
@@ -279,7 +311,7 @@ def resampled_samples(urls, required, rng):
     fruitless = 0
     while True:
         fruitless += 1
-        for s in read_shard(urls[rng.integers(len(urls))], required):
+        for s in refusing_other_versions(read_shard(urls[rng.integers(len(urls))], required)):
             fruitless = 0
             yield s
         if fruitless >= max(100, 10 * len(urls)):
@@ -293,7 +325,7 @@ def every_sample_once(urls, required, part, parts):
     shard's warning."""
     offset = 0
     for url in urls:
-        n = yield from read_shard(url, required, keep=lambda i, o=offset: (o + i) % parts == part)
+        n = yield from refusing_other_versions(read_shard(url, required, keep=lambda i, o=offset: (o + i) % parts == part))
         offset += n
 
 

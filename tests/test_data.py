@@ -228,3 +228,39 @@ def test_shuffled_frames_keep_each_frame_s_own_trajectories(synth):
     assert torch.equal(evaluation["video"], same["video"])                 # only pre-training shuffles
     with pytest.raises(ValueError, match="shuffle_frames"):
         data.build_loader(synth, dict(r, shuffle_frames=True), backend="dali")
+
+
+def _npy(a, allow_pickle=False):
+    import io
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+MALFORMED = {   # issue #10 point 2: each crashed the DataLoader with a long traceback
+    "valid.npy wrong shape": lambda s: {"valid.npy": _npy(np.zeros((1, 2, 3), bool))},
+    "garbage .npy": lambda s: {"disp.npy": b"\x93NUMPY garbage" + bytes(range(200))},
+    "object-dtype .npy": lambda s: {"hog.npy": _npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)},
+    "cls abc": lambda s: {"cls": b"abc"},
+    "invalid json": lambda s: {"json": b"{not json"},
+    "float64 hog.npy": lambda s: {"hog.npy": _npy(np.load(__import__("io").BytesIO(s["hog.npy"])).astype(np.float64))},
+    "float32 disp.npy": lambda s: {"disp.npy": _npy(np.load(__import__("io").BytesIO(s["disp.npy"])).astype(np.float32))},
+    "json without size": lambda s: {"json": json.dumps({k: v for k, v in json.loads(s["json"]).items() if k != "size"}).encode()},
+}
+
+
+@pytest.mark.parametrize("how", MALFORMED)
+def test_malformed_sample_is_skipped_with_one_line(synth, tmp_path, caplog, how):
+    p = clips.Params(frames=T, stride=2, length=4, short_side=80)
+    samples = [s for i in range(3) for s in clips.video_samples(
+        sources.Video(path=f"synthetic:train/{i}", key=f"v{i}", label=i, label_name="", split="train"), p)[0]]
+    samples[1] = samples[1] | MALFORMED[how](samples[1])
+    url = str(tmp_path / "train-000-000000.tar")
+    write_shard(url, samples)
+    with caplog.at_level("WARNING", logger="mme.data"):
+        seen = [k for b in data.build_loader(url, make_recipe(test_num_crop=1), train=False, backend="torch") for k in b["key"]]
+    assert sorted(set(seen)) == ["v0_w00", "v2_w00"], seen                   # (evaluation pads with copies)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mme.data"]
+    assert len(lines) == 1 and url in lines[0] and "v1_w00" in lines[0] and "\n" not in lines[0], lines
+    # training, in a worker process, goes on past it too
+    assert len(list(data.build_loader(url, make_recipe(num_workers=1), backend="torch"))) == 1

@@ -108,6 +108,23 @@ def test_schema_check(data, tmp_path):
     with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}/old.tar: shard schema 99, this code reads {shards.SCHEMA_VERSION}$"):
         stream.check_schema(str(tmp_path / "old.tar"))
 
+
+
+def test_every_shard_s_schema_is_checked(data, tmp_path, caplog):
+    """Issue #10 point 3: only the first URL's version was checked; now every shard's, as it is opened."""
+    d, content = data
+    tr = train(data)
+    write_tar(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=2) for i in range(4)])
+    urls = [tr[0], str(tmp_path / "old.tar"), tr[2]]
+    assert [strip(s) for s in stream.samples(urls, resampled=False)] == content[tr[0]] + content[tr[2]]
+    assert warnings_of(caplog) == [f"{tmp_path}/old.tar: shard schema 2, this code reads {shards.SCHEMA_VERSION}; shard skipped"]
+    parts = run(urls, world_size=1, num_workers=3, resampled=False)           # every worker refuses it, none drifts
+    assert sorted(keys(parts[0, 0] + parts[0, 1] + parts[0, 2])) == sorted(keys(content[tr[0]] + content[tr[2]]))
+    assert not [k for k in keys(stream.samples(urls, epoch_samples=40)) if k.startswith("old")]     # training
+    (tmp_path / "manifest.json").write_text('{"schema": 2, "splits": {"train": {"shards": {"old.tar": 4}}}}')
+    with pytest.raises(ValueError, match=f"manifest.json: shard schema 2, this code reads {shards.SCHEMA_VERSION}"):
+        stream.split_urls(str(tmp_path), "train")
+
 # -----------------------------------------------------------------------------
 # the split over ranks and workers
 
