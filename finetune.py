@@ -27,6 +27,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # before torch: see pretrai
 
 import json
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -41,8 +42,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, viz
-from mme.train import (autocast, keep_metrics, latest_checkpoint, load_checkpoint, lr_at, optimizer_step, param_groups,
-                       save_checkpoint, set_lr, setup_distributed)
+from mme.train import (ResumeError, autocast, keep_metrics, lr_at, optimizer_step, param_groups, resume, save_checkpoint,
+                       set_lr, setup_distributed)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -59,29 +60,51 @@ def load_recipe(recipe, overrides):
     return r
 
 
-def load_weights(model, r, rank):
-    """Load r["finetune"] into the encoder (kept as initialised when null); a bad file exits in one line."""
+def load_weights(model, r, rank, need_head=False):
+    """Load r["finetune"] into the encoder (kept as initialised when null); a bad file exits in one line.
+    need_head (eval): the checkpoint must hold a head for this many classes, else nothing would be scored
+    but a random head."""
+    what = "a classifier checkpoint (model.pth of finetune.py probe or full, or a released fine-tuned one)"
     if not r["finetune"]:
+        if need_head:
+            fail(rank, f"finetune null: eval needs {what}")
         return
+    before = {k: v.clone() for k, v in model.head.state_dict().items()} if need_head else {}
     try:
         skipped = models.load_backbone(model, r["finetune"])
-    except (OSError, KeyError, ValueError) as e:
-        fail(rank, f"finetune {r['finetune']}: {e}")
+    except pickle.UnpicklingError:
+        fail(rank, f"finetune {r['finetune']}: not a checkpoint of tensors that torch.load(weights_only=True) reads")
+    except (OSError, KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
+        fail(rank, f"finetune {r['finetune']}: {' '.join(str(e).split())[:300]}")
+    if need_head and all(torch.equal(v, model.head.state_dict()[k]) for k, v in before.items()):
+        why = "its head has another number of classes" if any("head." in k for k in skipped) else \
+            "it has no head (an encoder such as pretrain.py's encoder.pth?)"
+        fail(rank, f"finetune {r['finetune']}: {why}; eval needs {what} for num_classes {r['num_classes']}")
     if rank == 0:
         console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
 
 
-def setup(recipe, overrides, probe=False):
+def start_group(r):
+    """setup_distributed, or exit 2 in one line when the recipe's device is not there."""
+    try:
+        return setup_distributed(r["device"])
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+def setup(recipe, overrides, probe=False, need_head=False):
     """Recipe, process group and the classifier, loaded from recipe["finetune"] and sharded with FSDP2;
-    probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
+    probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm);
+    need_head: the weights must include the head (eval)."""
     r = load_recipe(recipe, overrides)
     if probe:                                # a frozen encoder, the recipe's crops and flips only
         r.update(drop_path=0.0, rand_aug=None, repeated_aug=1, mixup=0.0, cutmix=0.0, smoothing=0.0)
-    rank, world, device = setup_distributed(r["device"])
+    rank, world, device = start_group(r)
     torch.manual_seed(r["seed"] + rank)
     clf = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=r["num_classes"],
                          drop_path=r["drop_path"])
-    load_weights(clf, r, rank)
+    load_weights(clf, r, rank, need_head)
     if probe:
         for p in clf.parameters():
             p.requires_grad_(False)
@@ -108,8 +131,10 @@ def train(mode, recipe, **overrides):
     peak, floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
     steps_per_epoch = len(loader)
     total_steps = r["epochs"] * steps_per_epoch
-    last = latest_checkpoint(run) if r["resume"] else None
-    step = load_checkpoint(last, clf, opt, loader, rank) if last else 0
+    try:
+        step, _ = resume(run, r, clf, opt, loader, rank)          # the newest checkpoint that verifies
+    except ResumeError as e:
+        fail(rank, str(e))
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(recipes.dump(r))
@@ -219,7 +244,7 @@ def full(recipe, **overrides):
 def eval(recipe, **overrides):
     """Evaluate the classifier in recipe["finetune"] (a model.pth of probe/full, or a released fine-tuned
     checkpoint) on eval_data_path (default: the val split of data_path); --key value overrides any key."""
-    r, rank, world, device, clf = setup(recipe, overrides)
+    r, rank, world, device, clf = setup(recipe, overrides, need_head=True)
     run = Path(r["output_dir"]) / r["name"]
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -232,7 +257,7 @@ def frozen(recipe, knn_k=10, knn_T=0.07, **overrides):
     (L-BFGS, l2 chosen on held-out training videos) and a weighted k-NN (knn_k neighbours, temperature
     knn_T), both over every view of the evaluation videos. --key value overrides any recipe key."""
     r = load_recipe(recipe, overrides)
-    rank, world, device = setup_distributed(r["device"])
+    rank, world, device = start_group(r)
     run = Path(r["output_dir"]) / r["name"]
     where = r["eval_data_path"] or r["data_path"]
     try:

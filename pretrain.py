@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
-from mme.train import (autocast, keep_metrics, latest_checkpoint, load_checkpoint, lr_at, optimizer_step, param_groups,
-                       save_checkpoint, set_lr, setup_distributed)
+from mme.train import (ResumeError, autocast, keep_metrics, lr_at, optimizer_step, param_groups, resume, save_checkpoint,
+                       set_lr, setup_distributed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -48,10 +48,10 @@ def main(recipe, **overrides):
     (every key, its default and the paper table it mirrors: mme/recipe.py DEFAULTS)."""
     try:
         r = recipes.load(recipe, **overrides)
-    except (recipes.RecipeError, FileNotFoundError) as e:
+        rank, world, device = setup_distributed(r["device"])
+    except (ValueError, FileNotFoundError) as e:           # a RecipeError, or a device that is not there
         console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
-    rank, world, device = setup_distributed(r["device"])
     torch.manual_seed(r["seed"] + rank)
     run = Path(r["output_dir"]) / r["name"]
     micro = r["batch_size"] // (world * r["accum_steps"])
@@ -75,10 +75,10 @@ def main(recipe, **overrides):
     steps_per_epoch = len(loader) // r["accum_steps"]
     total_steps = r["epochs"] * steps_per_epoch
 
-    step = 0
-    last = latest_checkpoint(run) if r["resume"] else None
-    if last is not None:
-        step = load_checkpoint(last, net, opt, loader, rank)
+    try:
+        step, last = resume(run, r, net, opt, loader, rank)      # the newest checkpoint that verifies
+    except ResumeError as e:                                      # the recipe changed under the same name
+        fail(rank, str(e))
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(recipes.dump(r))

@@ -6,25 +6,38 @@ checkpoints that resume exactly (pretrain.py and finetune.py share these).
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
     set_lr(opt, lr); loss = optimizer_step(net, opt, loss, clip_grad, world)   # after backward
     with autocast(device, recipe["precision"]): ...             # bf16 on GPUs (auto), or as the recipe says
-    path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state
-    step = load_checkpoint(latest_checkpoint(run), net, opt, loader, rank)
+    path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state, checksummed
+    step, path = resume(run, recipe, net, opt, loader, rank)     # the newest checkpoint that verifies, same recipe
+
+The run folder must not be writable by anyone you do not trust: the checksums in a checkpoint's done
+marker catch damage and files replaced after the save, but someone who can write there can also write
+a matching marker, and DCP reads a checkpoint's .metadata with pickle.
 """
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 
 import torch
+import yaml
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+log = logging.getLogger(__name__)
+
 
 def setup_distributed(device_choice):
-    """torchrun's environment, or a one-process group when run with plain python (FSDP2 needs one)."""
+    """torchrun's environment, or a one-process group when run with plain python (FSDP2 needs one).
+    Raises ValueError when the device asked for is not there."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(29500 + os.getpid() % 20000))
+    if device_choice.startswith("cuda") and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {device_choice}: {why}; use device auto or cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available() and device_choice in ("auto", "cuda") or device_choice.startswith("cuda")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -85,26 +98,60 @@ def optimizer_step(net, opt, loss, clip_grad, world):
     return reduced.item() / world
 
 
-def latest_checkpoint(run):
-    steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*") if (p / "done").exists()]
-    return (run / "checkpoints" / f"step_{max(steps)}") if steps else None
-
-
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
     """Model + optimizer through DCP (each rank writes its shards), then each rank's own state as
-    JSON; a `done` marker makes the checkpoint count only once everything is on disk."""
+    JSON; then rank 0 writes the `done` marker with the sha256 of every file, so the checkpoint counts
+    only once everything is on disk, and a file damaged or replaced later is caught before it is read."""
     path = run / "checkpoints" / f"step_{step}"
     msd, osd = get_state_dict(net, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     rng = {"torch": torch.get_rng_state().tolist()}      # the loader's and masks' RNGs derive from its state
-    (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
+    write_durably(path / f"rank{rank}.json", json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
     dist.barrier()
     if rank == 0:
-        (path / "done").touch()
+        sums = {f.name: sha256(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != "done"}
+        write_durably(path / "done", json.dumps({"step": step, "sha256": sums}, indent=1))
         for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
+
+
+def write_durably(path, text):
+    """Write a small file so that it is either absent or whole after a crash: temporary, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path):
+    """None if the checkpoint at `path` is whole (every file its done marker lists, with that sha256, and
+    no other), else the reason in a few words. Run before DCP reads anything: its .metadata is a pickle."""
+    try:
+        sums = json.loads((path / "done").read_text())["sha256"]
+        assert isinstance(sums, dict) and ".metadata" in sums and all(isinstance(v, str) for v in sums.values())
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return "its done marker holds no checksums (cut, or written by an older version)"
+    on_disk = {f.name for f in path.iterdir() if f.name != "done"}
+    if on_disk - set(sums):
+        return f"{sorted(on_disk - set(sums))[0]} is not one of its files"
+    for name, digest in sums.items():
+        if name not in on_disk:
+            return f"{name} is missing"
+        if sha256(path / name) != digest:
+            return f"{name} is damaged (its sha256 differs from the one recorded at save)"
+    return None
 
 
 def load_checkpoint(path, net, opt, loader, rank):
@@ -118,8 +165,71 @@ def load_checkpoint(path, net, opt, loader, rank):
     return mine["step"]
 
 
+# Keys a run may change when it resumes: they do not change what it computes. epochs continues a finished
+# run (or ends one sooner); everything else must match the saved recipe.yaml.
+RESUMABLE_CHANGES = ("epochs", "name", "output_dir", "resume", "save_every", "device", "eval_data_path")
+
+
+class ResumeError(ValueError):
+    """A run that must not resume as asked; the message is one line saying what to do."""
+
+
+def resume(run, r, net, opt, loader, rank):
+    """Where the run in `run` starts: (step, checkpoint) from its newest good checkpoint, or (0, None).
+
+    resume false starts fresh: the run's old checkpoints are removed (else a later rerun would resume
+    from them). A checkpoint whose files do not match the checksums of its done marker (cut, emptied,
+    missing, replaced) is named in one warning and the one before it is used. Raises ResumeError when
+    the recipe differs from the saved recipe.yaml in a key that changes the result."""
+    folder = run / "checkpoints"
+    if not r["resume"]:
+        if rank == 0 and folder.exists():
+            log.warning(f"{run}: resume false: starting fresh, its old checkpoints removed")
+            shutil.rmtree(folder)
+        dist.barrier()
+        return 0, None
+    found = sorted(folder.glob("step_*/done"), key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)
+    if found:
+        check_recipe_unchanged(run, r)
+    for path in (p.parent for p in found):
+        reason = [verify_checkpoint(path) if rank == 0 else None]
+        dist.broadcast_object_list(reason)                 # rank 0 decides for all: they must agree
+        if reason[0] is None:
+            return load_checkpoint(path, net, opt, loader, rank), path
+        if rank == 0:
+            log.warning(f"checkpoint {path} not used: {reason[0]}; trying the one before it")
+    if found and rank == 0:
+        log.warning(f"{run}: no usable checkpoint; starting from step 0")
+    return 0, None
+
+
+def check_recipe_unchanged(run, r):
+    """Raise ResumeError naming the keys whose values differ from the run's saved recipe.yaml (other than
+    RESUMABLE_CHANGES): resuming would silently mix two recipes, or fail on a model of another size."""
+    try:
+        saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return                                             # nothing to compare with (a run of an older version)
+    if not isinstance(saved, dict):
+        return
+    differ = [k for k in r if k not in RESUMABLE_CHANGES and k in saved and saved[k] != r[k]]
+    if differ:
+        shown = ", ".join(f"{k} {saved[k]!r} -> {r[k]!r}" for k in differ)
+        raise ResumeError(f"{run} was trained with another recipe ({shown}): resuming would mix the two. Start a new "
+                          f"run with --name NEW, or this one afresh with --resume false (its checkpoints are removed), "
+                          f"or rerun with the saved values ({run / 'recipe.yaml'})")
+
+
 def keep_metrics(path, step):
-    """Drop the metrics.jsonl lines a killed run logged past the checkpoint it resumes from."""
+    """Drop the metrics.jsonl lines a killed run logged past the checkpoint it resumes from, and a last
+    line torn by a crash (disk full, power lost)."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if row["step"] <= step:
+                    rows.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass                                       # torn or foreign: not a step of this run
+        path.write_text("".join(line + "\n" for line in rows))

@@ -107,3 +107,15 @@ def test_killed_fine_tuning_resumes_the_same_curve(pretrained):
     assert [x["step"] for x in killed] == [x["step"] for x in whole]
     for x, y in zip(whole, killed):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+
+
+def test_eval_refuses_weights_it_cannot_score(pretrained):
+    """Issue #10 point 10: eval of pretrain.py's encoder.pth scored a random head (and printed it as a
+    result); point 12: --finetune README.md ended in torch's UnpicklingError traceback."""
+    tmp = pretrained
+    for weights, words in ((f"{tmp}/pre/encoder.pth", "it has no head"), ("null", "eval needs a classifier"),
+                           (str(ROOT / "README.md"), "not a checkpoint")):
+        r = subprocess.run([sys.executable, "finetune.py", "eval", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
+                            "--finetune", weights, "--name", "nohead"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp / "nohead" / "eval.json").exists()

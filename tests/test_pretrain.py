@@ -99,3 +99,100 @@ def test_nonfinite_loss_names_step_and_checkpoint(shard_dir, tmp_path):
     r = run(args(shard_dir, tmp_path, "nan", base_lr=1e12, warmup_epochs=0, epochs=3, min_lr=0))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "at step" in r.stderr and "last good checkpoint" in r.stderr
+
+
+# --- issue #10: faults around resuming ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(shard_dir, tmp_path_factory):
+    """A finished 8-step run (checkpoints step_6 and step_8): copy it before changing it."""
+    out = tmp_path_factory.mktemp("finished")
+    r = run(args(shard_dir, out, "done"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "done"
+
+
+def copy_run(finished, tmp_path, name):
+    import shutil
+    shutil.copytree(finished, tmp_path / name)
+    return tmp_path / name
+
+
+class Planted:
+    """Unpickling this runs code: what a planted .metadata would do."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+DAMAGE = {   # point 4: how a latest checkpoint gets broken
+    "distcp cut": lambda d: (d / "__0_0.distcp").write_bytes((d / "__0_0.distcp").read_bytes()[:1000]),
+    "rank0.json cut": lambda d: (d / "rank0.json").write_text((d / "rank0.json").read_text()[:50]),
+    ".metadata emptied": lambda d: (d / ".metadata").write_bytes(b""),
+    ".metadata missing": lambda d: (d / ".metadata").unlink(),
+    "done cut": lambda d: (d / "done").write_text((d / "done").read_text()[:30]),
+}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_checkpoint_is_named_before_anything_reads_it(finished, tmp_path, how):
+    from mme.train import verify_checkpoint
+    d = copy_run(finished, tmp_path, "x") / "checkpoints"
+    assert verify_checkpoint(d / "step_8") is None and verify_checkpoint(d / "step_6") is None
+    DAMAGE[how](d / "step_8")
+    reason = verify_checkpoint(d / "step_8")
+    assert reason and (how.split()[0] in reason or "done marker" in reason), reason
+
+
+def test_corrupt_latest_checkpoint_resumes_from_the_one_before(shard_dir, finished, tmp_path):
+    """Points 4 and 5: a cut shard, and a planted .metadata pickle, are both refused in one line each;
+    the run resumes from step 6 and ends with the same losses; the planted pickle never runs."""
+    for case in ("cut", "planted"):
+        d = copy_run(finished, tmp_path, case)
+        ck = d / "checkpoints" / "step_8"
+        if case == "cut":
+            DAMAGE["distcp cut"](ck)
+        else:
+            import pickle
+            (ck / ".metadata").write_bytes(pickle.dumps(Planted(tmp_path / "pwned")))
+        r = run(args(shard_dir, tmp_path, case))
+        assert r.returncode == 0, r.stderr[-2000:]
+        warned = [line for line in r.stderr.splitlines() if "step_8" in line and "not used" in line]
+        assert len(warned) == 1 and "resuming at step 6" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert [x["loss"] for x in losses(d)] == pytest.approx([x["loss"] for x in losses(finished)], rel=1e-5, abs=1e-6)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_torn_metrics_line_and_more_epochs_continue_a_finished_run(shard_dir, finished, tmp_path):
+    """Point 6 (a metrics.jsonl line torn by a crash broke every rerun) and point 9's exception: raising
+    epochs continues a finished run from its last checkpoint."""
+    d = copy_run(finished, tmp_path, "more")
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "epoch": 2, "lo')
+    r = run(args(shard_dir, tmp_path, "more", epochs=3))
+    assert r.returncode == 0 and "resuming at step 8" in r.stderr, r.stderr[-2000:]
+    assert [x["step"] for x in losses(d)] == list(range(1, 13))
+    assert "epochs: 3" in (d / "recipe.yaml").read_text()
+
+
+def test_changed_recipe_is_refused_then_started_fresh_on_request(shard_dir, finished, tmp_path):
+    """Point 9: another mask_ratio (or model) under the same name silently "resumed" a finished run."""
+    d = copy_run(finished, tmp_path, "changed")
+    saved = (d / "recipe.yaml").read_text()
+    r = run(args(shard_dir, tmp_path, "changed", mask_ratio=0.9, model="small"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    (line,) = [x for x in r.stderr.splitlines() if "error" in x]
+    assert "mask_ratio 0.7 -> 0.9" in line and "model 'tiny' -> 'small'" in line and "--name" in line and "--resume false" in line
+    assert (d / "recipe.yaml").read_text() == saved and len(losses(d)) == 8
+    r = run(args(shard_dir, tmp_path, "changed", mask_ratio=0.9, resume="false"))
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr[-2000:]
+    assert [x["step"] for x in losses(d)] == list(range(1, 9)) and "mask_ratio: 0.9" in (d / "recipe.yaml").read_text()
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_6", "step_8"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(shard_dir, tmp_path):
+    r = run(args(shard_dir, tmp_path, "gpu", device="cuda"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "device cuda" in r.stderr, r.stderr[-2000:]
