@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
-from mme.train import (ResumeError, autocast, keep_metrics, lr_at, optimizer_step, param_groups, resume, save_checkpoint,
-                       set_lr, setup_distributed)
+from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
+                       save_checkpoint, set_lr, setup_distributed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -157,4 +157,9 @@ def fail(rank, msg):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    try:
+        fire.Fire(main)
+    except KeyboardInterrupt:                                  # Ctrl-C: one line, not a traceback per frame
+        fail(int(os.environ.get("RANK", 0)), interrupted())
+    except data.stream.S3Error as e:                           # credentials refused, or S3 gone past the patience
+        fail(int(os.environ.get("RANK", 0)), str(e))

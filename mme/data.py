@@ -268,7 +268,7 @@ class Loader:
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, num_workers=self.workers,
                                          collate_fn=collate, drop_last=self.train, generator=torch.Generator(),
                                          persistent_workers=False, prefetch_factor=4 if self.workers else None)
-        for batch in dl:
+        for batch in stream_errors(dl):
             if not len(batch):
                 raise RuntimeError(f"{self.urls[0]}...: no sample of batch {self.done} decodes (see the warnings)")
             # masks are drawn per batch from (seed, rank, epoch, batch): a resumed epoch draws the same
@@ -313,6 +313,15 @@ class Loader:
         batch["box"], batch["flip"] = batch["box"].cpu(), batch["flip"].cpu()    # (x0, y0, w, h) in the shard's frames
         batch["pad"] = batch["pad"].cpu()
         return batch
+
+
+def stream_errors(batches):
+    """The batches; an S3Error raised in a DataLoader worker (whose copy carries the worker's traceback)
+    comes out as the one-line S3Error it was."""
+    try:
+        yield from batches
+    except stream.S3Error as e:
+        raise stream.S3Error(str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.S3Error: ")) from None
 
 
 def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend=None, device=None):

@@ -98,6 +98,16 @@ def optimizer_step(net, opt, loss, clip_grad, world):
     return reduced.item() / world
 
 
+last_checkpoint = None      # the newest checkpoint this process saved or resumed from (for interrupted())
+
+
+def interrupted():
+    """The one line for Ctrl-C: where a rerun of the same command resumes."""
+    if last_checkpoint is None:
+        return "interrupted before the first checkpoint: rerunning the same command starts from the beginning"
+    return f"interrupted: rerun the same command to resume from {last_checkpoint}"
+
+
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
     """Model + optimizer through DCP (each rank writes its shards), then each rank's own state as
     JSON; then rank 0 writes the `done` marker with the sha256 of every file, so the checkpoint counts
@@ -114,6 +124,8 @@ def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
         for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    global last_checkpoint
+    last_checkpoint = path
     return path
 
 
@@ -195,6 +207,8 @@ def resume(run, r, net, opt, loader, rank):
         reason = [verify_checkpoint(path) if rank == 0 else None]
         dist.broadcast_object_list(reason)                 # rank 0 decides for all: they must agree
         if reason[0] is None:
+            global last_checkpoint
+            last_checkpoint = path
             return load_checkpoint(path, net, opt, loader, rank), path
         if rank == 0:
             log.warning(f"checkpoint {path} not used: {reason[0]}; trying the one before it")

@@ -196,3 +196,19 @@ def test_changed_recipe_is_refused_then_started_fresh_on_request(shard_dir, fini
 def test_cuda_device_without_cuda_is_one_line(shard_dir, tmp_path):
     r = run(args(shard_dir, tmp_path, "gpu", device="cuda"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "device cuda" in r.stderr, r.stderr[-2000:]
+
+
+def test_ctrl_c_says_where_the_run_resumes(shard_dir, tmp_path):
+    import signal
+    import time
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "stop", epochs=8)], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "stop" / "checkpoints" / "step_2" / "done"
+    deadline = time.time() + 240
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode not in (0, None) and "Traceback" not in err, err[-2000:]
+    assert "interrupted: rerun the same command to resume from" in err and "checkpoints/step_" in err

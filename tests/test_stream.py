@@ -424,21 +424,127 @@ def stop(server):
 
 
 def test_s3_connection_drops_mid_object(data, s3env, monkeypatch, caplog):
+    """Issue #10 point 8: every connection is cut after 20000 bytes; each read resumes at its byte offset
+    (a Range request) and every shard arrives whole, without a warning."""
     d, content = data
     tr = train(data)
+    assert sum(os.path.getsize(u) > 20000 for u in tr) >= 2                # shards longer than the cut
     proxy = cutting_proxy(int(s3env.rsplit(":", 1)[1]), cut_after=20000)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.getsockname()[1]}")
         got = list(stream.samples(S3, resampled=False))
     finally:
         stop(proxy)
-    w = warnings_of(caplog)
-    assert len(w) == sum(os.path.getsize(u) > 20000 for u in tr) >= 2      # every shard longer than the cut
-    for url, n in zip(S3, SIZES.values()):
-        mine = [strip(s) for s in got if s["__url__"] == url]
-        local = content[str(d / url.rsplit("/", 1)[1])]
-        assert mine == local[:len(mine)]                                     # a prefix of whole samples
-        if os.path.getsize(d / url.rsplit("/", 1)[1]) > 20000:
-            assert 0 < len(mine) < n and any(m.startswith(f"{url}: ") for m in w)
-        else:
-            assert len(mine) == n
+    assert [strip(s) for s in got] == [s for u in tr for s in content[u]]
+    assert warnings_of(caplog) == []
+
+
+class Outage:
+    """A TCP proxy to 127.0.0.1:port that can go down (live connections dropped, new ones closed at once,
+    like a store that restarts) and come back."""
+
+    def __init__(self, port):
+        self.server, self.port, self.live, self.is_down = socket.create_server(("127.0.0.1", 0)), port, [], False
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.is_down:
+                client.close()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.port))
+            self.live += [client, up]
+            for a, b in ((client, up), (up, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(src, dst):
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def down(self):
+        self.is_down = True
+        for s in self.live:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def up(self):
+        self.is_down = False
+
+    def close(self):
+        self.down()
+        stop(self.server)
+
+
+def test_s3_outage_is_waited_out(data, s3env, monkeypatch, caplog):
+    """Point 8: the store down for ~3 s mid-epoch killed the run; now reads wait it out with backoff."""
+    d, content = data
+    tr = train(data)
+    proxy = Outage(int(s3env.rsplit(":", 1)[1]))
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        it = stream.samples(S3, resampled=False)
+        got = [next(it)]
+        proxy.down()
+        threading.Timer(3, proxy.up).start()
+        got += list(it)
+    finally:
+        proxy.close()
+    assert [strip(s) for s in got] == [s for u in tr for s in content[u]]
+    assert warnings_of(caplog) == []
+
+
+def test_s3_gives_up_after_the_patience_in_one_line(data, s3env, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")            # nothing listens
+    monkeypatch.setenv("MME_S3_PATIENCE", "2")
+    for attempt in (lambda: stream.expand("s3://bucket/shards/"), lambda: list(stream.samples(S3, epoch_samples=5))):
+        start = time.monotonic()
+        with pytest.raises(stream.S3Error) as e:
+            attempt()
+        assert 1 < time.monotonic() - start < 30
+        assert "giving up" in str(e.value) and "MME_S3_PATIENCE" in str(e.value) and "\n" not in str(e.value)
+    assert warnings_of(caplog) == []
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth():
+    """A moto_server that checks credentials (none are known to it)."""
+    port = free_port()
+    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, "moto_server exited"
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_s3_bad_credentials_are_one_line(s3env, s3_with_auth, monkeypatch, caplog):
+    """Point 7: a folder URL gave a 42-line ClientError traceback, brace URLs a warning per shard."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_with_auth)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-secret")
+    for attempt in (lambda: stream.expand("s3://bucket/shards/"), lambda: list(stream.samples(S3, resampled=False)),
+                    lambda: stream.split_urls("s3://bucket/shards", "train")):
+        with pytest.raises(stream.S3Error) as e:
+            attempt()
+        msg = str(e.value)
+        assert "bucket 'bucket'" in msg and "InvalidAccessKeyId" in msg and "AWS_ACCESS_KEY_ID" in msg and "\n" not in msg
+        assert "hunter2" not in msg and "testing" not in msg                     # never credentials
+    assert warnings_of(caplog) == []
