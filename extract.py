@@ -41,7 +41,7 @@ DEFAULTS = {   # per source: stride s (paper §4: K400 4, SSv2 3) and short side
 
 
 def fail(msg):
-    console.print(f"[red]error:[/red] {escape(str(msg))}")
+    console.print(f"[red]error:[/red] {shown(msg)}")
     sys.exit(2)
 
 
@@ -115,6 +115,11 @@ def _init_pool(params, seed):
 
 
 def _extract(video):
+    if not video.path.startswith("synthetic:"):
+        try:
+            open(video.path, "rb").close()
+        except OSError as e:                # permissions, a file gone: may pass, so a rerun tries again
+            return video, [], [], 0, f"{UNREADABLE} {e.strerror}"
     try:
         samples, warnings, decoded = clips.video_samples(video, _worker["params"], _worker["seed"])
         return video, samples, warnings, decoded, None
@@ -189,7 +194,9 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
         done = writer.done()
         for p in problems[i::n]:
             if p["video"] not in done:
-                writer.skip(p["video"], p["video"], p["reason"])
+                line = f"{p['video']}: {p['reason']}"
+                console.print(f"[yellow]skip[/yellow] {shown(line)}")
+                writer.skip(p["video"], p["video"], p["reason"], retry=p["reason"].startswith(UNREADABLE))
         todo = [v for v in mine if v.key not in done]
         console.print(f"[bold]{src} {s}[/bold] part {i}/{n}: {len(mine)} videos, {len(mine) - len(todo)} already done, "
                       f"{workers} workers -> {escape(str(out))}")
@@ -217,12 +224,12 @@ def run(writer, todo, total, params, seed, workers):
         try:
             for video, samples, warnings, decoded, error in results:
                 if error:
-                    console.print(f"[yellow]skip[/yellow] {escape(f'{video.path}: {error}')}")
-                    writer.skip(video.key, video.path, error, retry=error == WORKER_DIED)
+                    console.print(f"[yellow]skip[/yellow] {shown(f'{video.path}: {error}')}")
+                    writer.skip(video.key, video.path, error, retry=error == WORKER_DIED or error.startswith(UNREADABLE))
                 else:
                     writer.write_video(video.key, samples, video.label_name)
                 for w in warnings:
-                    console.print(f"[yellow]note[/yellow] {escape(f'{video.path}: {w}')}")
+                    console.print(f"[yellow]note[/yellow] {shown(f'{video.path}: {w}')}")
                     writer.warn(video.key, video.path, w)
                 frames += decoded
                 progress.update(task, advance=1, fps=frames / (time.perf_counter() - start))
@@ -233,6 +240,13 @@ def run(writer, todo, total, params, seed, workers):
 
 
 WORKER_DIED = "the process extracting it died twice (killed by a signal: out of memory?)"
+UNREADABLE = "cannot read:"
+
+
+def shown(text):
+    """text for a log line: markup escaped, and control characters (a newline, an ANSI escape in a file
+    name) written as escapes, so no name can forge or recolour a line."""
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)))
 
 
 def extract_all(todo, params, seed, workers):

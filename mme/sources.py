@@ -22,11 +22,13 @@ Accepted layouts (ROOT = --root; "a | b" = the first one that exists):
           ("<file> <id>": 1 train, 2 test = val, 0 unused); videos ROOT/hmdb51_org/ | ROOT/videos/
           | ROOT/ + <class>/<file>.
   folder  every VIDEO_EXTS file under ROOT; class = parent folder name ("" and -1 directly in ROOT);
-          split recorded as given; key = path relative to ROOT without suffix, "/" -> "__".
+          split recorded as given; key = path relative to ROOT without suffix, "/" -> "__". Such names
+          that are no file (dangling symlink, symlink loop, FIFO) are problems.
 UCF101 and HMDB51 videos are also found without their class folder (flattened copies). Hidden
 files (e.g. macOS "._clip.mp4" resource forks) are never videos.
 """
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -66,7 +68,7 @@ def list_videos(src: str, root: str, split: str = "train", fold: int = 1) -> tup
     elif src == "hmdb51":
         videos, problems, dirs = _hmdb(root, split, fold)
     else:
-        videos, problems, dirs = _folder(root, split), [], [root]
+        videos, problems, dirs = _folder(root, split), _unreadable(root), [root]
     if not videos:
         raise SourceError(f"{src}: no {split} videos found; searched {' and '.join(map(str, dirs))}")
     videos = sorted(_unique(videos, root, problems), key=lambda v: v.key)
@@ -324,6 +326,20 @@ def _hmdb(root, split, fold):
 
 def _folder_files(root):
     return [p for p in sorted(root.rglob("*")) if _is_video(p)]
+
+
+def _unreadable(root):
+    """Problems for the video-named paths under root that are no file to read (skipped otherwise unseen)."""
+    problems = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith(".") and not p.is_file() and not p.is_dir():
+            try:
+                p.stat()
+                why = "not a regular file (a FIFO, socket or device)"
+            except OSError as e:
+                why = "symlink loop" if e.errno == errno.ELOOP else "dangling symlink" if p.is_symlink() else e.strerror
+            problems.append(_problem(p, f"cannot read: {why}"))
+    return problems
 
 
 def _folder(root, split):

@@ -285,12 +285,13 @@ def one_line(e):
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
-def read_shard(url, required=REQUIRED, keep=None):
+def read_shard(url, required=REQUIRED, keep=None, warn=True):
     """Yield the samples of one shard in tar order; return how many it holds (complete or not).
 
     keep(i) -> bool picks samples by their position i in the shard; the others' bytes are not copied
     (local files: not even read). A sample missing a required component is skipped with a warning.
-    Damage ends the shard with one warning; the samples before it that are complete are yielded."""
+    Damage ends the shard with one warning; the samples before it that are complete are yielded. A
+    shard without samples warns too. warn=False: no warnings (a count before the read that reports)."""
     n, key, sample, checked = 0, None, None, False       # samples begun, current key, the one being filled
     try:
         with closing(gopen(url)) as stream:
@@ -321,11 +322,14 @@ def read_shard(url, required=REQUIRED, keep=None):
                 raise tarfile.ReadError("no end-of-archive marker (cut at a member boundary?)")
         if sample is not None:
             yield from complete(sample, required)
+        if n == 0 and warn:
+            log.warning(f"{url}: an empty tar, no samples in it")
     except (SchemaError, S3Error):
         raise                                            # not damage: the caller refuses the shard, or stops
     except Exception as e:                               # any damage: report it, keep what is whole
         where = f" in sample {key}; skipping the rest of the shard" if key else "; shard skipped"
-        log.warning(f"{url}: {one_line(e)}{where}")
+        if warn:
+            log.warning(f"{url}: {one_line(e)}{where}")
         if sample is not None and all(c in sample for c in required):
             yield sample                                 # everything it needs arrived before the damage
     return n
@@ -474,7 +478,7 @@ def shard_sizes(urls):
 
 def count_samples(url):
     """Samples in one shard, read_shard's return value (keeping none: no bytes copied)."""
-    it = read_shard(url, keep=lambda i: False)
+    it = read_shard(url, keep=lambda i: False, warn=False)       # the read that follows reports damage
     try:
         while True:
             next(it)

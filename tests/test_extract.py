@@ -663,3 +663,24 @@ def test_skip_for_a_passing_reason_is_retried(tmp_path):
     w.close()
     m = shardlib.part_manifest(shardlib.ShardWriter(tmp_path, "train-000").entries, "train", {}, "train-0/1", 2)
     assert [e["video"] for e in m["skipped"]] == ["b.mp4"]
+
+
+def test_files_that_are_no_video_file_get_a_line_and_names_cannot_forge_lines(tmp_path):
+    """Issue #10, smaller points: a dangling symlink, a symlink loop and a FIFO named .mp4 were skipped
+    without a line; a name with a newline or an ANSI escape could forge or recolour log lines."""
+    root = tmp_path / "videos"
+    write_video(root / "cats" / "good.mp4", frames=44)
+    (root / "cats" / "dangling.mp4").symlink_to(root / "nowhere.mp4")
+    (root / "cats" / "loop.mp4").symlink_to(root / "cats" / "loop.mp4")
+    os.mkfifo(root / "cats" / "fifo.mp4")
+    forged = "x\nskip good.mp4: fake\x1b[31m.mp4"
+    (root / "cats" / forged).write_bytes(os.urandom(3000))
+    out = tmp_path / "out"
+    r = ok(finish(start("--src", "folder", "--root", root, "--out", out, *SMALL, "--workers", 1), timeout=60))
+    reasons = {Path(e["video"]).name: e["reason"] for e in manifest(out)["skipped"]}
+    assert reasons["dangling.mp4"] == "cannot read: dangling symlink" and reasons["loop.mp4"] == "cannot read: symlink loop"
+    assert "FIFO" in reasons["fifo.mp4"] and forged in reasons and manifest(out)["videos"] == 1
+    for name in ("dangling.mp4", "loop.mp4", "fifo.mp4"):
+        assert len([line for line in r.stderr.splitlines() if name in line and "cannot read" in line]) == 1
+    assert "\x1b" not in r.stderr and not any(line.startswith("skip good.mp4") for line in r.stderr.splitlines())
+    assert "\\nskip good.mp4: fake\\x1b[31m.mp4" in r.stderr

@@ -270,6 +270,19 @@ def test_missing_component(data, tmp_path, caplog):
     assert warnings_of(caplog) == []
 
 
+def test_bad_and_empty_shards_warn_once_each(data, tmp_path, caplog):
+    """Issue #10, smaller points: an empty tar passed without a word; evaluation warned twice per bad
+    shard (once when counting samples, once when reading them)."""
+    tr = train(data)
+    write_tar(tmp_path / "empty.tar", [])
+    (tmp_path / "cut.tar").write_bytes(Path(tr[1]).read_bytes()[:5000])
+    urls = [tr[0], str(tmp_path / "cut.tar"), str(tmp_path / "empty.tar")]
+    assert stream.epoch_length(urls, 1, 1, 1) >= 3 and warnings_of(caplog) == []       # counting says nothing
+    list(stream.samples(urls, resampled=False))
+    w = warnings_of(caplog)
+    assert len(w) == 2 and w[0].startswith(f"{tmp_path}/cut.tar: ") and w[1] == f"{tmp_path}/empty.tar: an empty tar, no samples in it"
+
+
 def test_training_survives_bad_shards(data, tmp_path, caplog):
     tr = train(data)
     (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
