@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mme import clips, shards, sources, synthetic
+from mme import clips, shards, sources, synthetic, viz
 from mme.video import VideoError
 
 console = Console(stderr=True, soft_wrap=True)     # soft wrap: a log line stays one line in files
@@ -210,13 +210,44 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
     sys.exit(0 if total_samples else 1)
 
 
+class Lines:
+    """Progress when stderr is not a terminal (a batch job's log): a plain line every 100 videos and at
+    least every minute: videos done, frames/s, skipped so far, ETA."""
+
+    def __init__(self, total, completed):
+        self.total, self.done, self.skipped, self.fps = total, completed, 0, 0.0
+        self.when, self.rate = viz.every(100, 60), viz.Rate()
+
+    def update(self, advance=1, fps=0.0, skipped=0):
+        self.done, self.fps, self.skipped = self.done + advance, fps, self.skipped + skipped
+        left = self.rate.eta(self.done, self.total)
+        if self.when.due(self.done, self.total):
+            console.print(f"videos {self.done}/{self.total}  {self.fps:.0f} frames/s  {self.skipped} skipped  "
+                          f"ETA {viz.eta(left)}", markup=False, highlight=False)
+
+
+class Bar:
+    """Progress on a terminal: rich's live bar (with its ETA once a few videos are done)."""
+
+    def __init__(self, total, completed):
+        columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
+                   TextColumn("{task.fields[fps]:>6.0f} frames/s  {task.fields[skipped]} skipped"), TimeRemainingColumn())
+        self.bar = Progress(*columns, console=console, transient=False)
+        self.task = self.bar.add_task("extracting", total=total, completed=completed, fps=0.0, skipped=0)
+        self.skipped = 0
+        self.bar.start()
+
+    def update(self, advance=1, fps=0.0, skipped=0):
+        self.skipped += skipped
+        self.bar.update(self.task, advance=advance, fps=fps, skipped=self.skipped)
+
+
 def run(writer, todo, total, params, seed, workers):
-    """Extract `todo` with a process pool, writing samples as videos finish; progress on the console."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("videos"),
-               TextColumn("{task.fields[fps]:>6.0f} frames/s"), TimeRemainingColumn())
+    """Extract `todo` with a process pool, writing samples as videos finish; progress on the console
+    (a live bar on a terminal, plain lines in a log file)."""
     start, frames = time.perf_counter(), 0
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("extracting", total=total, completed=total - len(todo), fps=0.0)
+    progress = (Bar if console.is_terminal else Lines)(total, total - len(todo))
+    try:
         parallel = workers > 1 and len(todo) > 1
         if not parallel:
             _init(params, seed)
@@ -232,11 +263,14 @@ def run(writer, todo, total, params, seed, workers):
                     console.print(f"[yellow]note[/yellow] {shown(f'{video.path}: {w}')}")
                     writer.warn(video.key, video.path, w)
                 frames += decoded
-                progress.update(task, advance=1, fps=frames / (time.perf_counter() - start))
+                progress.update(advance=1, fps=frames / (time.perf_counter() - start), skipped=int(bool(error)))
         finally:
             if parallel:
                 results.close()                          # stops the pool now, even on an exception
         writer.close()
+    finally:
+        if isinstance(progress, Bar):
+            progress.bar.stop()
 
 
 WORKER_DIED = "the process extracting it died twice (killed by a signal: out of memory?)"

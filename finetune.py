@@ -14,7 +14,8 @@ the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the p
 norm -> head; MAE's BatchNorm before it, folded into it when saved), with the recipe's crops and
 flips only; full trains everything with layer decay, drop path, label
 smoothing, mixup/cutmix, RandAugment and repeated sampling as the recipe says (Table 15).
-Writes runs/<name>/: recipe.yaml, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
+Progress as pretrain.py's: a live bar on a terminal, plain lines in a batch job's log, both in log.txt.
+Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
 model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/top-5
 over videos: every clip window x test_num_crop crops, softmax averaged) and confusion.png.
 frozen trains nothing: it computes the encoder's features once (cached in features.pt, reused while
@@ -43,7 +44,7 @@ from torch.distributed.fsdp import fully_shard
 
 from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       save_checkpoint, set_lr, setup_distributed)
+                       save_checkpoint, set_lr, setup_distributed, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -135,21 +136,22 @@ def train(mode, recipe, **overrides):
         step, _ = resume(run, r, clf, opt, loader, rank)          # the newest checkpoint that verifies
     except ResumeError as e:
         fail(rank, str(e))
+    progress = None
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(recipes.dump(r))
         keep_metrics(run / "metrics.jsonl", step)
-        console.print(f"[bold]{r['name']}[/bold] ({mode}): {world} process(es) on {device}, {total_steps} steps "
+        progress = viz.progress(console, total_steps, step, run / "log.txt", r["log_every"], r["log_seconds"], device)
+        progress.note(f"[bold]{r['name']}[/bold] ({mode}): {world} process(es) on {device}, {total_steps} steps "
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']}, peak lr {peak:.2e}"
                       + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])
     mixing, smoothing = r["mixup"] > 0 or r["cutmix"] > 0, r["smoothing"]
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    progress = viz.progress(console, total_steps, step) if rank == 0 else None
     clf.train()
     while step < total_steps:
         tick = time.perf_counter()
-        for b in loader:
+        for b, wait in timed(loader):
             lr = lr_at(step, r, steps_per_epoch, peak, floor)
             set_lr(opt, lr)
             video, labels = b["video"], b["label"]
@@ -166,13 +168,15 @@ def train(mode, recipe, **overrides):
             if not math.isfinite(value):
                 fail(rank, f"loss is {value} at step {step}; lower base_lr or set clip_grad")
             if rank == 0:
-                speed = len(labels) * world / (time.perf_counter() - tick)
-                metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr, "clips_per_s": speed}) + "\n")
+                seconds, clips = time.perf_counter() - tick, len(labels) * world
+                metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr,
+                                          "clips_per_s": clips / seconds, "data_wait": wait / seconds}) + "\n")
                 metrics.flush()
-                progress.update(step, loss=value, lr=lr, speed=speed)
-            tick = time.perf_counter()
+                progress.update(step, epoch=f"{loader.epoch + 1}/{r['epochs']}", loss=value, lr=lr, clips=clips,
+                                seconds=seconds, wait=wait)
             if step % r["save_every"] == 0 or step == total_steps:
                 save_checkpoint(run, step, clf, opt, loader, rank)
+            tick = time.perf_counter()
             if step >= total_steps:
                 break
     full = get_model_state_dict(clf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

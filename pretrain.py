@@ -7,7 +7,10 @@
         pretrain.py --recipe recipes/k400.yaml
     python pretrain.py --recipe recipes/tiny.yaml --epochs 1 --batch_size 4     # any recipe key overrides
 
-Writes runs/<name>/: recipe.yaml, metrics.jsonl (step, epoch, loss, lr, clips/s), loss.png,
+Progress: a live bar on a terminal; in a batch job's log (stderr not a terminal) a plain line every
+log_every steps and at least every log_seconds s (step/total, epoch, loss, lr, clips/s, the share of
+time spent waiting for data, ETA, peak GPU memory); the same lines in runs/<name>/log.txt.
+Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl (step, epoch, loss, lr, clips/s, data wait), loss.png,
 trajectories.png (the paper's Fig. 4: true and predicted trajectories of masked patches),
 checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards, plus each rank's
 step, loader position and RNG state) and encoder.pth (the backbone in the released VideoMAE/MME
@@ -35,7 +38,7 @@ from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       save_checkpoint, set_lr, setup_distributed)
+                       save_checkpoint, set_lr, setup_distributed, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -79,21 +82,23 @@ def main(recipe, **overrides):
         step, last = resume(run, r, net, opt, loader, rank)      # the newest checkpoint that verifies
     except ResumeError as e:                                      # the recipe changed under the same name
         fail(rank, str(e))
+    progress = None
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(recipes.dump(r))
         keep_metrics(run / "metrics.jsonl", step)          # drop lines a killed run logged past its checkpoint
-        console.print(f"[bold]{r['name']}[/bold]: {world} process(es) on {device}, {total_steps} steps "
+        progress = viz.progress(console, total_steps, step, run / "log.txt", r["log_every"], r["log_seconds"], device)
+        progress.note(f"[bold]{r['name']}[/bold]: {world} process(es) on {device}, {total_steps} steps "
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']} = {world} x {micro} x {r['accum_steps']}, "
                       f"peak lr {peak:.2e}" + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])
 
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    progress = viz.progress(console, total_steps, step) if rank == 0 else None
     last_good = last
     while step < total_steps:
-        tick, clips, micro_i = time.perf_counter(), 0, 0
-        for b in loader:
+        tick, clips, micro_i, wait = time.perf_counter(), 0, 0, 0.0
+        for b, waited in timed(loader):
+            wait += waited
             lr = lr_at(step, r, steps_per_epoch, peak, floor)
             set_lr(opt, lr)
             with amp:
@@ -110,14 +115,15 @@ def main(recipe, **overrides):
                 fail(rank, f"loss is {value} at step {step}; last good checkpoint: {last_good or 'none'} "
                            f"(lower base_lr or set clip_grad, then rerun to resume from it)")
             if rank == 0:
-                speed = clips / (time.perf_counter() - tick)
+                seconds = time.perf_counter() - tick
                 metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr,
-                                          "clips_per_s": speed}) + "\n")
+                                          "clips_per_s": clips / seconds, "data_wait": wait / seconds}) + "\n")
                 metrics.flush()
-                progress.update(step, loss=value, lr=lr, speed=speed)
-            tick, clips = time.perf_counter(), 0
+                progress.update(step, epoch=f"{loader.epoch + 1}/{r['epochs']}", loss=value, lr=lr, clips=clips,
+                                seconds=seconds, wait=wait)
             if step % r["save_every"] == 0 or step == total_steps:
                 last_good = save_checkpoint(run, step, net, opt, loader, rank)
+            tick, clips, wait = time.perf_counter(), 0, 0.0
             if step >= total_steps:
                 break
 
@@ -132,7 +138,7 @@ def main(recipe, **overrides):
     if r["target"] == "mme":                   # the paper's Fig. 4: true and predicted trajectories
         trajectory_picture(net, r, rank, world, device, amp, run / "trajectories.png")
     if rank == 0:
-        console.print(f"done: {run / 'encoder.pth'}, {run / 'loss.png'}" + (", trajectories.png" if r["target"] == "mme" else ""))
+        progress.note(f"done: {run / 'encoder.pth'}, {run / 'loss.png'}" + (", trajectories.png" if r["target"] == "mme" else ""))
     dist.barrier()
     dist.destroy_process_group()
 

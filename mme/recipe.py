@@ -74,6 +74,8 @@ DEFAULTS = {
     "output_dir": "runs",         # a run writes to output_dir/name/
     "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
     "save_every": 1000,           # optimizer steps between checkpoints (one is also written at the end)
+    "log_every": 20,              # optimizer steps between progress lines in log.txt (and on stderr when it is not a terminal)
+    "log_seconds": 60.0,          # ... and at least one progress line this often (seconds), however slow the steps
     "device": "auto",             # 'auto' (cuda if present, else cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
     # Added: 800 epochs take days, so a run must survive restarts and use mixed precision.
     "resume": True,               # continue from the last checkpoint in output_dir/name if there is one (VideoMAE's auto_resume)
@@ -279,7 +281,7 @@ def _check(r, where, home):
     if not r["crop_scales"] or not all(0 < s <= 1 for s in r["crop_scales"]):
         bad("crop_scales", "crop_scales must be a non-empty list of fractions in (0, 1]")
     positive = ("sampling_rate trajectory_length batch_size epochs decoder_depth decoder_embed_dim "
-                "decoder_num_heads accum_steps save_every repeated_aug test_num_crop")
+                "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
     for key in positive.split():
         if r[key] < 1:
             bad(key, f"{key} must be positive")
@@ -291,6 +293,8 @@ def _check(r, where, home):
         bad("decoder_embed_dim decoder_num_heads", "decoder_embed_dim must be divisible by decoder_num_heads")
     if not 0 <= r["drop_path"] < 1:
         bad("drop_path", "drop_path must be in [0, 1)")
+    if r["log_seconds"] <= 0:
+        bad("log_seconds", "log_seconds must be positive")
     if r["num_workers"] < 0:
         bad("num_workers", "num_workers must be >= 0")
     if not 0 <= r["warmup_epochs"] <= r["epochs"]:

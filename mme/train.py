@@ -6,6 +6,7 @@ checkpoints that resume exactly (pretrain.py and finetune.py share these).
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
     set_lr(opt, lr); loss = optimizer_step(net, opt, loss, clip_grad, world)   # after backward
     with autocast(device, recipe["precision"]): ...             # bf16 on GPUs (auto), or as the recipe says
+    for b, waited in timed(loader): ...                          # each batch with the seconds spent waiting for it
     path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state, checksummed
     step, path = resume(run, recipe, net, opt, loader, rank)     # the newest checkpoint that verifies, same recipe
 
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import time
 
 import torch
 import yaml
@@ -96,6 +98,18 @@ def optimizer_step(net, opt, loss, clip_grad, world):
     reduced = loss.detach().clone()
     dist.all_reduce(reduced)
     return reduced.item() / world
+
+
+def timed(batches):
+    """Yield (batch, seconds spent waiting for it): the loader's share of a step (the data wait)."""
+    it = iter(batches)
+    while True:
+        tick = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        yield b, time.perf_counter() - tick
 
 
 last_checkpoint = None      # the newest checkpoint this process saved or resumed from (for interrupted())
@@ -179,7 +193,8 @@ def load_checkpoint(path, net, opt, loader, rank):
 
 # Keys a run may change when it resumes: they do not change what it computes. epochs continues a finished
 # run (or ends one sooner); everything else must match the saved recipe.yaml.
-RESUMABLE_CHANGES = ("epochs", "name", "output_dir", "resume", "save_every", "device", "eval_data_path")
+RESUMABLE_CHANGES = ("epochs", "name", "output_dir", "resume", "save_every", "device", "eval_data_path", "log_every",
+                     "log_seconds")
 
 
 class ResumeError(ValueError):

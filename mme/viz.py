@@ -1,7 +1,10 @@
 """Pictures and progress: what a person looks at while and after a run.
 
-    p = progress(console, total_steps, start)   # rich progress: step, loss, lr, clips/s, ETA
-    p.update(step, loss=..., lr=..., speed=...); p.stop()
+    p = progress(console, total_steps, start, log="runs/x/log.txt", device=device)   # live bar on a terminal, else lines
+    p.note("header line")                     # to the console and the log file
+    p.update(step, epoch=1, loss=..., lr=..., clips=8, seconds=0.5, wait=0.1); p.stop()
+    every(20, 60).due(done, total)            # a plain line every 20 items and at least every 60 s
+    eta(seconds)                              # '1h02m', '3m05s', '12s'
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png")   # loss (log scale) and lr against step
     confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes)   # row-normalised, counts in cells
     paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
@@ -9,29 +12,111 @@
     prediction_figure("runs/x/trajectories.png", batch, pred, recipe)   # the same from a loader batch + model output
 """
 import json
+import time
 
 import numpy as np
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.text import Text
+
+
+def eta(seconds):
+    """A duration as people read it in a log: '2h05m', '3m05s', '12s'; '?' when unknown."""
+    if seconds is None or not np.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class every:
+    """When a plain progress line is due: every `n` items, and at least every `seconds` s, the first
+    and the last item always (a batch job's log shows at once that the run is going, and how far)."""
+
+    def __init__(self, n, seconds):
+        self.n, self.seconds = max(1, int(n)), seconds
+        self.last_item, self.last_time = None, time.monotonic()
+
+    def due(self, item, total):
+        now = time.monotonic()
+        if (self.last_item is None or item >= total or item - self.last_item >= self.n
+                or now - self.last_time >= self.seconds):
+            self.last_item, self.last_time = item, now
+            return True
+        return False
+
+
+class Rate:
+    """Seconds per item for the ETA, from the second item on: the first carries the start-up (workers
+    spawning, the first batch, allocator warm-up), which made rich's ETA read hours at step 6."""
+
+    def __init__(self):
+        self.first = None                      # (time, item) once the first item is done
+
+    def eta(self, done, total):
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, done)
+            return None
+        t0, d0 = self.first
+        return (now - t0) / (done - d0) * (total - done) if done > d0 else None
 
 
 class _Progress:
-    def __init__(self, console, total, start):
-        self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.1f} clips/s"),
-                            TimeRemainingColumn(), console=console)
-        self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), lr=0.0, speed=0.0)
-        self.bar.start()
+    """Rank 0's training progress: a live bar when the console is a terminal, else a plain line every
+    `every_steps` steps and at least every `every_seconds` s (a batch job's log file); the same lines,
+    time-stamped, in `log` (the run's log.txt) either way."""
 
-    def update(self, step, **fields):
-        self.bar.update(self.task, completed=step, **fields)
+    def __init__(self, console, total, start, log=None, every_steps=20, every_seconds=60, device=None):
+        self.console, self.total, self.live = console, total, console.is_terminal
+        self.log = log
+        self.device = device
+        self.when, self.rate = every(every_steps, every_seconds), Rate()
+        self.clips = self.seconds = self.wait = 0.0           # summed since the last line
+        self.bar = None
+        if self.live:
+            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[text]}"),
+                                console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, text="")
+            self.bar.start()
+
+    def note(self, text):
+        """A line (rich markup) to the console and, plain, to the log file."""
+        self.console.print(text)
+        self._log(Text.from_markup(text).plain)
+
+    def _log(self, line):
+        if self.log:                           # opened per line: a few lines a minute, nothing left open
+            with open(self.log, "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    def update(self, step, epoch=None, loss=float("nan"), lr=0.0, clips=0, seconds=0.0, wait=0.0):
+        """Step `step` is done: `clips` clips (all ranks) in `seconds` s, `wait` of them waiting for data."""
+        self.clips, self.seconds, self.wait = self.clips + clips, self.seconds + seconds, self.wait + wait
+        left = self.rate.eta(step, self.total)
+        speed = self.clips / self.seconds if self.seconds else 0.0
+        text = (f"loss {loss:.4f}  lr {lr:.2e}  {speed:.1f} clips/s  data {self.wait / max(self.seconds, 1e-9):.0%}"
+                f"  ETA {eta(left)}")
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+            text += f"  mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} GiB"
+        if self.bar:
+            self.bar.update(self.task, completed=step, text=text)
+        if self.when.due(step, self.total):
+            line = f"step {step}/{self.total}" + (f"  epoch {epoch}" if epoch is not None else "") + "  " + text
+            if not self.live:
+                self.console.print(line, markup=False, highlight=False)
+            self._log(line)
+            self.clips = self.seconds = self.wait = 0.0
 
     def stop(self):
-        self.bar.stop()
+        if self.bar:
+            self.bar.stop()
 
 
-def progress(console, total, start=0):
-    return _Progress(console, total, start)
+def progress(console, total, start=0, log=None, every_steps=20, every_seconds=60, device=None):
+    return _Progress(console, total, start, log, every_steps, every_seconds, device)
 
 
 def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)"):

@@ -158,6 +158,14 @@ def test_synthetic_manifest(synthetic_run):
     assert_clean(out)
 
 
+def test_progress_lines_when_stderr_is_a_file(synthetic_run):
+    """A batch job's log gets plain progress lines (the first and the last video of each split at least)."""
+    out, r = synthetic_run
+    lines = [x for x in ok(r).stderr.splitlines() if x.startswith("videos ")]
+    assert [x.split()[1] for x in lines] == ["1/6", "6/6", "1/6", "6/6"], r.stderr
+    assert all(w in lines[-1] for w in ("frames/s", "0 skipped", "ETA 0s")), lines[-1]
+
+
 def test_synthetic_samples_decode(synthetic_run):
     out, r = synthetic_run
     ok(r)

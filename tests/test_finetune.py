@@ -47,8 +47,10 @@ def finetune(*a, launcher=(sys.executable,)):
 @pytest.mark.parametrize("mode,recipe", [("probe", "recipes/probe_tiny.yaml"), ("full", "recipes/finetune_tiny.yaml")])
 def test_train_then_eval_agree(pretrained, mode, recipe):
     tmp = pretrained
-    finetune(mode, "--recipe", recipe, *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth", "--epochs", "1", "--name", mode)
+    r = finetune(mode, "--recipe", recipe, *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth", "--epochs", "1", "--name", mode)
     d = tmp / mode
+    lines = [x for x in r.stderr.splitlines() if x.startswith("step ")]                  # stderr is a file here
+    assert lines and lines[-1].startswith("step 4/4  epoch 1/1  loss ") and lines[-1] in (d / "log.txt").read_text()
     result = json.loads((d / "eval.json").read_text())
     val = json.loads((tmp / "shards" / "manifest.json").read_text())["splits"]["val"]
     assert result["videos"] == val["videos"] and result["views"] == 3 * val["samples"]     # every window x 3 crops

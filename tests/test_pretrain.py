@@ -44,9 +44,15 @@ def losses(run_dir):
 
 
 def test_one_process_run_writes_everything(shard_dir, tmp_path):
-    r = run(args(shard_dir, tmp_path, "one"))
+    r = run(args(shard_dir, tmp_path, "one", log_every=3))
     assert r.returncode == 0, r.stderr[-2000:]
     d = tmp_path / "one"
+    # stderr is not a terminal (a batch job's log): plain progress lines, at steps 1, 4, 7 and the last
+    lines = [x for x in r.stderr.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in lines] == ["1/8", "4/8", "7/8", "8/8"], r.stderr[-2000:]
+    assert all(w in lines[-1] for w in ("epoch 2/2", "loss ", "lr ", "clips/s", "data ", "ETA 0s")), lines[-1]
+    log = (d / "log.txt").read_text()                                         # the same lines, time-stamped
+    assert all(x in log for x in lines) and "1 process(es)" in log and "done:" in log
     rows = losses(d)
     assert [x["step"] for x in rows] == list(range(1, 9))                    # 16 clips / 4 = 4 steps, 2 epochs
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in rows) and rows[-1]["loss"] < rows[0]["loss"]

@@ -39,3 +39,21 @@ def test_a_perfect_prediction_is_drawn_as_the_truth(tmp_path):
     m = mask[:, 16:32].numpy()
     np.testing.assert_allclose(pred_pos[m], true_pos[m], atol=1e-4)
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_progress_lines_when_due_and_eta_as_people_read_it(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(viz.time, "monotonic", lambda: clock[0])
+    when = viz.every(10, 60)
+    due = []
+    for step in range(1, 31):
+        clock[0] += 1 if step < 20 else 100                   # slow steps from 20 on: a line at least every 60 s
+        if when.due(step, 30):
+            due.append(step)
+    assert due == [1, 11, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+    assert [viz.eta(s) for s in (None, 12.4, 185, 7500)] == ["?", "12s", "3m05s", "2h05m"]
+    rate = viz.Rate()                                          # started long ago: the first step's start-up
+    clock[0] = 1000.0                                          # (500 s here) does not count
+    assert rate.eta(1, 100) is None
+    clock[0] = 1002.0
+    assert rate.eta(3, 100) == 97.0                            # 1 s a step since step 1, 97 steps left
