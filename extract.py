@@ -16,6 +16,7 @@ import inspect
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -345,7 +346,25 @@ def stop(pool):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+def usage():
+    """--help: the module's text, then every flag as users type it (--src k400, not fire's positional SRC)."""
+    import textwrap
+    doc = inspect.getdoc(main)
+    texts = dict(re.findall(r"^  (\w+): (.*)$", doc[doc.index("Args:"):], re.M))
+    lines = [f"{__doc__.strip()}\n", "usage: python extract.py --src SOURCE [--flag value ...]\n", "flags:"]
+    for name, p in inspect.signature(main).parameters.items():
+        default = p.default
+        shown = ("(required)" if default is inspect.Parameter.empty else "" if default is None
+                 else f"= {str(default).lower() if isinstance(default, bool) else default}")
+        lines.append(f"  --{name} {shown}".rstrip())
+        lines += textwrap.wrap(texts.get(name, ""), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):                # ours, not fire's: flags as users type them
+        print(usage())
+        sys.exit(0)
     check_flags(sys.argv[1:], main)
     try:
         fire.Fire(main)

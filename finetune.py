@@ -17,7 +17,9 @@ smoothing, mixup/cutmix, RandAugment and repeated sampling as the recipe says (T
 Progress as pretrain.py's: a live bar on a terminal, plain lines in a batch job's log, both in log.txt.
 Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
 model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/top-5
-over videos: every clip window x test_num_crop crops, softmax averaged) and confusion.png.
+over videos: every clip window x test_num_crop crops, softmax averaged) and confusion.png; with
+eval_every N also val.jsonl (a validation every N epochs and at the end) and best.pth (the classifier
+of the best validation top-1). Scalars go to TensorBoard event files too (tensorboard --logdir runs).
 frozen trains nothing: it computes the encoder's features once (cached in features.pt, reused while
 the weights, shards and feature-related keys stay the same) and fits a deterministic logistic-regression
 probe and a weighted k-NN on them (mme/frozen.py), scored over the same views into eval.json.
@@ -61,6 +63,18 @@ def load_recipe(recipe, overrides):
     return r
 
 
+def check_weights(r, rank, command):
+    """Before any work: a --finetune file that is not there is one line saying where the weights come from."""
+    path = r["finetune"]
+    if path and not Path(path).is_file():
+        what = "is a folder, not a weights file" if Path(path).is_dir() else "does not exist"
+        if command == "eval":
+            fail(rank, f"finetune {path} {what}: eval needs a classifier checkpoint (model.pth of finetune.py probe or full)")
+        fail(rank, f"finetune {path} {what}: run pretrain.py first (python pretrain.py --recipe recipes/tiny.yaml writes "
+                   f"runs/tiny/encoder.pth), point --finetune at a pre-trained encoder, or use --finetune null for a "
+                   f"random one (the baseline)")
+
+
 def load_weights(model, r, rank, need_head=False):
     """Load r["finetune"] into the encoder (kept as initialised when null); a bad file exits in one line.
     need_head (eval): the checkpoint must hold a head for this many classes, else nothing would be scored
@@ -102,6 +116,7 @@ def setup(recipe, overrides, probe=False, need_head=False):
     if probe:                                # a frozen encoder, the recipe's crops and flips only
         r.update(drop_path=0.0, rand_aug=None, repeated_aug=1, mixup=0.0, cutmix=0.0, smoothing=0.0)
     rank, world, device = start_group(r)
+    check_weights(r, rank, "eval" if need_head else "train")
     torch.manual_seed(r["seed"] + rank)
     clf = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=r["num_classes"],
                          drop_path=r["drop_path"])
@@ -148,6 +163,9 @@ def train(mode, recipe, **overrides):
     amp = autocast(device, r["precision"])
     mixing, smoothing = r["mixup"] > 0 or r["cutmix"] > 0, r["smoothing"]
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    board = viz.Board(run, step, progress.note) if rank == 0 else None
+    best = best_so_far(run, step) if rank == 0 else None    # (top-1, step) of best.pth, from val.jsonl
+    last = None                                              # the latest validation: (step, result, truth, predicted)
     clf.train()
     while step < total_steps:
         tick = time.perf_counter()
@@ -172,8 +190,16 @@ def train(mode, recipe, **overrides):
                 metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr,
                                           "clips_per_s": clips / seconds, "data_wait": wait / seconds}) + "\n")
                 metrics.flush()
+                board.add(step, **{"train/loss": value, "train/lr": lr, "train/clips_per_s": clips / seconds,
+                                   "train/data_wait": wait / seconds})
                 progress.update(step, epoch=f"{loader.epoch + 1}/{r['epochs']}", loss=value, lr=lr, clips=clips,
                                 seconds=seconds, wait=wait)
+            epoch, epoch_end = divmod(step, steps_per_epoch)
+            if r["eval_every"] and not epoch_end and (epoch % r["eval_every"] == 0 or step == total_steps):
+                # before the checkpoint: a run killed while validating validates again when it resumes
+                last = validate(clf, r, rank, world, device, run, mode, step, epoch, best, board, progress)
+                best = last[-1]
+                clf.train()
             if step % r["save_every"] == 0 or step == total_steps:
                 save_checkpoint(run, step, clf, opt, loader, rank)
             tick = time.perf_counter()
@@ -185,12 +211,56 @@ def train(mode, recipe, **overrides):
         metrics.close()
         torch.save(models.fold_probe_norm(full) if mode == "probe" else full, run / "model.pth")
         viz.loss_curve(run / "metrics.jsonl", run / "loss.png", label="loss (cross-entropy)")
-    evaluate(clf, r, rank, world, device, run)
+    if last is not None and last[0] == total_steps:          # the last model was just validated: the same views
+        result, truth, predicted = last[1:4]
+    else:
+        result, truth, predicted = score(clf, r, rank, world, device)
+        if rank == 0:
+            board.add(total_steps, **{"val/top1": result["top1"], "val/top5": result["top5"]})
+    if rank == 0:
+        board.close()
+        if r["eval_every"] and best is not None:
+            result["best"] = {"step": best[1], "top1": best[0], "weights": str(run / "best.pth")}
+    report(r, rank, run, result, truth, predicted, note=progress.note if rank == 0 else None)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
-def evaluate(clf, r, rank, world, device, run):
+def best_so_far(run, step):
+    """(top-1, step) of the best validation in val.jsonl up to `step` (a resumed run drops the rows past its
+    checkpoint, as metrics.jsonl's), or None."""
+    keep_metrics(run / "val.jsonl", step)
+    rows = [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()] if (run / "val.jsonl").exists() else []
+    return max(((row["top1"], row["step"]) for row in rows), key=lambda x: (x[0], -x[1]), default=None)
+
+
+def validate(clf, r, rank, world, device, run, mode, step, epoch, best, board, progress):
+    """Validation during training (every eval_every epochs): the multi-view score of the model as it is,
+    logged to val.jsonl, TensorBoard and the log; best.pth is the classifier (released layout) of the
+    best top-1 so far. Returns (step, result, truth, predicted, best) on rank 0, (step, None...) elsewhere."""
+    result, truth, predicted = score(clf, r, rank, world, device)
+    new = [rank == 0 and (best is None or result["top1"] > best[0])]
+    dist.broadcast_object_list(new)                      # rank 0 decides; the state dict is gathered by all
+    if new[0]:
+        full = get_model_state_dict(clf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        if new[0]:
+            torch.save(models.fold_probe_norm(full) if mode == "probe" else full, run / "best.pth")
+            best = (result["top1"], step)
+        with open(run / "val.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "top1": result["top1"], "top5": result["top5"],
+                                "videos": result["videos"], "views": result["views"]}) + "\n")
+        board.add(step, **{"val/top1": result["top1"], "val/top5": result["top5"]})
+        progress.note(f"val step {step} (epoch {epoch}): top-1 {result['top1']:.1f} %, top-5 {result['top5']:.1f} % "
+                      f"({result['videos']} videos, {result['views']} views); best top-1 {best[0]:.1f} % at step {best[1]}"
+                      + (" -> best.pth" if new[0] else ""))
+    return step, result, truth, predicted, best
+
+
+def score(clf, r, rank, world, device):
     """Multi-view testing: every clip window of a video x test_num_crop crops, softmax averaged per
-    video (VideoMAE's protocol), gathered over ranks; rank 0 writes eval.json and confusion.png."""
+    video (VideoMAE's protocol), gathered over ranks. Rank 0 gets (result, truth, predicted): result
+    {videos, views, top1, top5, weights, data}; the other ranks (None, None, None)."""
     where = r["eval_data_path"] or r["data_path"]
     try:
         loader = data.build_loader(where, dict(r, target="none"), train=False, rank=rank, world_size=world, device=device)
@@ -207,30 +277,40 @@ def evaluate(clf, r, rank, world, device, run):
             labels += b["label"].cpu()[keep].tolist()
     gathered = [None] * world
     dist.all_gather_object(gathered, (keys, torch.cat(probs).tolist() if probs else [], labels))
-    if rank == 0:
-        videos = {}
-        for ks, ps, ls in gathered:
-            for k, p, label in zip(ks, ps, ls):
-                v = videos.setdefault(k, [np.zeros(r["num_classes"]), 0, label])
-                v[0] += p
-                v[1] += 1
-        names = sorted(videos)
-        score = np.stack([videos[k][0] / videos[k][1] for k in names])    # [videos, classes]
-        truth = np.array([videos[k][2] for k in names])
-        top5 = np.argsort(-score, 1)[:, :min(5, r["num_classes"])]
-        result = {"videos": len(names), "views": int(sum(videos[k][1] for k in names)),
-                  "top1": float((top5[:, 0] == truth).mean() * 100), "top5": float((top5 == truth[:, None]).any(1).mean() * 100),
-                  "weights": r["finetune"], "data": str(where)}
-        (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-        viz.confusion_matrix(run / "confusion.png", truth, top5[:, 0], r["num_classes"])
-        table = Table(title=f"{r['name']}: {result['videos']} videos, {result['views']} views")
-        for col in ("top-1 %", "top-5 %"):
-            table.add_column(col, justify="right")
-        table.add_row(f"{result['top1']:.1f}", f"{result['top5']:.1f}")
-        console.print(table)
-        console.print(f"done: {run / 'eval.json'}, {run / 'confusion.png'}")
-    dist.barrier()
-    dist.destroy_process_group()
+    if rank:
+        return None, None, None
+    videos = {}
+    for ks, ps, ls in gathered:
+        for k, p, label in zip(ks, ps, ls):
+            v = videos.setdefault(k, [np.zeros(r["num_classes"]), 0, label])
+            v[0] += p
+            v[1] += 1
+    names = sorted(videos)
+    scores = np.stack([videos[k][0] / videos[k][1] for k in names])    # [videos, classes]
+    truth = np.array([videos[k][2] for k in names])
+    top5 = np.argsort(-scores, 1)[:, :min(5, r["num_classes"])]
+    result = {"videos": len(names), "views": int(sum(videos[k][1] for k in names)),
+              "top1": float((top5[:, 0] == truth).mean() * 100), "top5": float((top5 == truth[:, None]).any(1).mean() * 100),
+              "weights": r["finetune"], "data": str(where)}
+    return result, truth, top5[:, 0]
+
+
+def report(r, rank, run, result, truth, predicted, note=None):
+    """Rank 0 writes eval.json and confusion.png and prints the scores."""
+    if rank:
+        return
+    (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    viz.confusion_matrix(run / "confusion.png", truth, predicted, r["num_classes"])
+    table = Table(title=f"{r['name']}: {result['videos']} videos, {result['views']} views")
+    for col in ("top-1 %", "top-5 %"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['top1']:.1f}", f"{result['top5']:.1f}")
+    console.print(table)
+    note = note or console.print
+    note(f"eval (the last model): top-1 {result['top1']:.1f} %, top-5 {result['top5']:.1f} %")
+    if "best" in result:
+        note(f"best validation: top-1 {result['best']['top1']:.1f} % at step {result['best']['step']} -> {result['best']['weights']}")
+    note(f"done: {run / 'eval.json'}, {run / 'confusion.png'}")
 
 
 def probe(recipe, **overrides):
@@ -252,7 +332,9 @@ def eval(recipe, **overrides):
     run = Path(r["output_dir"]) / r["name"]
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-    evaluate(clf, r, rank, world, device, run)
+    report(r, rank, run, *score(clf, r, rank, world, device))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def frozen(recipe, knn_k=10, knn_T=0.07, **overrides):
@@ -262,6 +344,7 @@ def frozen(recipe, knn_k=10, knn_T=0.07, **overrides):
     knn_T), both over every view of the evaluation videos. --key value overrides any recipe key."""
     r = load_recipe(recipe, overrides)
     rank, world, device = start_group(r)
+    check_weights(r, rank, "frozen")
     run = Path(r["output_dir"]) / r["name"]
     where = r["eval_data_path"] or r["data_path"]
     try:
@@ -346,9 +429,35 @@ def fail(rank, msg):
     sys.exit(2)
 
 
+COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen}
+
+
+def usage(command=None):
+    """--help: the module's text and its commands, or one command's with every recipe key (type,
+    default, paper table)."""
+    import inspect
+    if command is None:
+        listed = "\n".join(f"  {name:7s} {what}" for name, what in (
+            ("probe", "linear probe (Table 4): train a head on the frozen encoder, then evaluate"),
+            ("full", "fine-tune every layer (Table 15), then evaluate"),
+            ("eval", "evaluate a classifier (model.pth of probe/full, or a released fine-tuned checkpoint)"),
+            ("frozen", "frozen features: logistic regression + k-NN, in seconds")))
+        return (f"{__doc__.strip()}\n\nusage: python finetune.py COMMAND --recipe FILE [--key value ...]\n\n"
+                f"commands:\n{listed}\n\npython finetune.py COMMAND --help lists every recipe key.")
+    extra = " [--knn_k K] [--knn_T T]" if command == "frozen" else ""
+    return (f"usage: python finetune.py {command} --recipe FILE{extra} [--key value ...]\n\n"
+            f"{inspect.getdoc(COMMANDS[command])}\n\n"
+            f"Recipe keys: a recipe file sets them as 'key: value' lines; --key value on the command line wins.\n\n"
+            f"{recipes.keys_help()}")
+
+
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or {"-h", "--help"} & set(args):                # ours, not fire's: the recipe keys are the flags
+        print(usage(args[0] if args and args[0] in COMMANDS else None))
+        sys.exit(0)
     try:
-        fire.Fire({"probe": probe, "full": full, "eval": eval, "frozen": frozen})
+        fire.Fire(COMMANDS)
     except KeyboardInterrupt:                                  # Ctrl-C: one line, not a traceback per frame
         fail(int(os.environ.get("RANK", 0)), interrupted())
     except data.stream.S3Error as e:                           # credentials refused, or S3 gone past the patience

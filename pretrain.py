@@ -10,7 +10,8 @@
 Progress: a live bar on a terminal; in a batch job's log (stderr not a terminal) a plain line every
 log_every steps and at least every log_seconds s (step/total, epoch, loss, lr, clips/s, the share of
 time spent waiting for data, ETA, peak GPU memory); the same lines in runs/<name>/log.txt.
-Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl (step, epoch, loss, lr, clips/s, data wait), loss.png,
+Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl (step, epoch, loss, lr, clips/s, data wait) and the
+same scalars as TensorBoard event files (events.out.tfevents.*: tensorboard --logdir runs), loss.png,
 trajectories.png (the paper's Fig. 4: true and predicted trajectories of masked patches),
 checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards, plus each rank's
 step, loader position and RNG state) and encoder.pth (the backbone in the released VideoMAE/MME
@@ -94,6 +95,7 @@ def main(recipe, **overrides):
     amp = autocast(device, r["precision"])
 
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
+    board = viz.Board(run, step, progress.note) if rank == 0 else None
     last_good = last
     while step < total_steps:
         tick, clips, micro_i, wait = time.perf_counter(), 0, 0, 0.0
@@ -119,6 +121,8 @@ def main(recipe, **overrides):
                 metrics.write(json.dumps({"step": step, "epoch": loader.epoch, "loss": value, "lr": lr,
                                           "clips_per_s": clips / seconds, "data_wait": wait / seconds}) + "\n")
                 metrics.flush()
+                board.add(step, **{"train/loss": value, "train/lr": lr, "train/clips_per_s": clips / seconds,
+                                   "train/data_wait": wait / seconds})
                 progress.update(step, epoch=f"{loader.epoch + 1}/{r['epochs']}", loss=value, lr=lr, clips=clips,
                                 seconds=seconds, wait=wait)
             if step % r["save_every"] == 0 or step == total_steps:
@@ -134,6 +138,7 @@ def main(recipe, **overrides):
         encoder = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
         torch.save(encoder, run / "encoder.pth")
         metrics.close()
+        board.close()
         viz.loss_curve(run / "metrics.jsonl", run / "loss.png")
     if r["target"] == "mme":                   # the paper's Fig. 4: true and predicted trajectories
         trajectory_picture(net, r, rank, world, device, amp, run / "trajectories.png")
@@ -162,7 +167,17 @@ def fail(rank, msg):
     sys.exit(2)
 
 
+def usage():
+    """--help: what the script does, and every recipe key with its type, default and paper table."""
+    return (f"{__doc__.strip()}\n\nusage: python pretrain.py --recipe FILE [--key value ...]\n\n"
+            f"Recipe keys: a recipe file sets them as 'key: value' lines; --key value on the command line wins.\n\n"
+            f"{recipes.keys_help()}")
+
+
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):                    # ours, not fire's: the recipe keys are the flags
+        print(usage())
+        sys.exit(0)
     try:
         fire.Fire(main)
     except KeyboardInterrupt:                                  # Ctrl-C: one line, not a traceback per frame

@@ -70,6 +70,7 @@ DEFAULTS = {
     "cutmix": 1.0,                # Table 15: cutmix alpha (full fine-tuning; 0 = off)
     "rand_aug": None,             # Table 15 "RandAug (9, 0.5)": [ops, magnitude, magnitude std], e.g. [2, 9, 0.5]; None: off
     "repeated_aug": 1,            # Table 15 "repeated sampling": differently augmented clips per sample in an epoch (VideoMAE: 2)
+    "eval_every": 0,              # validate every this many epochs while fine-tuning (and at the end), keeping best.pth by val top-1 (VideoMAE: every epoch); 0: only the final evaluation
     # --- runtime ---
     "output_dir": "runs",         # a run writes to output_dir/name/
     "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
@@ -129,6 +130,57 @@ def load(path=None, **overrides):
         where["name"] = str(path)
     _check(recipe, where, str(path) if path is not None else "command line")
     return recipe
+
+
+def keys_help(width=None):
+    """Every key, grouped as in DEFAULTS: `--key TYPE = default` and the comment DEFAULTS has for it in
+    this file (the paper table it mirrors, what it does), for the scripts' --help."""
+    import shutil
+    import textwrap
+
+    width = width or max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    source = Path(__file__).read_text()
+    body = source[source.index("DEFAULTS = {\n") + len("DEFAULTS = {\n"):source.index("\n}\n", source.index("DEFAULTS = {"))]
+    out = []
+    for line in body.splitlines():
+        section = re.fullmatch(r"\s*# --- (.*) ---\s*", line)
+        entry = re.fullmatch(r'\s*"(\w+)":\s*(.*?),\s*#\s*(.*)', line)
+        if section:
+            title, _, why = section.group(1).partition(" (")
+            out += ["", f"{title}" + (f" ({why}" if why else "") + ":"]
+        elif entry and entry.group(1) in DEFAULTS:
+            key, literal, comment = entry.groups()
+            if comment.startswith("... "):
+                comment = comment[4:]
+            out.append(f"  --{key} {_type_name(key)} = {_show(literal)}")
+            out += textwrap.wrap(comment, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        elif line.strip().startswith("#"):
+            out += textwrap.wrap(line.strip().lstrip("# "), width, initial_indent="  (", subsequent_indent="   ")
+            out[-1] += ")"
+    return "\n".join(out).strip("\n")
+
+
+def _type_name(key):
+    """What a value of `key` looks like on the command line: FLOAT, INT, true|false, tube|random, FLOAT,FLOAT..."""
+    if key in CHOICES:
+        name = "|".join(CHOICES[key])
+    else:
+        def one(spec):
+            if isinstance(spec, tuple) and len(spec) == 2 and spec[1] == [spec[0]]:
+                return f"{one(spec[0])}[,{one(spec[0])}...]"
+            if isinstance(spec, tuple):
+                return " or ".join(one(x) for x in spec)
+            if isinstance(spec, list):
+                return f"{one(spec[0])},{one(spec[0])},..."
+            return {bool: "true|false", int: "INT", float: "FLOAT", str: "TEXT"}[spec]
+        name = one(_spec(key))
+    return name + ("|null" if DEFAULTS[key] is None else "")
+
+
+def _show(literal):
+    """A default as written in DEFAULTS (1.5e-4, not 0.00015), in the command line's spelling."""
+    literal = {"None": "null", "True": "true", "False": "false"}.get(literal, literal)
+    return re.sub(r"\s+", "", literal.strip("[]")).replace('"', "") if literal.startswith("[") else literal.strip('"')
 
 
 def dump(recipe):
@@ -282,6 +334,8 @@ def _check(r, where, home):
         bad("crop_scales", "crop_scales must be a non-empty list of fractions in (0, 1]")
     positive = ("sampling_rate trajectory_length batch_size epochs decoder_depth decoder_embed_dim "
                 "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
+    if r["eval_every"] < 0:
+        bad("eval_every", "eval_every must be >= 0 (0: evaluate only at the end)")
     for key in positive.split():
         if r[key] < 1:
             bad(key, f"{key} must be positive")

@@ -5,6 +5,7 @@
     p.update(step, epoch=1, loss=..., lr=..., clips=8, seconds=0.5, wait=0.1); p.stop()
     every(20, 60).due(done, total)            # a plain line every 20 items and at least every 60 s
     eta(seconds)                              # '1h02m', '3m05s', '12s'
+    board = Board(run, start_step); board.add(step, **{"train/loss": 0.5}); board.close()   # TensorBoard events
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png")   # loss (log scale) and lr against step
     confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes)   # row-normalised, counts in cells
     paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
@@ -117,6 +118,31 @@ class _Progress:
 
 def progress(console, total, start=0, log=None, every_steps=20, every_seconds=60, device=None):
     return _Progress(console, total, start, log, every_steps, every_seconds, device)
+
+
+class Board:
+    """TensorBoard event files in the run folder, beside metrics.jsonl (`tensorboard --logdir runs` shows
+    every run by its name). A run resumed from step s hides the events a killed run wrote past s
+    (purge_step). Without the tensorboard package it writes nothing and says so once."""
+
+    def __init__(self, run, start_step=0, say=print):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+            say("no TensorBoard event files: the tensorboard package is not installed (pip install tensorboard)")
+            return
+        self.writer = SummaryWriter(str(run), purge_step=start_step + 1 if start_step else None, flush_secs=30)
+
+    def add(self, step, **scalars):
+        """add(step, **{"train/loss": 0.5, ...}): one scalar per tag at this step."""
+        if self.writer:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
 
 
 def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)"):

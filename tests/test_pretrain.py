@@ -43,6 +43,14 @@ def losses(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def scalars(run_dir):
+    """{tag: [(step, value)]} from the TensorBoard event files in a run folder (a resumed run's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def test_one_process_run_writes_everything(shard_dir, tmp_path):
     r = run(args(shard_dir, tmp_path, "one", log_every=3))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -53,6 +61,9 @@ def test_one_process_run_writes_everything(shard_dir, tmp_path):
     assert all(w in lines[-1] for w in ("epoch 2/2", "loss ", "lr ", "clips/s", "data ", "ETA 0s")), lines[-1]
     log = (d / "log.txt").read_text()                                         # the same lines, time-stamped
     assert all(x in log for x in lines) and "1 process(es)" in log and "done:" in log
+    tb = scalars(d)                                                           # TensorBoard, beside metrics.jsonl
+    assert {"train/loss", "train/lr", "train/clips_per_s", "train/data_wait"} <= set(tb)
+    assert tb["train/loss"] == [(x["step"], pytest.approx(x["loss"])) for x in losses(d)]
     rows = losses(d)
     assert [x["step"] for x in rows] == list(range(1, 9))                    # 16 clips / 4 = 4 steps, 2 epochs
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in rows) and rows[-1]["loss"] < rows[0]["loss"]
@@ -77,6 +88,7 @@ def test_killed_run_resumes_the_same_curve(shard_dir, tmp_path):
     assert "resuming at step" in again.stderr
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert [x["step"] for x in b] == list(range(1, 17))                      # no step twice, none missing
+    assert [s for s, _ in scalars(tmp_path / "killed")["train/loss"]] == list(range(1, 17))   # TensorBoard too
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
         assert x["lr"] == pytest.approx(y["lr"])

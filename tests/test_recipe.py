@@ -1,4 +1,5 @@
 """Recipes: the shipped files match the paper, overrides win, every mistake is a one-line RecipeError."""
+import re
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,23 @@ def test_lr_scales_with_the_world_batch():
 def test_module_is_plain_data():
     assert type(DEFAULTS) is dict and all(DEFAULTS[k] is None for k in recipe.TYPES)   # TYPES: only for None defaults
     assert all(v is None or type(v) in (int, float, bool, str, list) for v in DEFAULTS.values())
+
+
+def test_help_lists_every_key_with_type_default_and_table():
+    """Issue #11: pretrain.py --help and finetune.py probe --help list every recipe key (type, default, the
+    paper table), grouped as in DEFAULTS, without fire's noise."""
+    import subprocess
+    import sys
+    for cmd in (["pretrain.py", "--help"], ["finetune.py", "probe", "--help"], ["finetune.py", "frozen", "-h"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "Showing help" not in r.stderr + r.stdout and "Type:" not in r.stdout, r.stderr
+        text = r.stdout
+        assert re.search(r"^  --mask_ratio FLOAT = 0\.7\n +Table 11: 70% tube masking", text, re.M), text
+        assert "--base_lr FLOAT = 1.5e-4" in text and "--model tiny|small|base|large = base" in text
+        assert "--clip_grad FLOAT|null = null" in text and "--opt_betas FLOAT,FLOAT,... = 0.9,0.999" in text
+        for key in DEFAULTS:
+            assert re.search(rf"^  --{key} ", text, re.M), f"{cmd}: --help does not list {key}"
+        assert text.index("model (§4") < text.index("--decoder_depth") < text.index("optimisation (")   # DEFAULTS' groups
+    assert "knn_k" in text
+    top = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and all(f"  {c} " in top.stdout for c in ("probe", "full", "eval", "frozen"))
