@@ -21,7 +21,8 @@ Per sample, DataLoader worker processes read the stream (mme.stream: rank/worker
 epochs, bad input skipped) and draw the augmentation: a MultiScaleCrop box and a flip (seeded by
 seed, epoch, rank and sample). It is applied to the frames and to the trajectory maps alike by one
 of two backends, which tests hold equal:
-  - "dali" (the default with a GPU): the main process feeds each batch to a DALI pipeline, "mixed"
+  - "dali" (the default with a GPU and DALI installed, requirements-gpu.txt; imported only by this backend):
+    the main process feeds each batch to a DALI pipeline, "mixed"
     nvJPEG decoding and GPU resize; the same operators run on CPU when asked for there.
   - "torch" (the default without a GPU): each worker decodes (OpenCV) and applies mme.transforms,
     the pure-PyTorch reference. On CPU it is the faster of the two: DALI's CPU resize costs ~5x
@@ -42,6 +43,21 @@ from mme import augment, shards, stream, targets, transforms
 SHUFFLE = 32                        # samples shuffled in each worker's buffer (~40 MB); shards are shuffled at extraction
 log = logging.getLogger(__name__)
 GRID = 8                            # px between trajectories, in the shards and at the output: K = 4 per 16 x 16 patch
+
+
+@functools.cache
+def dali_installed():
+    """Whether NVIDIA DALI can be imported. It is optional (requirements-gpu.txt): without it a GPU run
+    decodes in the torch backend's workers, said once in the log."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:                    # no nvidia namespace at all
+        found = False
+    if not found and torch.cuda.is_available():
+        log.warning("NVIDIA DALI is not installed: the loader decodes on CPU workers (pip install -r "
+                    "requirements-gpu.txt for GPU decoding)")
+    return found
 
 
 def shard_urls(urls, split):
@@ -231,9 +247,11 @@ class Loader:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # RandAugment and frame shuffling run in the torch backend's workers, on CPU
         cpu_only = recipe["rand_aug"] or (train and recipe["shuffle_frames"])
-        self.backend = backend or ("dali" if self.device.type == "cuda" and not cpu_only else "torch")
+        self.backend = backend or ("dali" if self.device.type == "cuda" and not cpu_only and dali_installed() else "torch")
         if self.backend not in ("dali", "torch"):
             raise ValueError(f"backend {backend!r}: use 'dali' or 'torch'")
+        if self.backend == "dali" and not dali_installed():
+            raise ValueError("backend dali: NVIDIA DALI is not installed (pip install -r requirements-gpu.txt)")
         if self.backend == "dali" and recipe["rand_aug"]:
             raise ValueError("rand_aug runs in the torch backend's workers (mme/augment.py), not in DALI")
         if self.backend == "dali" and train and recipe["shuffle_frames"]:

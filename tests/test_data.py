@@ -1,6 +1,7 @@
 """The loader (mme/data.py): DALI and the PyTorch reference agree, trajectories keep their units
 through it, every rank gets the same batches per epoch, and a restored state resumes exactly."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,20 @@ def test_malformed_sample_is_skipped_with_one_line(synth, tmp_path, caplog, how)
     assert len(lines) == 1 and url in lines[0] and "v1_w00" in lines[0] and "\n" not in lines[0], lines
     # training, in a worker process, goes on past it too
     assert len(list(data.build_loader(url, make_recipe(num_workers=1), backend="torch"))) == 1
+
+
+def test_dali_is_optional(synth, monkeypatch):
+    """Issue #11: DALI (~1 GB of NVIDIA libraries) is imported only by its backend; without it the default is the
+    torch backend, and asking for DALI says how to install it."""
+    import subprocess
+    import sys
+    code = ("import sys; from mme import data, recipe; "
+            "r = recipe.load(None, data_path='x', num_frames=8, sampling_rate=2, trajectory_length=4, input_size=64, "
+            f"batch_size=2, num_workers=0, model='tiny'); l = data.build_loader({synth!r}, r); next(iter(l)); "
+            "assert l.backend == 'torch'; print(sorted(m for m in sys.modules if m.startswith('nvidia')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parents[1]))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+    monkeypatch.setattr(data, "dali_installed", lambda: False)
+    with pytest.raises(ValueError, match="requirements-gpu.txt"):
+        data.build_loader(synth, make_recipe(), backend="dali")
+    assert data.build_loader(synth, make_recipe()).backend == "torch"
