@@ -5,12 +5,14 @@
     python extract.py --src ssv2 --root /data/ssv2 --out shards/ssv2 --split train,val --workers 32
     python extract.py --src folder --root ~/videos --out shards/mine                # class = parent folder
     python extract.py --src ucf101 --root /data/ucf101 --fold 1 --split train,val --out shards/ucf101_1
+    python extract.py --src k400 --out shards/k400 --split train,val --views val=5   # val: Kinetics' 5 test clips
 
 Many machines: each takes one part of the (deterministically shuffled) video list, from torchrun's
 RANK/WORLD_SIZE, a SLURM array's SLURM_ARRAY_TASK_ID/COUNT, or --part i/N; parts write disjoint
 shard names and manifests, merged into OUT/manifest.json.
 Interrupted? Rerun the same command: finished shards are kept, the rest is redone, no duplicates.
 """
+import dataclasses
 import difflib
 import inspect
 import multiprocessing
@@ -90,6 +92,25 @@ def check_numbers(**flags):
             fail(f"--{name} {value}: must be " + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
 
 
+def parse_views(views, splits):
+    """--views 'val=5' / 'val=2,test=2' / 5 (every split but train) -> {split: N}; {} when not given."""
+    if views is None:
+        return {}
+    items = views if isinstance(views, (tuple, list)) else str(views).split(",")
+    out = {}
+    for item in (str(x).strip() for x in items):
+        split, _, count = item.rpartition("=")
+        try:
+            n = int(count)
+        except ValueError:
+            n = 0
+        targets = [split] if split else [s for s in splits if s != "train"]
+        if n < 1 or any(t not in sources.SPLITS for t in targets):
+            fail(f"--views {views!r}: expected SPLIT=N (e.g. val=5, or val=2,test=2) with N >= 1, or N for every split but train")
+        out.update(dict.fromkeys(targets, n))
+    return out
+
+
 def list_split(src, root, split, fold, limit):
     """(videos, problems) of one split, shuffled deterministically and cut to `limit`."""
     if src == "synthetic":
@@ -132,7 +153,7 @@ def _extract(video):
 
 def main(src, out="shards/", root=None, split="train", limit=None, workers=None, part=None, fold=1,
          frames=16, stride=None, length=6, grid=8, camera=True, short_side=None, quality=shards.JPEG_QUALITY,
-         windows=4, shard_samples=256, seed=0):
+         windows=4, views=None, shard_samples=256, seed=0):
     """Extract shards.
 
     Args:
@@ -152,6 +173,7 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
       short_side: resize frames to this short side (default 256; synthetic 128).
       quality: JPEG quality of stored frames.
       windows: at most this many clip windows per video (spread evenly, no overlap).
+      views: evaluation views per split, e.g. val=5 (Kinetics' 5 clips) or val=2 (SSv2's 2): exactly that many windows over the whole video, overlapping where it is short, instead of --windows; a number alone means every split but train.
       shard_samples: samples per shard (a video's windows never straddle two shards).
       seed: synthetic dataset seed.
     """
@@ -166,6 +188,7 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
                   length=(length, 1, None), short_side=(short_side, 32, None), quality=(quality, 1, 100),
                   windows=(windows, 1, None), shard_samples=(shard_samples, 1, None), fold=(fold, 1, None),
                   seed=(seed, 0, None), grid=(grid, 1, 16))
+    views = parse_views(views, splits)
     d = DEFAULTS[src]
     params = clips.Params(frames=frames, stride=stride or d["stride"], length=length, grid=grid, camera=bool(camera),
                           short_side=short_side or d["short_side"], quality=quality, windows=windows)
@@ -201,8 +224,9 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
         todo = [v for v in mine if v.key not in done]
         console.print(f"[bold]{src} {s}[/bold] part {i}/{n}: {len(mine)} videos, {len(mine) - len(todo)} already done, "
                       f"{workers} workers -> {escape(str(out))}")
-        run(writer, todo, len(mine), params, seed, workers)
-        manifest = shards.part_manifest(writer.entries, s, vars(params) | {"src": src}, f"{s}-{i}/{n}", len(mine))
+        here = dataclasses.replace(params, views=views.get(s, 0))
+        run(writer, todo, len(mine), here, seed, workers)
+        manifest = shards.part_manifest(writer.entries, s, vars(params) | {"src": src, "views": views}, f"{s}-{i}/{n}", len(mine))
         shards.write_json(out / f"manifest-{s}-{i:03d}.json", manifest)
         total_samples += manifest["splits"][s]["samples"]
     merged = shards.merge_manifests(out)

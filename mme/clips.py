@@ -8,7 +8,8 @@ of L raw frames from each tubelet's first frame):
 
 Windows are spread evenly over the video without overlap, at most `windows` of them; a video
 shorter than one window gives one window whose frame indices clamp to the last frame and whose
-tracks past the end are invalid.
+tracks past the end are invalid. Evaluation splits extracted with `views` N get the papers' test
+clips instead: N windows over the whole video, overlapping where it is short (window_starts).
 
     params = Params(frames=16, stride=3, length=6)
     samples, warnings = video_samples(video, params)      # video: mme.sources.Video
@@ -31,6 +32,7 @@ class Params:
     short_side: int = 256     # frames are resized to this short side before anything else
     quality: int = shards.JPEG_QUALITY
     windows: int = 4          # at most this many windows per video
+    views: int = 0            # evaluation views: exactly this many windows over the whole video, overlapping if need be (0: off)
 
     def span(self):
         """Raw frames one window covers."""
@@ -39,7 +41,14 @@ class Params:
 
 
 def window_starts(n, p):
-    """Start frames of the windows of an n-frame video."""
+    """Start frames of the windows of an n-frame video. Training windows (p.views 0): at most p.windows,
+    spread evenly, never overlapping. Evaluation views (p.views N, the papers' test clips: 2 on SSv2, 5 or 7
+    on Kinetics): N windows spread evenly from the first frame to the last window's start, overlapping
+    where the video is shorter than N windows; a video shorter than one window gets starts within one
+    stride (different frames, as segment sampling's test offsets), and starts that would repeat are kept once."""
+    if p.views:
+        last = max(n - p.span(), min(p.stride - 1, n - 1))
+        return sorted(set(np.linspace(0, last, p.views).round().astype(int).tolist()))
     k = max(1, min(p.windows, n // p.span()))
     return np.linspace(0, max(n - p.span(), 0), k).round().astype(int).tolist()
 

@@ -693,3 +693,38 @@ def test_files_that_are_no_video_file_get_a_line_and_names_cannot_forge_lines(tm
         assert len([line for line in r.stderr.splitlines() if name in line and "cannot read" in line]) == 1
     assert "\x1b" not in r.stderr and not any(line.startswith("skip good.mp4") for line in r.stderr.splitlines())
     assert "\\nskip good.mp4: fake\\x1b[31m.mp4" in r.stderr
+
+
+# --- 8. evaluation views (issue #11): the papers' test clips ------------------------------------
+
+def test_evaluation_views_follow_the_protocols():
+    """Kinetics (VideoMAE: 5 clips, the authors' code: 7) on a 10-s video at 30 fps, stride 4; SSv2 (2 clips)
+    on 3-s and 6-s videos at 12 fps, stride 3: exactly that many windows over the whole video, overlapping
+    where it is short; training windows stay at most --windows, never overlapping."""
+    from mme.clips import Params, window_starts
+    k400 = Params(stride=4, views=5)
+    span = k400.span()                                                    # 63 raw frames
+    starts = window_starts(300, k400)
+    assert len(starts) == 5 and starts[0] == 0 and starts[-1] == 300 - span       # first to last frame
+    assert min(b - a for a, b in zip(starts, starts[1:])) < span                    # overlapping: 5 x 63 > 300
+    seven = window_starts(300, Params(stride=4, views=7))
+    assert len(seven) == 7 and seven[-1] == 300 - span
+    assert window_starts(300, Params(stride=4, windows=4)) == [0, 79, 158, 237]     # training: 4, no overlap
+    ssv2 = Params(stride=3, views=2)
+    assert window_starts(72, ssv2) == [0, 72 - ssv2.span()]                         # 6 s: both ends
+    assert window_starts(36, ssv2) == [0, 2]           # 3 s, shorter than a window: offsets within one stride
+    assert window_starts(36, Params(stride=3, windows=4)) == [0]
+
+
+def test_views_per_split_at_extraction(tmp_path):
+    out = tmp_path / "out"
+    ok(extract("--src", "synthetic", "--out", out, "--split", "train,val", "--limit", 3, *SMALL, "--views", "val=3",
+               "--workers", 1))
+    m = manifest(out)
+    assert m["splits"]["train"]["samples"] == 3 and m["splits"]["val"]["samples"] == 9 and m["params"]["views"] == {"val": 3}
+    metas = [json.loads(raw["json"]) for tar in sorted(out.glob("val-*.tar")) for _, raw in read_tar(tar)]
+    assert sorted((x["video_key"], x["window"], x["windows"]) for x in metas) == [
+        (f"synthetic_val_{i:06d}", w, 3) for i in range(3) for w in range(3)]
+    assert len({(x["video_key"], tuple(x["frame_indices"])) for x in metas}) == 9    # 3 different clips a video
+    r = extract("--src", "synthetic", "--out", tmp_path / "bad", "--split", "val", "--views", "vla=2")
+    assert r.returncode == 2 and "--views" in r.stderr and "Traceback" not in r.stderr
