@@ -6,8 +6,8 @@ recipe change and scores the encoder by the frozen-feature evaluation (docs/resu
     python bench/ablate.py --dry_run                         # print the commands, run nothing
     python bench/ablate.py --only table8 --override epochs=2      # a quick pass (any recipe key)
 
-A cell is `pretrain.py --recipe RECIPE --seed S --name ablate/<table>/<row>/s<S> <row's keys>`, then
-`finetune.py frozen --recipe EVAL --finetune runs/ablate/.../encoder.pth` (logistic-regression probe
+A cell is `pretrain.py --recipe RECIPE --seed S --output_dir runs/ablate/<table>/<row> --name s<S> <row's keys>`,
+then `finetune.py frozen --recipe EVAL --finetune runs/ablate/.../s<S>/encoder.pth` (logistic-regression probe
 and k-NN on frozen features of the val split; "random encoder" rows skip pre-training). Killed? Rerun
 the same command: finished cells (their eval.json) are read back, an interrupted pre-training resumes
 from its last checkpoint, so nothing is run twice. Cells that need other shards (L = 8) extract them
@@ -90,10 +90,11 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run):
         weights = "null"
     else:
         overrides = [f"--{k}={v}" for k, v in keys.items()]
-        run(["pretrain.py", "--recipe", recipe, "--seed", str(seed), "--name", name, *common, *overrides], dry_run, log)
-        weights = str(out / "encoder.pth")
+        run(["pretrain.py", "--recipe", recipe, "--seed", str(seed), "--output_dir", str(out.parent.relative_to(ROOT)), "--name", out.name,
+             *common, *overrides], dry_run, log)
+        weights = str((out / "encoder.pth").relative_to(ROOT))
     run(["finetune.py", "frozen", "--recipe", eval_recipe, "--finetune", weights, "--seed", str(seed),
-         "--name", f"{name}/frozen", *([f"--data_path={data}"] if data else [])], dry_run, log)
+         "--output_dir", str(out.relative_to(ROOT)), "--name", "frozen", *([f"--data_path={data}"] if data else [])], dry_run, log)
     return None if dry_run else json.loads(result.read_text())
 
 

@@ -44,9 +44,11 @@ OUT = Path("runs/diagnose")
 K, L = 4, 6                                                   # trajectories per patch, steps
 
 
-def cache(data_path="shards/synthetic/", recipe="recipes/tiny.yaml"):
-    """Centre crops, raw trajectories and labels of the train and val splits -> runs/diagnose/cache.pt."""
-    r = recipes.load(recipe, data_path=data_path, patch_norm=False, test_num_crop=1, num_workers=1, batch_size=16)
+def cache(data_path="shards/synthetic/", recipe="recipes/tiny.yaml", file=str(OUT / "cache.pt"), **overrides):
+    """Centre crops, raw trajectories and labels of the train and val splits -> `file` (overrides:
+    recipe keys, e.g. --input_size 64)."""
+    r = recipes.load(recipe, data_path=data_path, patch_norm=False, test_num_crop=1, num_workers=1, batch_size=16,
+                     **overrides)
     out = {}
     for split in ("train", "val"):
         loader = data.build_loader(data.shard_urls(data_path, split), r, train=False)
@@ -64,8 +66,8 @@ def cache(data_path="shards/synthetic/", recipe="recipes/tiny.yaml"):
             parts["label"].append(b["label"][keep])
         out[split] = {k: torch.cat(v) for k, v in parts.items()}
         print(f"{split}: {len(out[split]['label'])} clips", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.save(out, OUT / "cache.pt")
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, file)
 
 
 def normalise(video):                                          # uint8 [B, 3, T, S, S] -> ImageNet-normalised
@@ -121,8 +123,8 @@ def readouts(net, d, cfg):
         if cfg["target"] != "flow":
             idx = torch.arange(len(val["label"]))
             target, weight, widths = make_target(val, idx, cfg)
-            n = cfg["size"] // 16
-            mask = targets.tube_mask(np.random.default_rng(123), len(idx), 8, n, n, cfg["mask_ratio"], cfg["mask_type"])
+            t, n = cfg["frames"] // 2, cfg["size"] // 16
+            mask = targets.tube_mask(np.random.default_rng(123), len(idx), t, n, n, cfg["mask_ratio"], cfg["mask_type"])
             feats = net.encoder(normalise(val["video"]), mask)
             for name, f in (("own", feats), ("swap", feats.roll(1, 0)), ("zero", torch.zeros_like(feats))):
                 pred = net.decode(f, mask)
@@ -151,31 +153,32 @@ def token_r2(tokens, pos):
 
 def run(steps=300, target="mme", norm="patch", balance=False, shape=True, depth=12, mask_type="tube",
         mask_ratio=0.7, loss_visible=0.0, lr=1e-3, batch=8, weight_decay=0.05, seed=0, fixed_batch=False,
-        eval_every=0, threads=2, note=""):
+        eval_every=0, threads=2, cache_file=str(OUT / "cache.pt"), note=""):
     """One controlled run (module docstring); prints and appends its read-outs."""
     torch.set_num_threads(threads)
     balance, shape, fixed_batch = (str(v).lower() not in ("false", "0", "no") for v in (balance, shape, fixed_batch))
     cfg = dict(steps=steps, target=target, norm=norm, balance=balance, shape=shape, depth=depth, mask_type=mask_type,
                mask_ratio=mask_ratio, loss_visible=loss_visible, lr=lr, batch=batch, weight_decay=weight_decay,
-               seed=seed, fixed_batch=fixed_batch, size=112, note=note)
-    d = torch.load(OUT / "cache.pt", weights_only=True)
+               seed=seed, fixed_batch=fixed_batch, cache_file=cache_file, note=note)
+    d = torch.load(cache_file, weights_only=True)
     tr = d["train"]
+    cfg["frames"], cfg["size"] = tr["video"].shape[2], tr["video"].shape[-1]
     cfg["scales"] = [tr["pos"].float().pow(2).mean().sqrt().item(), tr["hog"].float().pow(2).mean().sqrt().item()]
     torch.manual_seed(seed)
     dim = {"pixel": 1536, "hog": 108, "flow": 2}.get(target, K * L * 2 + (K * L * 9 if shape else 0))
-    net = models.PretrainModel("tiny", 16, cfg["size"], dim, 1, 96, 3)
+    net = models.PretrainModel("tiny", cfg["frames"], cfg["size"], dim, 1, 96, 3)
     net.encoder.blocks = net.encoder.blocks[:depth]
     net.flow_head = torch.nn.Linear(net.encoder.dim, 2)
     opt = torch.optim.AdamW(param_groups(net, weight_decay), lr=0.0)
     rng = np.random.default_rng(seed)
-    warm, n, log, t0 = max(1, steps // 10), cfg["size"] // 16, [], time.time()
+    warm, t, n, log, t0 = max(1, steps // 10), cfg["frames"] // 2, cfg["size"] // 16, [], time.time()
     for step in range(steps):
         lr_now = lr * (step + 1) / warm if step < warm else 1e-5 + (lr - 1e-5) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         for group in opt.param_groups:
             group["lr"] = lr_now
         idx = torch.arange(batch) if fixed_batch else torch.from_numpy(rng.choice(len(tr["label"]), batch, replace=False))
         tgt, weight, widths = make_target(tr, idx, cfg)
-        mask = targets.tube_mask(rng, batch, 8, n, n, mask_ratio, mask_type)
+        mask = targets.tube_mask(rng, batch, t, n, n, mask_ratio, mask_type)
         loss = step_loss(net, tr["video"][idx], tgt, weight, mask, widths, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,9 +20,11 @@ def fake_runs(tmp_path, monkeypatch):
 
     def run(cmd, dry_run, log):
         calls.append(cmd)
+        if cmd[0] in ("pretrain.py", "finetune.py"):                # a plain run name, as recipe.load demands
+            assert "/" not in cmd[cmd.index("--name") + 1]
         if cmd[0] == "finetune.py" and not dry_run:
-            name = cmd[cmd.index("--name") + 1]
-            out = tmp_path / "runs" / name
+            out = tmp_path / cmd[cmd.index("--output_dir") + 1] / cmd[cmd.index("--name") + 1]   # cwd: ROOT
+            name = out.relative_to(tmp_path / "runs").as_posix()
             out.mkdir(parents=True, exist_ok=True)
             score = float(len(name) + int(name.split("/s")[-1].split("/")[0]))
             (out / "eval.json").write_text(json.dumps({"probe": {"top1": score}, "knn": {"top1": score / 2}}))
@@ -38,7 +40,7 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     assert len(pretrain) == (2 + 3) * 2 and len(frozen) == (2 + 4) * 2        # the random encoder is not pre-trained
     assert all("--epochs=2" in c for c in pretrain)
     assert ["--patch_norm=False"] == [a for a in pretrain[0] if a.startswith("--patch_norm")]
-    random_rows = [c for c in frozen if "random_encoder" in c[c.index("--name") + 1]]
+    random_rows = [c for c in frozen if "random_encoder" in c[c.index("--output_dir") + 1]]
     assert len(random_rows) == 2 and all(c[c.index("--finetune") + 1] == "null" for c in random_rows)
     text = (root / "docs" / "results.md").read_text()
     name = "ablate/table8/w_o_patch_norm/s{}/frozen"
@@ -60,7 +62,7 @@ def test_an_interrupted_table_continues_with_the_missing_cells(fake_runs):
     (root / "runs/ablate/table9/k_4/s0/frozen/eval.json").unlink()          # that cell was killed
     calls.clear()
     ablate.main(only="table9", seeds=1)
-    assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"] and "ablate/table9/k_4/s0" in calls[0]
+    assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"] and calls[0][calls[0].index("--output_dir") + 1].endswith("ablate/table9/k_4")
 
 
 def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
