@@ -173,7 +173,9 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
       short_side: resize frames to this short side (default 256; synthetic 128).
       quality: JPEG quality of stored frames.
       windows: at most this many clip windows per video (spread evenly, no overlap).
-      views: evaluation views per split, e.g. val=5 (Kinetics' 5 clips) or val=2 (SSv2's 2): exactly that many windows over the whole video, overlapping where it is short, instead of --windows; a number alone means every split but train.
+      views: evaluation views per split, e.g. val=5 (Kinetics' 5 clips) or val=2 (SSv2's 2): exactly
+        that many windows over the whole video, overlapping where it is short, instead of --windows;
+        a number alone means every split but train.
       shard_samples: samples per shard (a video's windows never straddle two shards).
       seed: synthetic dataset seed.
     """
@@ -374,7 +376,8 @@ def usage():
     """--help: the module's text, then every flag as users type it (--src k400, not fire's positional SRC)."""
     import textwrap
     doc = inspect.getdoc(main)
-    texts = dict(re.findall(r"^  (\w+): (.*)$", doc[doc.index("Args:"):], re.M))
+    texts = {name: " ".join(text.split()) for name, text in
+             re.findall(r"^  (\w+): (.*(?:\n    .*)*)", doc[doc.index("Args:"):], re.M)}
     lines = [f"{__doc__.strip()}\n", "usage: python extract.py --src SOURCE [--flag value ...]\n", "flags:"]
     for name, p in inspect.signature(main).parameters.items():
         default = p.default

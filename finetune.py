@@ -46,7 +46,7 @@ from torch.distributed.fsdp import fully_shard
 
 from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       save_checkpoint, set_lr, setup_distributed, timed)
+                       reached, save_checkpoint, set_lr, setup_distributed, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -183,6 +183,7 @@ def train(mode, recipe, **overrides):
             loss.backward()
             value = optimizer_step(clf, opt, loss, r["clip_grad"], world)
             step += 1
+            reached(step)
             if not math.isfinite(value):
                 fail(rank, f"loss is {value} at step {step}; lower base_lr or set clip_grad")
             if rank == 0:

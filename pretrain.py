@@ -39,7 +39,7 @@ from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       save_checkpoint, set_lr, setup_distributed, timed)
+                       reached, save_checkpoint, set_lr, setup_distributed, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -113,6 +113,7 @@ def main(recipe, **overrides):
                 continue
             value = optimizer_step(net, opt, loss, r["clip_grad"], world)
             step += 1
+            reached(step)
             if not math.isfinite(value):
                 fail(rank, f"loss is {value} at step {step}; last good checkpoint: {last_good or 'none'} "
                            f"(lower base_lr or set clip_grad, then rerun to resume from it)")

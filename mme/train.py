@@ -113,13 +113,22 @@ def timed(batches):
 
 
 last_checkpoint = None      # the newest checkpoint this process saved or resumed from (for interrupted())
+last_step = None            # the last optimizer step done (reached())
+
+
+def reached(step):
+    """The training loop's step, for the line interrupted() prints."""
+    global last_step
+    last_step = step
 
 
 def interrupted():
-    """The one line for Ctrl-C: where a rerun of the same command resumes."""
+    """The one line for Ctrl-C: the step the run stopped at, and where a rerun of the same command resumes."""
+    at = f" at step {last_step}" if last_step is not None else ""
     if last_checkpoint is None:
-        return "interrupted before the first checkpoint: rerunning the same command starts from the beginning"
-    return f"interrupted: rerun the same command to resume from {last_checkpoint}"
+        return f"interrupted{at} before the first checkpoint: rerunning the same command starts from the beginning"
+    step = last_checkpoint.name.removeprefix("step_")
+    return f"interrupted{at}: rerun the same command to resume from step {step} ({last_checkpoint})"
 
 
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
