@@ -15,6 +15,7 @@ Interrupted? Rerun the same command: finished shards are kept, the rest is redon
 import dataclasses
 import difflib
 import inspect
+import json
 import multiprocessing
 import os
 import random
@@ -211,6 +212,12 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
             raise PermissionError(f"{out} is not writable")
     except OSError as e:
         fail(f"cannot write to --out {out}: {e}")
+    try:
+        old = json.loads((out / "manifest.json").read_text()).get("schema")
+    except (OSError, ValueError, AttributeError):
+        old = shards.SCHEMA_VERSION
+    if old != shards.SCHEMA_VERSION:            # resuming would mix two versions in one folder
+        fail(f"--out {out} holds shards of schema {old}; this extract.py writes {shards.SCHEMA_VERSION}: extract into a new folder")
 
     workers = workers or os.cpu_count()
     total_samples = 0

@@ -69,7 +69,8 @@ class BaselineClips(torch.utils.data.IterableDataset):
             video = torch.from_numpy(((clip - mean) / std).transpose(3, 0, 1, 2).copy())
             traj = self.trajs[k % len(self.trajs)]
             d, g, v = (np.load(f"{traj}.{name}.npy") for name in ("disp", "hog", "valid"))
-            d, g, v = transforms.crop_tracks(d, g, v, box, size, data.GRID, hog_table=shards.HOG_TABLE)
+            disp_table, hog_table = shards.tables(shards.SCHEMA_VERSION)
+            d, g, v = transforms.crop_tracks(d, g, v, box, size, data.GRID, hog_table=hog_table, disp_table=disp_table)
             target, weight = targets.mme_target(d[None], g[None], v[None])
             yield video, target[0], weight[0]
 
@@ -126,9 +127,13 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, _wo
             with tarfile.open(shard) as tar:
                 for m in tar:
                     key, ext = m.name.split(".", 1)
-                    if ext in ("disp.npy", "hog.npy", "valid.npy"):
+                    if ext in shards.TRACKS[shards.SCHEMA_VERSION]:      # the .npy inside, uncompressed
                         stem = key.rsplit("_w", 1)[0].split("__")[-1]
-                        (tmp / "traj" / f"{stem}.{ext}").write_bytes(tar.extractfile(m).read())
+                        b = tar.extractfile(m).read()
+                        b = shards.unzst(b, 1 << 30) if ext.endswith(".zst") else b
+                        a = shards.npy_load(b)
+                        (tmp / "traj" / f"{stem}.{ext.removesuffix('.zst')}").write_bytes(
+                            shards.npy_bytes(a.view(np.uint8) if a.dtype == np.int8 else a))
         results = {}
         for c in sorted({1, cores}):
             for _ in range(repeats):

@@ -114,7 +114,7 @@ def prepare(raw, rng, recipe, train, decode=False):
         "name": name,
     }
     if tracks:
-        sample.update(disp=disp[..., :L, :], hog=hog[..., :L, :], valid=valid)
+        sample.update(disp=disp[..., :L, :], hog=hog[..., :L, :], valid=valid, schema=meta["schema"])
     frames = decode_frames(sample) if decode else None
     if decode and frames is None:
         return [None] * len(draws)
@@ -130,8 +130,10 @@ def prepare(raw, rng, recipe, train, decode=False):
                 ops, magnitude, std = recipe["rand_aug"]
                 item["video"] = augment.rand_augment(item["video"], rng, int(ops), magnitude, std)
             if tracks:
+                disp_table, hog_table = shards.tables(sample["schema"])
                 item["disp"], item["hog"], item["valid"] = transforms.crop_tracks(
-                    sample["disp"], sample["hog"], sample["valid"], box, size, GRID, flip, hog_table=shards.HOG_TABLE)
+                    sample["disp"], sample["hog"], sample["valid"], box, size, GRID, flip, hog_table=hog_table,
+                    disp_table=disp_table)
         items.append(item)
     return items
 
@@ -233,7 +235,9 @@ class Loader:
     def __init__(self, urls, recipe, train=True, rank=0, world_size=1, backend=None, device=None):
         self.recipe, self.train = recipe, train
         self.urls = shard_urls(urls, "train" if train else "val")
-        check_recipe(stream.check_schema(self.urls[0]), recipe, self.urls[0])
+        first = stream.check_schema(self.urls[0])
+        check_recipe(first, recipe, self.urls[0])
+        self.schema = first["schema"]                 # the DALI graph looks codes up in this version's tables
         self.batch = max(1, recipe["batch_size"] // (world_size * recipe.get("accum_steps", 1)))
         self.workers = recipe["num_workers"]
         self.per_sample = recipe["repeated_aug"] if train else recipe["test_num_crop"]   # items a sample gives
@@ -258,7 +262,7 @@ class Loader:
             raise ValueError("shuffle_frames runs in the torch backend's workers, not in DALI")
         self.dataset = _Samples(self.urls, recipe, train, rank, world_size, self.epoch_samples, self.workers,
                                 decode=self.backend == "torch")
-        self.pipe = _dali_pipeline(recipe, self.batch, self.device) if self.backend == "dali" else None
+        self.pipe = _dali_pipeline(recipe, self.batch, self.device, self.schema) if self.backend == "dali" else None
         self.epoch, self.done, self.rank = 0, 0, rank
 
     def __len__(self):
@@ -307,7 +311,7 @@ class Loader:
             if len(good) == len(items) or not good:
                 raise
             items[:] = good
-            self.pipe = _dali_pipeline(self.recipe, self.batch, self.device)
+            self.pipe = _dali_pipeline(self.recipe, self.batch, self.device, self.schema)
             return _run_dali(self.pipe, items, self.recipe, self.device)
 
     def finish(self, batch, mask_rng):
@@ -352,7 +356,7 @@ def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend=N
 
 # ---- the DALI backend: the same transforms as mme.transforms, per batch ----------------------
 
-def _dali_pipeline(recipe, batch, device):
+def _dali_pipeline(recipe, batch, device, schema=shards.SCHEMA_VERSION):
     """DALI graph: JPEG tile -> frames -> crop/resize/flip (uint8); trajectory maps -> the same
     crop/resize/flip in grid coordinates (mme.transforms.crop_maps's mapping: ROI shifted by half a
     source pixel, no antialiasing). A flip is a ROI whose x runs backwards (DALI's resize mirrors
@@ -382,14 +386,16 @@ def _dali_pipeline(recipe, batch, device):
             return pipe
         map_start = fn.external_source(name="map_start", dtype=types.FLOAT)
         map_end = fn.external_source(name="map_end", dtype=types.FLOAT)
-        disp = fn.external_source(name="disp", dtype=types.FLOAT16, layout="FHWC")
+        disp_table, hog_table = shards.tables(schema)
+        disp = fn.external_source(name="disp", dtype=types.FLOAT16 if disp_table is None else types.UINT8, layout="FHWC")
         hog = fn.external_source(name="hog", dtype=types.UINT8, layout="FHWC")
         valid = fn.external_source(name="valid", dtype=types.UINT8, layout="FHWC")
-        disp = fn.cast(disp.gpu() if gpu else disp, dtype=types.FLOAT)
-        # undo the HOG's log code before resampling, by table: exp() per element costs more than the resize
+        # undo the codes before resampling, by table: exp() per element costs more than the resize
         codes = list(range(256))
-        hog = fn.lookup_table(hog.gpu() if gpu else hog, keys=codes, values=shards.HOG_TABLE.tolist(),
-                              dtype=types.FLOAT)
+        disp = disp.gpu() if gpu else disp
+        disp = fn.cast(disp, dtype=types.FLOAT) if disp_table is None else \
+            fn.lookup_table(disp, keys=codes, values=disp_table.tolist(), dtype=types.FLOAT)
+        hog = fn.lookup_table(hog.gpu() if gpu else hog, keys=codes, values=hog_table.tolist(), dtype=types.FLOAT)
         valid = fn.cast(valid.gpu() if gpu else valid, dtype=types.FLOAT)
         maps = []
         for m in (disp, hog, valid):
@@ -398,6 +404,7 @@ def _dali_pipeline(recipe, batch, device):
             maps.append(m)
         pipe.set_outputs(video, *maps)
     pipe.build()
+    pipe.mme_schema = schema
     return pipe
 
 
@@ -405,6 +412,9 @@ def _run_dali(pipe, items, recipe, device):
     """One batch of prepared samples through the pipeline -> what Loader.decode returns."""
     tracks = recipe["target"] == "mme"
     feed = {"jpg": [it["jpg"] for it in items], "shape": [it["shape"] for it in items]}
+    if tracks and {it["schema"] for it in items} != {pipe.mme_schema}:
+        raise ValueError(f"shards of schema versions {sorted({it['schema'] for it in items} | {pipe.mme_schema})} mixed "
+                         "in one run of the DALI backend: re-extract the older ones, or use backend torch")
     if tracks:
         feed.update(disp=[_fhwc(it["disp"]) for it in items], hog=[_fhwc(it["hog"]) for it in items],
                     valid=[it["valid"].astype(np.uint8)[..., None] for it in items])

@@ -2,12 +2,16 @@
 
 A shard is a WebDataset tar; a sample is one clip window of a video, keyed `<video key>_w<k>`:
 
-    frames.jpg   the T sampled frames stacked vertically: one JPEG of [T*H, W, 3] (H, W multiples of 16)
-    disp.npy     float16 [T/2, H/g, W/g, L, 2]  per-step (dx, dy) px, camera removed, from each tubelet's first frame
-    hog.npy      uint8   [T/2, H/g, W/g, L, 9]  trajectory-aligned HOG, log-companded (decode_hog)
-    valid.npy    bool    [T/2, H/g, W/g]        eq. 7: the track stayed in the frame (and in the video)
-    cls          class index as text, "-1" when unknown
-    json         metadata: source video, frame indices, fps, sizes, label name, extractor params, schema
+    frames.jpg      the T sampled frames stacked vertically: one JPEG of [T*H, W, 3] (H, W multiples of 16)
+    disp.npy.zst    int8  [T/2, H/g, W/g, L, 2]  per-step (dx, dy) px, camera removed, from each tubelet's
+                    first frame, in a fixed-point code (decode_disp: 1/16 px to 3.75 px, 1/4 px to 20.5 px)
+    hog.npy.zst     uint8 [T/2, H/g, W/g, L, 9]  trajectory-aligned HOG, 6-bit log code 0..63 (decode_hog)
+    valid.npy.zst   bool  [T/2, H/g, W/g]        eq. 7: the track stayed in the frame (and in the video)
+    cls             class index as text, "-1" when unknown
+    json            metadata: source video, frame indices, fps, sizes, label name, extractor params, schema
+
+The .npy.zst members are .npy files compressed with Zstandard (a frame each). Version 1 shards (float16
+disp.npy, 8-bit hog.npy, plain .npy members) are still read (READABLE); anything else is refused.
 
     sample = encode(key, frames, traj, label, meta)   # -> dict for webdataset.TarWriter
     clip = decode(sample)                             # -> dict of numpy arrays (the reference decoder)
@@ -24,26 +28,76 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import zstandard
 
-SCHEMA_VERSION = 1
-HOG_MAX = 0.25        # mean Sobel magnitude per bin (intensity/px) stored as 255; larger values clip
-HOG_KNEE = 1e-3       # below this the code is ~linear, above it ~logarithmic
+SCHEMA_VERSION = 2
+READABLE = (1, 2)     # versions the loader reads: 1 as extracted before, without re-extraction
 JPEG_QUALITY = 90
+ZSTD_LEVEL = 9        # compression level of the .npy.zst members (decoding speed is the same at any level)
+
+# HOG (eq. 5): mean Sobel magnitude per bin, intensity/px, log-companded (mu-law) into HOG_CODES + 1 levels
+# from 0 to HOG_MAX (larger values clip), ~linear below the knee, ~logarithmic above it. Under patch norm
+# the target's shape part moves by 0.07 of its std rms (v1's 8-bit code: 0.01), docs/shards.md.
+HOG_MAX = 0.25
+HOG_KNEE = {1: 1e-3, 2: 1e-2}
+HOG_CODES = {1: 255, 2: 63}
 
 
-def encode_hog(hog):
-    """float HOG -> uint8, log-companded (mu-law): ~2% relative steps from 1e-3 to HOG_MAX, where
-    a linear code would round most values (typically 1e-3 .. 1e-2) to a few levels."""
-    q = np.log1p(np.clip(hog, 0, HOG_MAX) / HOG_KNEE) * (255 / np.log1p(HOG_MAX / HOG_KNEE))
+def _hog_table(version):
+    top, knee = HOG_CODES[version], HOG_KNEE[version]
+    codes = np.minimum(np.arange(256), top)            # bytes past the top code (a damaged file) read as HOG_MAX
+    return (knee * np.expm1(codes * (np.log1p(HOG_MAX / knee) / top))).astype(np.float32)
+
+
+HOG_TABLES = {v: _hog_table(v) for v in READABLE}
+HOG_TABLE = HOG_TABLES[SCHEMA_VERSION]                 # the table of what encode_hog writes
+
+
+def encode_hog(hog, version=SCHEMA_VERSION):
+    """float HOG -> uint8 codes 0..HOG_CODES[version]."""
+    top, knee = HOG_CODES[version], HOG_KNEE[version]
+    q = np.log1p(np.clip(hog, 0, HOG_MAX) / knee) * (top / np.log1p(HOG_MAX / knee))
     return np.round(q).astype(np.uint8)
 
 
-HOG_TABLE = (HOG_KNEE * np.expm1(np.arange(256) * (np.log1p(HOG_MAX / HOG_KNEE) / 255))).astype(np.float32)
-
-
-def decode_hog(q):
+def decode_hog(q, version=SCHEMA_VERSION):
     """uint8 codes -> float32 HOG, by table (8x faster than expm1 per element)."""
-    return HOG_TABLE[q]
+    return HOG_TABLES[version][q]
+
+
+# Displacements (version 2): int8 fixed point, 1/16 px steps up to DISP_KNEE codes (3.75 px), then 1/4 px
+# steps up to code 127 (20.5 px), which covers every displacement the tracker makes (mme.flow.MAX_FLOW, 20 px):
+# nothing saturates. Error added: at most 1/32 px per coordinate below 3.75 px, 1/8 px above.
+DISP_FINE, DISP_COARSE, DISP_KNEE = 16, 4, 60
+
+
+def encode_disp(disp):
+    """float px -> int8 codes (see DISP_FINE); values past 20.5 px (none from mme.trajectory) saturate."""
+    a = np.abs(np.asarray(disp, np.float32))
+    knee = DISP_KNEE / DISP_FINE
+    q = np.where(a <= knee, np.round(a * DISP_FINE), DISP_KNEE + np.round((a - knee) * DISP_COARSE))
+    return (np.sign(disp) * np.minimum(q, 127)).astype(np.int8)
+
+
+def _disp_table():
+    q = np.arange(256).astype(np.uint8).view(np.int8).astype(np.float64)    # table index: the code's byte
+    a = np.abs(q)
+    v = np.where(a <= DISP_KNEE, a / DISP_FINE, DISP_KNEE / DISP_FINE + (a - DISP_KNEE) / DISP_COARSE)
+    return (np.sign(q) * v).astype(np.float32)
+
+
+DISP_TABLE = _disp_table()                             # indexed by the code's byte (uint8 view of the int8)
+
+
+def decode_disp(q):
+    """int8 codes (or their uint8 view) -> float32 px, by table."""
+    return DISP_TABLE[np.asarray(q).view(np.uint8)]
+
+
+def tables(version):
+    """(disp table, HOG table) a loader looks the stored codes up in: disp None where it is stored as
+    float16 (version 1)."""
+    return (DISP_TABLE if version >= 2 else None), HOG_TABLES[version]
 
 
 def npy_bytes(a):
@@ -56,64 +110,98 @@ def npy_load(b):
     return np.load(io.BytesIO(b), allow_pickle=False)
 
 
+def zst(b):
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(b)
+
+
+def unzst(b, limit):
+    """Decompress one zstd frame of at most `limit` bytes (a damaged or hostile member cannot blow up memory)."""
+    size = zstandard.frame_content_size(b)
+    if size > limit:
+        raise ValueError(f"says it holds {size} bytes, more than the schema's {limit}")
+    return _DECOMPRESSOR.decompress(b, max_output_size=limit)
+
+
+_DECOMPRESSOR = zstandard.ZstdDecompressor()
+
+
+TRACKS = {1: ("disp.npy", "hog.npy", "valid.npy"), 2: ("disp.npy.zst", "hog.npy.zst", "valid.npy.zst")}
+
+
 def encode(key, frames, disp, hog, valid, label, meta, quality=JPEG_QUALITY):
-    """One sample. frames uint8 [T, H, W, 3] RGB; disp/hog/valid as trajectories() returns them for the
-    T/2 tubelet starts (float)."""
+    """One sample (of meta["schema"], SCHEMA_VERSION unless a test writes version 1). frames uint8
+    [T, H, W, 3] RGB; disp/hog/valid as trajectories() returns them for the T/2 tubelet starts (float)."""
     T, H, W, _ = frames.shape
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frames.reshape(T * H, W, 3), cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     assert ok, "JPEG encoding failed"
-    return {
-        "__key__": key,
-        "frames.jpg": jpg.tobytes(),
-        "disp.npy": npy_bytes(disp.astype(np.float16)),
-        "hog.npy": npy_bytes(encode_hog(hog)),
-        "valid.npy": npy_bytes(valid.astype(bool)),
-        "cls": str(int(label)).encode(),
-        "json": json.dumps(meta, sort_keys=True).encode(),
-    }
+    if meta.get("schema", SCHEMA_VERSION) == 1:
+        arrays = (disp.astype(np.float16), encode_hog(hog, 1), valid.astype(bool))
+        tracks = dict(zip(TRACKS[1], map(npy_bytes, arrays)))
+    else:
+        arrays = (encode_disp(disp), encode_hog(hog), valid.astype(bool))
+        tracks = {name: zst(npy_bytes(a)) for name, a in zip(TRACKS[2], arrays)}
+    return {"__key__": key, "frames.jpg": jpg.tobytes(), **tracks,
+            "cls": str(int(label)).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 
-COMPONENTS = ("frames.jpg", "disp.npy", "hog.npy", "valid.npy", "cls", "json")
+COMPONENTS = ("frames.jpg", *TRACKS[SCHEMA_VERSION], "cls", "json")
+
+
+def components(version):
+    return ("frames.jpg", *TRACKS[version], "cls", "json")
+
+
+def refusal(version):
+    """The one line for shards of a version this code does not read."""
+    return f"shard schema {version!r}, this code reads {' and '.join(map(str, READABLE))}: re-extract with extract.py"
 
 
 def decode(sample):
     """Reference decoder of one raw sample (dict of bytes, as a tar yields it) into numpy arrays:
     frames uint8 [T, H, W, 3] RGB, disp float32, hog float32, valid bool, label int, meta dict."""
-    missing = [c for c in COMPONENTS if c not in sample]
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    version = meta.get("schema")
+    missing = [c for c in components(version if version in READABLE else SCHEMA_VERSION) if c not in sample]
     if missing:
         raise ValueError(f"sample {sample.get('__key__')}: missing {', '.join(missing)}")
-    meta = json.loads(sample["json"])
-    if meta.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"sample {sample.get('__key__')}: schema {meta.get('schema')}, this code reads {SCHEMA_VERSION}")
+    if version not in READABLE:
+        raise ValueError(f"sample {sample.get('__key__')}: {refusal(version)}")
+    disp, hog, valid = (npy_load(unzst(sample[n], 1 << 30) if n.endswith(".zst") else sample[n]) for n in TRACKS[version])
+    disp_table, hog_table = tables(version)
     tile = cv2.imdecode(np.frombuffer(sample["frames.jpg"], np.uint8), cv2.IMREAD_COLOR)
     T = meta["num_frames"]
     frames = cv2.cvtColor(tile, cv2.COLOR_BGR2RGB).reshape(T, tile.shape[0] // T, tile.shape[1], 3)
     return {
         "key": sample["__key__"], "frames": frames,
-        "disp": npy_load(sample["disp.npy"]).astype(np.float32),
-        "hog": decode_hog(npy_load(sample["hog.npy"])),
-        "valid": npy_load(sample["valid.npy"]),
+        "disp": disp.astype(np.float32) if disp_table is None else decode_disp(disp),
+        "hog": hog_table[hog], "valid": valid,
         "label": int(sample["cls"]), "meta": meta,
     }
 
 
 def parse(sample, tracks=True):
-    """Check one raw sample against the schema and parse what the loader reads: (meta, label, disp,
-    hog, valid), the arrays as stored (float16, uint8 codes, bool; None unless `tracks`). The JPEG is
-    left to the decoder. Raises ValueError naming the component and what is wrong: one bad sample in
-    a million is skipped by the loader with that line, not a crash."""
-    missing = [c for c in COMPONENTS if c not in sample]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
+    """Check one raw sample against the schema (a version in READABLE) and parse what the loader reads:
+    (meta, label, disp, hog, valid), the arrays as stored, their codes looked up in tables(meta["schema"])
+    (version 2: disp uint8, the bytes of the int8 codes; hog uint8 codes; valid bool. Version 1: disp
+    float16, hog uint8 codes; None unless `tracks`). The JPEG is left to the decoder. Raises ValueError
+    naming the component and what is wrong: one bad sample in a million is skipped by the loader with
+    that line, not a crash."""
+    for c in ("json", "frames.jpg", "cls"):
+        if c not in sample:
+            raise ValueError(f"missing {c}")
     try:
         meta = json.loads(sample["json"])
         if not isinstance(meta, dict):
             raise ValueError(f"a {type(meta).__name__}, not an object")
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"json: not a JSON object ({' '.join(str(e).split())})") from None
-    if meta.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"json: schema {meta.get('schema')!r}, this code reads {SCHEMA_VERSION}")
+    version = meta.get("schema")
+    if version not in READABLE:
+        raise ValueError(f"json: {refusal(version)}")
+    missing = [c for c in TRACKS[version] if c not in sample] if tracks else []
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
     p, size, T = meta.get("params"), meta.get("size"), meta.get("num_frames")
     if not (_whole(T) and T > 0 and T % 2 == 0 and isinstance(p, dict) and all(_whole(p.get(k)) and p[k] > 0 for k in
             ("grid", "length", "stride")) and isinstance(size, list) and len(size) == 2
@@ -130,9 +218,10 @@ def parse(sample, tracks=True):
         return meta, label, None, None, None
     (w, h), g, L = size, p["grid"], p["length"]
     grid = (T // 2, h // g, w // g)
-    arrays = [_array(sample, name, dtype, grid + tail)
-              for name, dtype, tail in (("disp.npy", np.float16, (L, 2)), ("hog.npy", np.uint8, (L, 9)), ("valid.npy", np.bool_, ()))]
-    return (meta, label, *arrays)
+    dtypes = (np.float16, np.uint8, np.bool_) if version == 1 else (np.int8, np.uint8, np.bool_)
+    disp, hog, valid = [_array(sample, name, dtype, grid + tail) for name, dtype, tail in
+                        zip(TRACKS[version], dtypes, ((L, 2), (L, 9), ()))]
+    return meta, label, (disp.view(np.uint8) if version > 1 else disp), hog, valid
 
 
 def _whole(x):
@@ -141,7 +230,10 @@ def _whole(x):
 
 def _array(sample, name, dtype, shape):
     try:
-        a = npy_load(sample[name])
+        b = sample[name]
+        if name.endswith(".zst"):                        # the .npy inside: 128-byte header + the array
+            b = unzst(b, 4096 + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        a = npy_load(b)
     except Exception as e:                               # garbage, a pickle (object dtype), a cut file
         raise ValueError(f"{name}: not a NumPy array file ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     if a.dtype != dtype or a.shape != shape:

@@ -5,7 +5,9 @@ directories and their manifest.json, s3:// URLs), reading them as they stream in
 (rank, worker) gets which sample. It yields raw samples, never decoded ones:
 
     {"__key__": "abc_000010_000020_w1", "__url__": "shards/k400/train-000-000003.tar",
-     "frames.jpg": b"...", "disp.npy": b"...", "hog.npy": b"...", "valid.npy": b"...", "cls": b"7", "json": b"{...}"}
+     "frames.jpg": b"...", "disp.npy.zst": b"...", "hog.npy.zst": b"...", "valid.npy.zst": b"...", "cls": b"7", "json": b"{...}"}
+
+(schema version 1's disp.npy, hog.npy, valid.npy in place of the .npy.zst members: mme.shards.READABLE.)
 
 Shards are plain (uncompressed) tars as extract.py writes them. Decoding and augmentation live
 elsewhere (mme.shards.decode is the reference decoder).
@@ -58,10 +60,11 @@ from braceexpand import braceexpand                      # webdataset's own brac
 from webdataset.gopen import gopen, gopen_schemes        # opens local paths and URLs by scheme
 from webdataset.tariterators import base_plus_ext        # "dir/key.frames.jpg" -> ("dir/key", "frames.jpg")
 
-from mme.shards import SCHEMA_VERSION
+from mme.shards import READABLE, refusal
 
 log = logging.getLogger(__name__)
-REQUIRED = ("frames.jpg", "disp.npy", "hog.npy", "valid.npy", "cls", "json")
+# a sample's components; a tuple: one of them (schema version 2's member, or version 1's)
+REQUIRED = ("frames.jpg", ("disp.npy.zst", "disp.npy"), ("hog.npy.zst", "hog.npy"), ("valid.npy.zst", "valid.npy"), "cls", "json")
 
 # -----------------------------------------------------------------------------
 # S3
@@ -258,8 +261,8 @@ def split_urls(urls, split):
         manifest = read_manifest(folder)
         if manifest is None:
             raise FileNotFoundError(f"{folder}: no manifest.json")
-        if manifest.get("schema") != SCHEMA_VERSION:
-            raise SchemaError(f"{folder}/manifest.json: shard schema {manifest.get('schema')}, this code reads {SCHEMA_VERSION}")
+        if manifest.get("schema") not in READABLE:
+            raise SchemaError(f"{folder}/manifest.json: {refusal(manifest.get('schema'))}")
         if split not in manifest.get("splits", {}):
             raise ValueError(f"{folder}/manifest.json: no split {split!r} (has {', '.join(manifest.get('splits', {})) or 'none'})")
         out.update(posixpath.join(folder, name) for name in manifest["splits"][split]["shards"])
@@ -330,7 +333,7 @@ def read_shard(url, required=REQUIRED, keep=None, warn=True):
         where = f" in sample {key}; skipping the rest of the shard" if key else "; shard skipped"
         if warn:
             log.warning(f"{url}: {one_line(e)}{where}")
-        if sample is not None and all(c in sample for c in required):
+        if sample is not None and not lacking(sample, required):
             yield sample                                 # everything it needs arrived before the damage
     return n
 
@@ -338,11 +341,17 @@ def read_shard(url, required=REQUIRED, keep=None, warn=True):
 def complete(sample, required):
     """Yield the sample if it has every required component, else warn and drop it (a broken writer, or
     a member lost: webdataset would yield it partial)."""
-    missing = [c for c in required if c not in sample]
+    missing = lacking(sample, required)
     if missing:
         log.warning(f"{sample['__url__']}: sample {sample['__key__']} lacks {', '.join(missing)}; skipped")
     else:
         yield sample
+
+
+def lacking(sample, required):
+    """The required components (str, or a tuple of alternatives: its first named) that sample lacks."""
+    return [c[0] if isinstance(c, tuple) else c for c in required
+            if not any(a in sample for a in (c if isinstance(c, tuple) else (c,)))]
 
 
 class SchemaError(ValueError):
@@ -350,18 +359,18 @@ class SchemaError(ValueError):
 
 
 def check_version(json_bytes, url):
-    """Raise SchemaError unless a sample's json says schema SCHEMA_VERSION."""
+    """Raise SchemaError unless a sample's json says a schema in READABLE."""
     try:
         meta = json.loads(json_bytes)
     except ValueError:
         return                                           # a broken sample, not a version: the loader skips it
     v = meta.get("schema") if isinstance(meta, dict) else None
-    if v != SCHEMA_VERSION:
-        raise SchemaError(f"{url}: shard schema {v}, this code reads {SCHEMA_VERSION}")
+    if v not in READABLE:
+        raise SchemaError(f"{url}: {refusal(v)}")
 
 
 def check_schema(url):
-    """Read the first sample's json of a shard; raise ValueError unless its schema is SCHEMA_VERSION
+    """Read the first sample's json of a shard; raise ValueError unless its schema is in READABLE
     (the check before a run starts; read_shard checks every shard it opens). Returns the meta dict."""
     with closing(read_shard(url, required=("json",))) as it:
         sample = next(it, None)

@@ -121,14 +121,14 @@ def finish_tracks(disp, hog, valid, box, size, flip):
     return disp * scale, hog, valid > 0.999
 
 
-def crop_tracks(disp, hog, valid, box, size, grid, flip=False, hog_table=None):
-    """Trajectories through a given crop box and flip: disp [T', gh, gw, L, 2], hog float
-    [T', gh, gw, L, 9] (or its uint8 codes and hog_table), valid [T', gh, gw] -> disp, hog at
-    [T', S/g, S/g, L, c] in output units, valid bool [T', S/g, S/g]."""
+def crop_tracks(disp, hog, valid, box, size, grid, flip=False, hog_table=None, disp_table=None):
+    """Trajectories through a given crop box and flip: disp [T', gh, gw, L, 2] (or its uint8 codes and
+    disp_table), hog float [T', gh, gw, L, 9] (or its uint8 codes and hog_table), valid [T', gh, gw] ->
+    disp, hog at [T', S/g, S/g, L, c] in output units, valid bool [T', S/g, S/g]."""
     disp, hog, valid = (torch.as_tensor(x) for x in (disp, hog, valid))
     Tp, gh, gw, L, _ = disp.shape
     n = size // grid
-    d = crop_maps(disp.reshape(Tp, gh, gw, L * 2), box, size, grid, flip).reshape(Tp, n, n, L, 2)
+    d = crop_maps(disp.reshape(Tp, gh, gw, L * 2), box, size, grid, flip, disp_table).reshape(Tp, n, n, L, 2)
     g = crop_maps(hog.reshape(Tp, gh, gw, L * BINS), box, size, grid, flip, hog_table).reshape(Tp, n, n, L, BINS)
     v = crop_maps(valid.float()[..., None], box, size, grid, flip)[..., 0]
     return finish_tracks(d, g, v, box, size, flip)

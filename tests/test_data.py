@@ -83,9 +83,9 @@ def test_targets_are_true_motion_times_scale(known_motion, backend):
         torch.testing.assert_close(pos[..., 0], torch.full_like(pos[..., 0], sign * 1.25 * S / cw), atol=2e-3, rtol=0)
         torch.testing.assert_close(pos[..., 1], torch.full_like(pos[..., 1], -0.5 * S / ch), atol=2e-3, rtol=0)
         hog = b["target"][i, :, 4 * 4 * 2:].reshape(-1, 4, 4, 9)
-        bins = torch.arange(1, 10, dtype=torch.float32) * 0.01
+        bins = torch.from_numpy(shards.decode_hog(shards.encode_hog(np.arange(1, 10, dtype=np.float32) * 0.01)))  # as stored
         expect = bins.flip(0) if b["flip"][i] else bins
-        torch.testing.assert_close(hog, expect.expand_as(hog), atol=3e-4, rtol=0.02)   # log-coded uint8
+        torch.testing.assert_close(hog, expect.expand_as(hog), atol=1e-6, rtol=1e-5)
         assert torch.all(b["weight"][i] == 1) and b["label"][i] == 3
     assert b["video"].shape == (4, 3, T, S, S)
 
@@ -210,6 +210,47 @@ def test_repeated_sampling_and_randaugment(synth):
         data.build_loader(synth, make_recipe(batch_size=3, repeated_aug=2))
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_repeated_aug_in_pretraining_reads_and_decodes_once(synth, monkeypatch, k):
+    """Issue #12 (b): with repeated_aug k in pre-training, one read and one JPEG decode of a sample serve
+    k clips, each with its own crop, flip, mask and MME target."""
+    decoded, read = [], []
+    real_decode, real_prepare = data.decode_frames, data.prepare
+    monkeypatch.setattr(data, "decode_frames", lambda item: decoded.append(item["key"]) or real_decode(item))
+    monkeypatch.setattr(data, "prepare", lambda raw, *a, **kw: read.append(raw["__key__"]) or real_prepare(raw, *a, **kw))
+    r = make_recipe(batch_size=2 * k, repeated_aug=k, seed=3)
+    b = next(iter(data.build_loader(synth, r, backend="torch")))
+    assert len(b["key"]) == 2 * k and len(set(b["key"])) == 2
+    assert sorted(decoded) == sorted(read) == sorted(set(b["key"])), (decoded, read)      # 1 read, 1 decode per sample
+    for i in range(0, 2 * k, k):
+        clips = range(i, i + k)
+        assert len({tuple(b["box"][j].tolist()) + (bool(b["flip"][j]),) for j in clips}) > 1      # different crops
+        assert len({tuple(b["mask"][j].tolist()) for j in clips}) == k                          # different masks
+        assert b["target"][i].shape == (T // 2 * (S // 16) ** 2, 4 * 4 * 2 + 4 * 4 * 9)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_version_1_shards_are_still_read(tmp_path, backend):
+    """Shards extracted before schema version 2 (float16 disp.npy, 8-bit hog.npy) need no re-extraction."""
+    h, w, L = 80, 96, 4
+    frames = np.stack([synthetic.texture(np.random.default_rng(i), h, w) for i in range(T)])
+    disp = np.broadcast_to(np.float32([1.3, -0.45]), (T // 2, h // 8, w // 8, L, 2))       # not on v2's 1/16 px steps
+    hog = np.broadcast_to(np.arange(1, 10, dtype=np.float32) * 0.01, (T // 2, h // 8, w // 8, L, 9))
+    valid = np.ones((T // 2, h // 8, w // 8), bool)
+    meta = {"schema": 1, "num_frames": T, "size": [w, h], "video_key": "k", "params": {"stride": 2, "length": L, "grid": 8}}
+    write_shard(tmp_path / "train-000-000000.tar", [shards.encode(f"k_w{i:02d}", frames, disp, hog, valid, 3, meta) for i in range(4)])
+    b = next(iter(data.build_loader(str(tmp_path / "train-000-000000.tar"), make_recipe(patch_norm=False, batch_size=4), backend=backend)))
+    for i in range(4):
+        x0, y0, cw, ch = b["box"][i].tolist()
+        pos = b["target"][i, :, :4 * 4 * 2].reshape(-1, 4, 4, 2)
+        sign = -1.0 if b["flip"][i] else 1.0
+        torch.testing.assert_close(pos[..., 0], torch.full_like(pos[..., 0], sign * 1.3 * S / cw), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(pos[..., 1], torch.full_like(pos[..., 1], -0.45 * S / ch), atol=2e-3, rtol=1e-3)
+        bins = torch.from_numpy(shards.decode_hog(shards.encode_hog(np.arange(1, 10, dtype=np.float32) * 0.01, 1), 1))
+        hog_t = b["target"][i, :, 4 * 4 * 2:].reshape(-1, 4, 4, 9)
+        torch.testing.assert_close(hog_t, (bins.flip(0) if b["flip"][i] else bins).expand_as(hog_t), atol=1e-6, rtol=1e-5)
+
+
 def test_shuffled_frames_keep_each_frame_s_own_trajectories(synth):
     """Fig. 3's switch: every clip's frames come in a random order (the same crop as without it), and
     tubelet j's target is the trajectory map of the tubelet its first frame came from."""
@@ -238,14 +279,24 @@ def _npy(a, allow_pickle=False):
     return buf.getvalue()
 
 
+def _zst(a, allow_pickle=False):
+    return shards.zst(_npy(a, allow_pickle))
+
+
+def _stored(s, name):
+    return shards.npy_load(shards.unzst(s[name], 10 ** 7))
+
+
 MALFORMED = {   # issue #10 point 2: each crashed the DataLoader with a long traceback
-    "valid.npy wrong shape": lambda s: {"valid.npy": _npy(np.zeros((1, 2, 3), bool))},
-    "garbage .npy": lambda s: {"disp.npy": b"\x93NUMPY garbage" + bytes(range(200))},
-    "object-dtype .npy": lambda s: {"hog.npy": _npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)},
+    "valid.npy wrong shape": lambda s: {"valid.npy.zst": _zst(np.zeros((1, 2, 3), bool))},
+    "garbage .npy": lambda s: {"disp.npy.zst": shards.zst(b"\x93NUMPY garbage" + bytes(range(200)))},
+    "garbage zstd": lambda s: {"disp.npy.zst": b"\x28\xb5\x2f\xfd garbage" + bytes(range(200))},
+    "zstd bomb": lambda s: {"hog.npy.zst": shards.zst(bytes(10 ** 7))},
+    "object-dtype .npy": lambda s: {"hog.npy.zst": _zst(np.array([{"a": 1}], dtype=object), allow_pickle=True)},
     "cls abc": lambda s: {"cls": b"abc"},
     "invalid json": lambda s: {"json": b"{not json"},
-    "float64 hog.npy": lambda s: {"hog.npy": _npy(np.load(__import__("io").BytesIO(s["hog.npy"])).astype(np.float64))},
-    "float32 disp.npy": lambda s: {"disp.npy": _npy(np.load(__import__("io").BytesIO(s["disp.npy"])).astype(np.float32))},
+    "float64 hog.npy": lambda s: {"hog.npy.zst": _zst(_stored(s, "hog.npy.zst").astype(np.float64))},
+    "float16 disp.npy (version 1's) in a version 2 sample": lambda s: {"disp.npy.zst": _zst(_stored(s, "disp.npy.zst").astype(np.float16))},
     "json without size": lambda s: {"json": json.dumps({k: v for k, v in json.loads(s["json"]).items() if k != "size"}).encode()},
 }
 

@@ -140,7 +140,7 @@ def test_synthetic_manifest(synthetic_run):
     out, r = synthetic_run
     ok(r)
     m = manifest(out)
-    assert m["schema"] == 1
+    assert m["schema"] == shardlib.SCHEMA_VERSION
     assert set(m["splits"]) == {"train", "val"}
     assert m["videos"] == 12 and m["samples"] == 12       # synthetic clips are one window long
     for split in ("train", "val"):
@@ -179,7 +179,7 @@ def test_synthetic_samples_decode(synthetic_run):
         assert s["disp"].shape == (8, 8, 10, 6, 2)
         assert s["hog"].shape == (8, 8, 10, 6, 9)
         assert s["valid"].shape == (8, 8, 10) and s["valid"].dtype == bool
-        assert meta["schema"] == 1
+        assert meta["schema"] == shardlib.SCHEMA_VERSION
         idx = meta["frame_indices"]
         assert len(idx) == 16 and all(b - a == 3 for a, b in zip(idx, idx[1:]))
         assert s["key"] == f"{meta['video_key']}_w00"
@@ -728,3 +728,12 @@ def test_views_per_split_at_extraction(tmp_path):
     assert len({(x["video_key"], tuple(x["frame_indices"])) for x in metas}) == 9    # 3 different clips a video
     r = extract("--src", "synthetic", "--out", tmp_path / "bad", "--split", "val", "--views", "vla=2")
     assert r.returncode == 2 and "--views" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_refuses_to_resume_into_an_older_schema(tmp_path):
+    """Issue #12: schema 2 extraction into a folder of version 1 shards would mix versions: one line, no work."""
+    (tmp_path / "manifest.json").write_text('{"schema": 1, "splits": {}}')
+    r = subprocess.run([sys.executable, str(REPO / "extract.py"), "--src", "synthetic", "--out", str(tmp_path), "--limit", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "holds shards of schema 1" in r.stderr and "new folder" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("*.tar"))

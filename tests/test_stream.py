@@ -105,7 +105,7 @@ def test_schema_check(data, tmp_path):
     tr = train(data)
     assert stream.check_schema(tr[1])["video_key"] == "train-000001_v0_w0"
     write_tar(tmp_path / "old.tar", [make_sample("a_w0", 0, schema=99)])
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}/old.tar: shard schema 99, this code reads {shards.SCHEMA_VERSION}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}/old.tar: shard schema 99, this code reads 1 and 2: re-extract with extract.py$"):
         stream.check_schema(str(tmp_path / "old.tar"))
 
 
@@ -114,15 +114,15 @@ def test_every_shard_s_schema_is_checked(data, tmp_path, caplog):
     """Issue #10 point 3: only the first URL's version was checked; now every shard's, as it is opened."""
     d, content = data
     tr = train(data)
-    write_tar(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=2) for i in range(4)])
+    write_tar(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=3) for i in range(4)])
     urls = [tr[0], str(tmp_path / "old.tar"), tr[2]]
     assert [strip(s) for s in stream.samples(urls, resampled=False)] == content[tr[0]] + content[tr[2]]
-    assert warnings_of(caplog) == [f"{tmp_path}/old.tar: shard schema 2, this code reads {shards.SCHEMA_VERSION}; shard skipped"]
+    assert warnings_of(caplog) == [f"{tmp_path}/old.tar: shard schema 3, this code reads 1 and 2: re-extract with extract.py; shard skipped"]
     parts = run(urls, world_size=1, num_workers=3, resampled=False)           # every worker refuses it, none drifts
     assert sorted(keys(parts[0, 0] + parts[0, 1] + parts[0, 2])) == sorted(keys(content[tr[0]] + content[tr[2]]))
     assert not [k for k in keys(stream.samples(urls, epoch_samples=40)) if k.startswith("old")]     # training
-    (tmp_path / "manifest.json").write_text('{"schema": 2, "splits": {"train": {"shards": {"old.tar": 4}}}}')
-    with pytest.raises(ValueError, match=f"manifest.json: shard schema 2, this code reads {shards.SCHEMA_VERSION}"):
+    (tmp_path / "manifest.json").write_text('{"schema": 3, "splits": {"train": {"shards": {"old.tar": 4}}}}')
+    with pytest.raises(ValueError, match="manifest.json: shard schema 3, this code reads 1 and 2: re-extract"):
         stream.split_urls(str(tmp_path), "train")
 
 # -----------------------------------------------------------------------------
@@ -259,11 +259,11 @@ def test_garbage_and_missing_shards(data, tmp_path, caplog, junk):
 def test_missing_component(data, tmp_path, caplog):
     d, content = data
     samples = [make_sample(f"m{i}_w0", 100 + i) for i in range(4)]
-    del samples[1]["hog.npy"], samples[3]["cls"]                              # in the middle and at the end
+    del samples[1]["hog.npy.zst"], samples[3]["cls"]                              # in the middle and at the end
     write_tar(tmp_path / "m.tar", samples)
     got = list(stream.samples([str(tmp_path / "m.tar")], resampled=False))
     assert [strip(s) for s in got] == [samples[0], samples[2]]
-    assert warnings_of(caplog) == [f"{tmp_path}/m.tar: sample m1_w0 lacks hog.npy; skipped",
+    assert warnings_of(caplog) == [f"{tmp_path}/m.tar: sample m1_w0 lacks hog.npy.zst; skipped",
                                    f"{tmp_path}/m.tar: sample m3_w0 lacks cls; skipped"]
     caplog.clear()                                                           # fewer required: kept
     assert keys(stream.samples([str(tmp_path / "m.tar")], resampled=False, required=("json",))) == [f"m{i}_w0" for i in range(4)]

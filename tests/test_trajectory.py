@@ -84,3 +84,25 @@ def test_static_video_is_still_and_hog_constant():
     assert tr.valid.all()
     np.testing.assert_allclose(tr.hog[:, :, :, 1:], tr.hog[:, :, :, :1].repeat(3, axis=3), atol=1e-3)
     assert tr.hog.sum(-1).min() > 0
+
+
+@pytest.mark.parametrize("label", [0, 4])                # translation, rotation; camera pans
+def test_storage_adds_at_most_005_px(label):
+    """Issue #12: the shards' int8 displacement code (mme.shards, schema 2) adds <= 0.05 px median error to
+    the tracks, and the stored tracks still meet the 0.25 px ground-truth bound."""
+    from mme import shards
+    added, err = [], []
+    H, W = SIZE
+    gx, gy = grid_points(H, W, GRID)
+    for seed in range(2):
+        clip = synthetic.clip(seed, seed=seed, size=SIZE, num_frames=T, camera_prob=1.0, label=label)
+        tr = trajectories(clip.frames, length=L, grid=GRID, camera=True, starts=STARTS)
+        stored = shards.decode_disp(shards.encode_disp(tr.disp))
+        added.append(np.linalg.norm(stored - tr.disp, axis=-1).ravel())
+        for si, s in enumerate(STARTS):
+            pos, gt, depth = clip.track(gx, gy, s, L)
+            interior = depth.min(1) >= 4
+            err.append(np.linalg.norm(stored[si].reshape(-1, L, 2)[interior] - gt[interior], axis=-1).ravel())
+    added, err = np.concatenate(added), np.concatenate(err)
+    assert np.median(added) <= 0.05 and added.max() <= 0.18, (np.median(added), added.max())   # 1/32, 1/8 px per coordinate
+    assert np.median(err) <= 0.25, np.median(err)
