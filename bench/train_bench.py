@@ -3,6 +3,7 @@
     pip install timm        # benchmark only; timm needs a torchvision matching your torch
     python bench/train_bench.py                                   # CPU: tiny and small, 16 x 224^2, mask 0.7
     python bench/train_bench.py --sizes base --batch 32           # on a GPU: bf16 autocast, adds MFU
+    python bench/train_bench.py --sizes base --batch 32 --compile # the full step's model under torch.compile
 
 Side by side in the same process, median of several steps after warm-up:
   - encoder: forward + backward of the transformer (blocks + final norm) on the visible tokens
@@ -41,7 +42,7 @@ def timed(fn, steps, sync):
     return statistics.median(times)
 
 
-def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=5):
+def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=5, compile=False):
     try:
         from timm.models.vision_transformer import Block as TimmBlock
     except ImportError as e:
@@ -51,7 +52,8 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    t = Table(title=f"train step, {frames} x {img}^2, mask {mask_ratio}, batch {batch}, {name}, torch {torch.__version__}")
+    t = Table(title=f"train step, {frames} x {img}^2, mask {mask_ratio}, batch {batch}, {name}, torch {torch.__version__}"
+                    + (", full step torch.compile'd" if compile else ""))
     for col in ("model", "ours encoder ms", "timm encoder ms", "ours / timm", "full MME step ms", "clips/s", "MFU"):
         t.add_column(col, justify="right")
     for size in (sizes.split(",") if isinstance(sizes, str) else sizes):
@@ -81,6 +83,7 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
                   "shape_target": True, "sampling_rate": 4}
         net = models.PretrainModel(size, frames, img, targets.target_dim(recipe)).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        step_net = torch.compile(net) if compile else net       # timed() warms up twice: compilation is not timed
         video = torch.randn(batch, 3, frames, img, img, device=device)
         mask = targets.tube_mask(np.random.default_rng(0), batch, frames // 2, img // 16, img // 16, mask_ratio).to(device)
         target = torch.randn(batch, n, targets.target_dim(recipe), device=device)
@@ -88,7 +91,7 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
 
         def full():
             with amp:
-                loss = net.loss(net(video, mask).float(), target, mask, weight)
+                loss = net.loss(step_net(video, mask).float(), target, mask, weight)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
