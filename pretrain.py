@@ -93,6 +93,10 @@ def main(recipe, **overrides):
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']} = {world} x {micro} x {r['accum_steps']}, "
                       f"peak lr {peak:.2e}" + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])
+    # The loss (mme.model.mme_loss): parts balanced (loss_balance), visible tokens too (loss_visible).
+    widths = (list(targets.mme_parts(r).values()) if r["target"] == "mme" else [targets.target_dim(r)]) \
+        if r["loss_balance"] else None
+    every_token = r["loss_visible"] > 0
 
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
     board = viz.Board(run, step, progress.note) if rank == 0 else None
@@ -104,8 +108,9 @@ def main(recipe, **overrides):
             lr = lr_at(step, r, steps_per_epoch, peak, floor)
             set_lr(opt, lr)
             with amp:
-                pred = net(b["video"].to(device, non_blocking=True), b["mask"].to(device))
-                loss = net.loss(pred.float(), b["target"].to(device), b["mask"].to(device), b["weight"].to(device))
+                pred = net(b["video"].to(device, non_blocking=True), b["mask"].to(device), every_token=every_token)
+                loss = net.loss(pred.float(), b["target"].to(device), b["mask"].to(device), b["weight"].to(device),
+                                widths, r["loss_visible"])
             (loss / r["accum_steps"]).backward()
             clips += b["video"].shape[0] * world
             micro_i += 1

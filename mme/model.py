@@ -13,6 +13,8 @@ checkpoint layout we keep exactly so released VideoMAE/MME weights load and ours
     pred = model(video, mask)         # [B, N_masked, target_dim], the masked tokens in increasing index
     pred = model.decode(model.encoder(video, mask), mask)     # the same, from given encoder features
     loss = model.loss(pred, target, mask, weight)             # eq. 1 with the loss mask of eq. 7
+    pred = model(video, mask, every_token=True)               # [B, N, target_dim]: visible, then masked
+    loss = model.loss(pred, target, mask, weight, widths=(48, 216), visible=1.0)   # parts balanced, + visible tokens
 
     skipped = load_backbone(enc, "videomae_pretrain.pth")      # released or ours, any wrapping, strict
     sd = backbone_state_dict(model)                            # ours, in the released layout
@@ -281,11 +283,12 @@ class PretrainModel(nn.Module):
         return cls(recipe["model"], recipe["num_frames"], recipe["input_size"], target_dim, recipe["decoder_depth"],
                    recipe["decoder_embed_dim"], recipe["decoder_num_heads"], recipe["drop_path"])
 
-    def forward(self, video, mask):
+    def forward(self, video, mask, every_token=False):
         """video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> pred [B, N_masked, target_dim],
-        the masked tokens in increasing token index (the order of target[mask].reshape(B, -1, D))."""
+        the masked tokens in increasing token index (the order of target[mask].reshape(B, -1, D));
+        every_token: [B, N, target_dim], the visible tokens first, then the masked (see decode)."""
         mask = mask.to(video.device)
-        return self.decode(self.encoder(video, mask), mask)
+        return self.decode(self.encoder(video, mask), mask, every_token)
 
     def decode(self, feats, mask, every_token=False):
         """Encoder features of the visible tokens [B, N_visible, C], mask [B, N] -> predictions of the
@@ -298,29 +301,60 @@ class PretrainModel(nn.Module):
         x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_masked], 1)   # [B, N, Cd]
         return self.decoder(x, x.shape[1] if every_token else pos_masked.shape[1])   # [B, N_masked or N, D]
 
-    def loss(self, pred, target, mask, weight=None):
-        return mme_loss(pred, target, mask, weight)
+    def loss(self, pred, target, mask, weight=None, widths=None, visible=0.0):
+        return mme_loss(pred, target, mask, weight, widths, visible)
 
 
-def mme_loss(pred, target, mask, weight=None):
+def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0):
     """Masked MSE (eq. 1) with the loss mask of eq. 7, in float32.
 
-    pred [B, N_masked, D] (PretrainModel's order), target [B, N, D], mask bool [B, N], weight [B, N]
-    (the loader's 0/1 per token, eq. 7; None = all 1). Each masked token's squared error is averaged
-    over D; the loss is sum_i w_i * err_i / sum_i w_i over the masked tokens of the batch, so tokens
-    with weight 0 neither count nor dilute. (Eq. 7 as printed divides by the number of patches N_p
-    instead.) All weights 0 gives 0 (with a graph, so backward works)."""
+    pred [B, N_masked, D] (PretrainModel's order), or with visible > 0 every token's prediction
+    [B, N, D] (decode(every_token=True): visible first, then masked), target [B, N, D], mask bool
+    [B, N], weight [B, N] (the loader's 0/1 per token, eq. 7; None = all 1). Each token's squared
+    error is averaged over D; the loss is sum_i w_i * err_i / sum_i w_i over the masked tokens of the
+    batch, so tokens with weight 0 neither count nor dilute. (Eq. 7 as printed divides by the number
+    of patches N_p instead.) All weights 0 gives 0 (with a graph, so backward works).
+
+    widths: None, or the target's part widths (mme.targets.mme_parts: position, shape; the recipe's
+      loss_balance): each part of the target is divided by its rms over the batch (part_rms), so the
+      model predicts it in those units, and a token's error is the mean of the parts' MSEs (the
+      authors' code averages the two parts' MSEs). Without patch norm raw HOG is ~30x smaller than
+      displacements in px and would otherwise not count.
+    visible: weight of the same loss on the visible tokens (the recipe's loss_visible; 0 = the paper)."""
     B, N, D = target.shape
-    if mask.shape != (B, N) or pred.shape[0] != B or pred.shape[2] != D:
-        raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)}, mask {tuple(mask.shape)} disagree")
     mask = mask.to(target.device)
-    t = target[mask].reshape(B, -1, D).float()                               # [B, N_masked, D]
-    if t.shape != pred.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} but the mask selects {tuple(t.shape)}")
+    n_masked = int(mask[0].sum())
+    if mask.shape != (B, N) or pred.shape[0] != B or pred.shape[2] != D or \
+            pred.shape[1] != (N if visible else n_masked):
+        raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)}, mask {tuple(mask.shape)} disagree"
+                         + (" (visible > 0 needs every token's prediction)" if visible else ""))
     w = torch.ones(B, N, device=target.device) if weight is None else weight.to(target.device).float()
-    w = w[mask].reshape(B, -1)                                               # [B, N_masked]
-    err = (pred.float() - t).pow(2).mean(-1)                                 # [B, N_masked]
-    return (err * w).sum() / w.sum().clamp_min(1e-6)
+    target = target.float()
+    if widths is not None:
+        rms = part_rms(target, w, widths)
+        target = torch.cat([p / s for p, s in zip(target.split(list(widths), -1), rms)], -1)
+
+    def part(p, select):                                                     # p [B, n, D] for the tokens select picks
+        t = target[select].reshape(B, -1, D)                                 # [B, n, D]
+        sq = (p.float() - t).pow(2)
+        err = sq.mean(-1) if widths is None else \
+            sum(q.mean(-1) for q in sq.split(list(widths), -1)) / len(widths)   # [B, n]
+        ws = w[select].reshape(B, -1)
+        return (err * ws).sum() / ws.sum().clamp_min(1e-6)
+
+    if not visible:
+        return part(pred, mask)
+    n_vis = N - n_masked
+    return part(pred[:, n_vis:], mask) + visible * part(pred[:, :n_vis], ~mask)
+
+
+def part_rms(target, weight, widths):
+    """Each part's root mean square over the tokens of a batch with weight 1 (no gradient): target
+    [B, N, D], weight [B, N], widths (part widths summing to D) -> [len(widths)] tensors. A model
+    trained with loss_balance predicts part j in units of part_rms(...)[j]."""
+    w = weight.float()
+    return [(((p.detach().float().pow(2).mean(-1) * w).sum() / w.sum().clamp_min(1e-6)).sqrt()).clamp_min(1e-6)
+            for p in target.split(list(widths), -1)]
 
 
 def add_probe_norm(clf):

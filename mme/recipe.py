@@ -40,6 +40,8 @@ DEFAULTS = {
     "trajectory_density": "dense",  # Table 9: all K=4 trajectories of a patch ('dense'), or merged into one by 'mean' or 'max'
     "patch_norm": True,           # Table 8: standardise targets over the K trajectories of each patch (+2.0)
     "shape_target": True,         # Table 5: predict trajectory-aligned HOG (eq. 5) too; False = "Traj. w/o shape" (-0.6)
+    "loss_balance": False,        # loss: each target part's MSE over its mean square in the batch, parts averaged (the authors' code averages the two parts' MSEs); False = eq. 1 as implemented, the MSE over all D values
+    "loss_visible": 0.0,          # loss: weight of the same loss on the visible tokens (0 = the paper: masked tokens only); docs/results.md, "what makes it learn"
     "shuffle_frames": False,      # Fig. 3: shuffle the frame order within each clip before anything else (temporal information removed)
     "batch_size": 768,            # Table 14; clips per optimizer step summed over all ranks and accum_steps
     "num_workers": 8,             # loader processes per rank (not from the paper)
@@ -53,7 +55,7 @@ DEFAULTS = {
     "drop_path": 0.0,             # stochastic depth in pre-training (VideoMAE's default; Table 15's 0.1 is for fine-tuning)
     # --- optimisation (Table 14; AdamW, cosine decay after a linear warmup) ---
     "epochs": 800,                # Table 1/2: 800-epoch pre-training (Appendix D: 400 for the UCF101/HMDB51 transfer)
-    "warmup_epochs": 40,          # Table 14
+    "warmup_epochs": 40.0,        # Table 14 (a fraction of an epoch is fine: short runs)
     "base_lr": 1.5e-4,            # Table 14; the peak lr is base_lr * batch_size / 256 (Appendix D), see lr()
     "min_lr": 1e-5,               # end of the cosine decay, scaled by batch_size / 256 like base_lr, as VideoMAE does: lr(r, b, "min_lr")
     "weight_decay": 0.05,         # Table 14
@@ -336,6 +338,8 @@ def _check(r, where, home):
                 "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
     if r["eval_every"] < 0:
         bad("eval_every", "eval_every must be >= 0 (0: evaluate only at the end)")
+    if r["loss_visible"] < 0:
+        bad("loss_visible", "loss_visible must be >= 0 (0: the loss on masked tokens only, as the paper)")
     for key in positive.split():
         if r[key] < 1:
             bad(key, f"{key} must be positive")

@@ -228,15 +228,19 @@ def prediction_figure(path, batch, pred, recipe, clips=4):
     """trajectory_figure for the middle tubelet of a batch's first clips. batch: the loader's, built with
     patch_norm off (raw targets in px); pred [B, N_masked, D]: the model's output for it, in the
     recipe's target space (patch-normalised if recipe["patch_norm"], then shown in the units of the
-    true target of the same patch, as MAE shows its pixels). Returns the drawn (true_pos, pred_pos)."""
+    true target of the same patch, as MAE shows its pixels; with loss_balance each part in units of its
+    rms over the batch). Returns the drawn (true_pos, pred_pos)."""
     import torch
-    from mme import targets, transforms
+    from mme import model, targets, transforms
 
     target, mask = batch["target"].float().cpu(), batch["mask"].cpu()
     B, N, D = target.shape
     widths = targets.mme_parts(recipe)
     full = torch.zeros_like(target)
     full[mask] = pred.detach().float().cpu().reshape(-1, D)                 # masked tokens in index order
+    if recipe.get("loss_balance") and not recipe["patch_norm"]:            # part units -> px (patch norm: rms 1)
+        rms = model.part_rms(target, batch["weight"].cpu(), widths.values())
+        full = torch.cat([p * s for p, s in zip(full.split(list(widths.values()), -1), rms)], -1)
     if recipe["patch_norm"]:
         full = targets.unnormalize(full, target, widths.values())
     n, S = min(clips, B), recipe["input_size"]

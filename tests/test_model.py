@@ -382,6 +382,29 @@ def test_loss_by_hand():
         M.mme_loss(pred[:, :2], target, mask)
 
 
+def test_loss_balanced_parts_and_visible_tokens_by_hand():
+    mask = torch.tensor([[True, False, True]])                              # token 1 visible
+    target = torch.tensor([[[2., 0, 0], [0, 1, 1], [4, 2, -2]]])            # parts: width 1, width 2
+    # part rms over the batch: sqrt((4 + 0 + 16) / 3) = sqrt(20/3) and sqrt((0 + 1 + 4) / 3) = sqrt(5/3)
+    a, b = (20 / 3) ** 0.5, (5 / 3) ** 0.5
+    assert [r.item() for r in M.part_rms(target, torch.ones(1, 3), (1, 2))] == pytest.approx([a, b])
+    pred = torch.tensor([[[0., 0, 0], [2 / a, 0, 0], [4 / a, 0, 0]]])       # every token: visible 1, masked 0, 2
+    # in part units: token 0 errors (0, 0) -> 0; token 2 (0, 4/b^2) -> 2/b^2 = 1.2; masked mean 0.6;
+    # visible token 1 (0, 1/b^2) -> 0.3
+    assert M.mme_loss(pred, target, mask, widths=(1, 2), visible=2.0).item() == pytest.approx(0.6 + 2 * 0.3)
+    assert M.mme_loss(pred[:, 1:], target, mask, widths=(1, 2)).item() == pytest.approx(0.6)
+    # unbalanced, raw units: masked (((2 - 2/a)^2) / 3 + ((4 - 4/a)^2 + 8) / 3) / 2, visible 2/3
+    masked = ((2 - 2 / a) ** 2 / 3 + ((4 - 4 / a) ** 2 + 8) / 3) / 2
+    assert M.mme_loss(pred, target, mask, visible=1.0).item() == pytest.approx(masked + 2 / 3)
+    with pytest.raises(ValueError, match="every token"):
+        M.mme_loss(pred[:, 1:], target, mask, visible=1.0)                  # masked-only predictions
+    net = M.PretrainModel("tiny", 4, 32, target_dim=3, decoder_embed_dim=32, decoder_num_heads=2)
+    video, m = torch.randn(2, 3, 4, 32, 32), torch.tensor([[True, False, True, False] * 2] * 2)
+    every = net(video, m, every_token=True)                                 # [B, N, D]: visible, then masked
+    assert every.shape == (2, 8, 3)
+    assert torch.allclose(every[:, 4:], net(video, m), atol=1e-5)
+
+
 # (h) learning --------------------------------------------------------------------------------------
 
 def test_a_tiny_model_can_fit_a_batch():

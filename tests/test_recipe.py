@@ -32,7 +32,7 @@ def error(*args, **kwargs):
 
 # --- the shipped recipes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny"])
+@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny", "learn_tiny", "ablate_tiny"])
 def test_recipes_load_with_exactly_the_known_keys(name):
     r = load(f"recipes/{name}.yaml")
     assert list(r) == list(DEFAULTS)
@@ -156,6 +156,7 @@ def test_file_values_are_not_parsed_from_strings(tmp_path):
 @pytest.mark.parametrize("override, words", [
     (dict(mask_ratio=1.0), "mask_ratio must be in [0, 1)"),
     (dict(mask_ratio=-0.1), "mask_ratio must be in [0, 1)"),
+    (dict(loss_visible=-1), "loss_visible must be >= 0"),
     (dict(target="flow"), "target must be one of mme, pixel, hog"),
     (dict(target="hogg"), "did you mean 'hog'?"),
     (dict(mask_type="cube"), "mask_type must be one of tube, random"),
@@ -193,7 +194,7 @@ def test_value_errors_name_where_the_value_came_from(tmp_path):
     assert error(p) == f"{p}: mask_ratio must be in [0, 1) (got mask_ratio=1.5)"
     # warmup_epochs (40) comes from DEFAULTS, epochs from the file: both are named
     p = write(tmp_path, "data_path: s/\nepochs: 10\n")
-    assert error(p) == f"DEFAULTS + {p}: warmup_epochs must be in [0, epochs] (got warmup_epochs=40, epochs=10)"
+    assert error(p) == f"DEFAULTS + {p}: warmup_epochs must be in [0, epochs] (got warmup_epochs=40.0, epochs=10)"
 
 
 def test_the_valid_edges_pass():
