@@ -118,7 +118,7 @@ def setup(recipe, overrides, probe=False, need_head=False):
     rank, world, device = start_group(r)
     check_weights(r, rank, "eval" if need_head else "train")
     torch.manual_seed(r["seed"] + rank)
-    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=r["num_classes"],
+    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=r["num_classes"],
                          drop_path=r["drop_path"])
     load_weights(clf, r, rank, need_head)
     if probe:
@@ -397,7 +397,7 @@ def frozen_encoder(r, rank, device):
     """The encoder in the pre-training layout (final per-token norm), loaded from r["finetune"] or
     randomly initialised from r["seed"] (the same on every rank); frozen, eval mode, no drop path."""
     torch.manual_seed(r["seed"])
-    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], num_classes=0)
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=0)
     load_weights(enc, r, rank)
     return enc.requires_grad_(False).eval().to(device)
 

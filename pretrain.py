@@ -70,7 +70,7 @@ def main(recipe, **overrides):
     net = models.PretrainModel(size=r["model"], num_frames=r["num_frames"], img_size=r["input_size"],
                                target_dim=targets.target_dim(r), decoder_depth=r["decoder_depth"],
                                decoder_embed_dim=r["decoder_embed_dim"], decoder_num_heads=r["decoder_num_heads"],
-                               drop_path=r["drop_path"]).to(device)
+                               drop_path=r["drop_path"], depth=r["depth"]).to(device)
     for block in [m for m in net.modules() if isinstance(m, models.Block)]:
         fully_shard(block)
     fully_shard(net)

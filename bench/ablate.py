@@ -33,6 +33,10 @@ TABLES = {
     "headline": ("MME against a random encoder and the VideoMAE / MaskFeat targets", [
         ("random encoder", RANDOM), ("pixel (VideoMAE)", {"target": "pixel"}), ("HOG (MaskFeat)", {"target": "hog"}),
         ("MME (trajectory)", {})]),
+    "loss": ("The loss (our departures, docs/results.md): what makes the tiny model learn", [
+        ("the paper's: patch norm, masked tokens", {"patch_norm": True, "loss_balance": False, "loss_visible": 0.0}),
+        ("parts balanced, masked tokens", {"loss_visible": 0.0}),
+        ("parts balanced, + visible tokens", {})]),
     "fig3": ("Fig. 3: pre-training on temporally shuffled frames", [
         ("pixel", {"target": "pixel"}), ("pixel, shuffled frames", {"target": "pixel", "shuffle_frames": True}),
         ("MME", {}), ("MME, shuffled frames", {"shuffle_frames": True})]),
@@ -50,7 +54,8 @@ TABLES = {
     "table11": ("Table 11: mask ratio (tube)", [
         ("0.4", {"mask_ratio": 0.4}), ("0.7", {"mask_ratio": 0.7}), ("0.9", {"mask_ratio": 0.9})]),
 }
-EXTRA_SHARDS = {8: "shards/synthetic_L8/"}     # trajectory_length -> shards holding that long a trajectory
+EXTRA_SHARDS = {8: "shards/synthetic4k_L8/"}   # trajectory_length -> shards holding that long a trajectory
+EXTRA_CLIPS = 4000                              # training clips in those shards, as recipes/learn_tiny.yaml's
 
 
 def slug(text):
@@ -83,8 +88,9 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run):
     keys = dict(keys)
     data = EXTRA_SHARDS.get(keys.get("trajectory_length"))
     if data and not (ROOT / data / "manifest.json").exists():
-        run(["extract.py", "--src", "synthetic", "--out", data, "--split", "train,val",
-             "--length", str(keys["trajectory_length"])], dry_run, log)
+        for split, limit in (("train", ["--limit", str(EXTRA_CLIPS)]), ("val", [])):
+            run(["extract.py", "--src", "synthetic", "--out", data, "--split", split, *limit,
+                 "--length", str(keys["trajectory_length"])], dry_run, log)
     common = [f"--{k}={v}" for k, v in sets.items()] + (["--data_path", data] if data else [])
     if keys == RANDOM:
         weights = "null"
@@ -123,9 +129,9 @@ def write_table(doc, table, rows, seeds, command):
     doc.write_text(text)
 
 
-def main(only=None, seeds=3, recipe="recipes/ablate_tiny.yaml", eval_recipe="recipes/probe_tiny.yaml", override=None,
+def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="recipes/probe_tiny.yaml", override=None,
          dry_run=False, doc="docs/results.md"):
-    """Run the ablation tables (only: comma-separated names among headline, fig3, table5-9, table11)
+    """Run the ablation tables (only: comma-separated names among headline, loss, fig3, table5-9, table11)
     over `seeds` pre-training seeds (0..seeds-1); override: recipe keys for every pre-training,
     'key=value,key=value' (e.g. 'epochs=2' for a quick pass)."""
     names = list(TABLES) if only is None else [n.strip() for n in (only if isinstance(only, (list, tuple)) else str(only).split(","))]

@@ -224,13 +224,14 @@ class Encoder(nn.Module):
         return self.head(self.fc_norm(x.mean(1)))                            # [B, num_classes]
 
 
-def encoder(size="base", num_frames=16, img_size=224, **kw):
-    """Encoder of a named size (tiny | small | base | large). kw: num_classes (0: pre-training layout
-    with `norm`; > 0: classifier with fc_norm + head), drop_path (the largest stochastic depth rate)."""
+def encoder(size="base", num_frames=16, img_size=224, depth=None, **kw):
+    """Encoder of a named size (tiny | small | base | large), with `depth` blocks (None: the size's).
+    kw: num_classes (0: pre-training layout with `norm`; > 0: classifier with fc_norm + head),
+    drop_path (the largest stochastic depth rate)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    dim, depth, heads = SIZES[size]
-    return Encoder(dim, depth, heads, num_frames, img_size, **kw)
+    dim, blocks, heads = SIZES[size]
+    return Encoder(dim, depth or blocks, heads, num_frames, img_size, **kw)
 
 
 # --- the MME pre-training model ----------------------------------------------------------------
@@ -263,9 +264,9 @@ class PretrainModel(nn.Module):
     mask_token, decoder.{blocks, norm, head}.* (VideoMAE's names)."""
 
     def __init__(self, size="base", num_frames=16, img_size=224, target_dim=264, decoder_depth=1,
-                 decoder_embed_dim=192, decoder_num_heads=6, drop_path=0.0):
+                 decoder_embed_dim=192, decoder_num_heads=6, drop_path=0.0, depth=None):
         super().__init__()
-        self.encoder = encoder(size, num_frames, img_size, drop_path=drop_path)
+        self.encoder = encoder(size, num_frames, img_size, depth, drop_path=drop_path)
         self.target_dim = target_dim
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_embed_dim, decoder_depth, decoder_num_heads
         self.encoder_to_decoder = nn.Linear(self.encoder.dim, decoder_embed_dim, bias=False)
@@ -281,7 +282,7 @@ class PretrainModel(nn.Module):
     def from_recipe(cls, recipe, target_dim):
         """From a mme.recipe dict; target_dim is the loader's target width (mme: 264 for L=6, K=4)."""
         return cls(recipe["model"], recipe["num_frames"], recipe["input_size"], target_dim, recipe["decoder_depth"],
-                   recipe["decoder_embed_dim"], recipe["decoder_num_heads"], recipe["drop_path"])
+                   recipe["decoder_embed_dim"], recipe["decoder_num_heads"], recipe["drop_path"], recipe["depth"])
 
     def forward(self, video, mask, every_token=False):
         """video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> pred [B, N_masked, target_dim],

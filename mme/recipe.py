@@ -49,6 +49,7 @@ DEFAULTS = {
     "test_num_crop": 3,           # evaluation: square crops of the short side spread along the long side (VideoMAE's 3-crop test), x every clip window in the shards
     # --- model (§4: ViT-B; Table 12: decoder) ---
     "model": "base",              # encoder ViT size, 16x16x2 tubelets: tiny | small | base | large (§4 uses base)
+    "depth": None,                # encoder blocks; None: the size's (12; large 24). Fewer for CPU-budget runs (recipes/learn_tiny.yaml)
     "decoder_depth": 1,           # Table 12: one joint decoder block is best (2 blocks: -0.7)
     "decoder_embed_dim": 192,     # decoder width (authors' code; not in the paper)
     "decoder_num_heads": 6,       # decoder heads (authors' code; not in the paper)
@@ -90,6 +91,7 @@ DEFAULTS = {
 TYPES = {
     "data_path": (str, [str]),
     "clip_grad": float,
+    "depth": int,
     "name": str,
     "finetune": str,
     "num_classes": int,
@@ -338,6 +340,8 @@ def _check(r, where, home):
                 "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
     if r["eval_every"] < 0:
         bad("eval_every", "eval_every must be >= 0 (0: evaluate only at the end)")
+    if r["depth"] is not None and r["depth"] < 1:
+        bad("depth", "depth must be a positive number of blocks (or none: the model size's)")
     if r["loss_visible"] < 0:
         bad("loss_visible", "loss_visible must be >= 0 (0: the loss on masked tokens only, as the paper)")
     for key in positive.split():
