@@ -438,6 +438,9 @@ def load_backbone(model, checkpoint):
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: own[k] for k in own_head})                            # keep the model's own head
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if blocks and blocks != enc.depth:
+        raise KeyError(f"checkpoint has {blocks} blocks, the model {enc.depth}: set the recipe key depth to {blocks}")
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the {enc.dim}-wide, {enc.depth}-deep backbone: "
                        f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "

@@ -165,6 +165,10 @@ def test_load_is_strict():
             M.load_backbone(enc, {"model": broken})
     with pytest.raises((KeyError, ValueError)):
         M.load_backbone(enc, random_sd(released_layout(384, 12)))           # ViT-S into ViT-T
+    with pytest.raises(KeyError, match="has 4 blocks, the model 12: set the recipe key depth to 4"):
+        M.load_backbone(enc, random_sd(released_layout(192, 4)))            # recipes/learn_tiny.yaml's encoder
+    shallow = M.encoder("tiny", T, S, depth=4)
+    M.load_backbone(shallow, random_sd(released_layout(192, 4)))
     assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items())    # nothing half-loaded
 
 
