@@ -32,7 +32,7 @@ def error(*args, **kwargs):
 
 # --- the shipped recipes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny", "learn_tiny", "ablate_tiny"])
+@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny", "learn_tiny"])
 def test_recipes_load_with_exactly_the_known_keys(name):
     r = load(f"recipes/{name}.yaml")
     assert list(r) == list(DEFAULTS)
