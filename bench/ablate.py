@@ -23,16 +23,18 @@ import time
 from pathlib import Path
 
 import fire
+import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]   # where runs, shards and docs are (the commands' cwd)
+REPO = ROOT                                  # where the recipes are read from
 RANDOM = {"random encoder": True}        # a row marker: no pre-training, the encoder's initial weights
 
 # name -> (title as in the paper, rows: (label, recipe overrides)); the base recipe's own value of
 # a key is the row without overrides. L = 8 needs shards extracted with --length 8 (EXTRA_SHARDS).
 TABLES = {
     "headline": ("MME against a random encoder and the VideoMAE / MaskFeat targets", [
-        ("random encoder", RANDOM), ("pixel (VideoMAE)", {"target": "pixel"}), ("HOG (MaskFeat)", {"target": "hog"}),
-        ("MME (trajectory)", {})]),
+        ("random encoder", RANDOM), ("MME (trajectory)", {}), ("pixel (VideoMAE)", {"target": "pixel"}),
+        ("HOG (MaskFeat)", {"target": "hog"})]),
     "loss": ("The loss (our departures, docs/results.md): what makes the tiny model learn", [
         ("the paper's: patch norm, masked tokens", {"patch_norm": True, "loss_balance": False, "loss_visible": 0.0}),
         ("parts balanced, masked tokens", {"loss_visible": 0.0}),
@@ -75,14 +77,26 @@ def run(cmd, dry_run, log):
         raise SystemExit(f"failed ({done.returncode}): {line}; its output is in {log}")
 
 
-def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run):
+def recipe_depth(recipe, keys, sets):
+    """The encoder's blocks as pre-trained (row key, --override, recipe, in that order), which the frozen
+    evaluation must build too (its own recipe is the model size's depth); None: the size's."""
+    for source in (keys, sets):
+        if "depth" in source:
+            return source["depth"]
+    return yaml.safe_load((REPO / recipe).read_text()).get("depth")
+
+
+def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only=False):
     # sets: overrides for every pre-training (--override); keys: the row's own
-    """Pre-train (unless a random-encoder row) and evaluate one cell; returns its eval.json or None (dry run)."""
+    """Pre-train (unless a random-encoder row) and evaluate one cell; returns its eval.json, or None
+    (dry run, or read_only and not finished)."""
     name = f"ablate/{table}/{slug(label)}/s{seed}"
     out = ROOT / "runs" / name
     result = out / "frozen" / "eval.json"
     if result.exists():
         return json.loads(result.read_text())
+    if read_only:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     keys = dict(keys)
@@ -99,16 +113,19 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run):
         run(["pretrain.py", "--recipe", recipe, "--seed", str(seed), "--output_dir", str(out.parent.relative_to(ROOT)), "--name", out.name,
              *common, *overrides], dry_run, log)
         weights = str((out / "encoder.pth").relative_to(ROOT))
+    depth = recipe_depth(recipe, keys, sets)    # a random row's encoder too: the same architecture, untrained
     run(["finetune.py", "frozen", "--recipe", eval_recipe, "--finetune", weights, "--seed", str(seed),
-         "--output_dir", str(out.relative_to(ROOT)), "--name", "frozen", *([f"--data_path={data}"] if data else [])], dry_run, log)
+         "--output_dir", str(out.relative_to(ROOT)), "--name", "frozen", *([f"--data_path={data}"] if data else []),
+         *([f"--depth={depth}"] if depth is not None else [])], dry_run, log)
     return None if dry_run else json.loads(result.read_text())
 
 
-def summarise(values):
+def summarise(values, seeds):
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+    text = f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+    return text if len(values) == len(seeds) else f"{text} ({len(values)} of {len(seeds)} seeds)"
 
 
 def write_table(doc, table, rows, seeds, command):
@@ -118,8 +135,8 @@ def write_table(doc, table, rows, seeds, command):
              f"{time.strftime('%Y-%m-%d')}; `{command}`)", "",
              "| row | frozen probe top-1 % | k-NN top-1 % |", "|---|---:|---:|"]
     for label, results in rows:
-        lines.append(f"| {label} | {summarise([r['probe']['top1'] for r in results])} | "
-                     f"{summarise([r['knn']['top1'] for r in results])} |")
+        lines.append(f"| {label} | {summarise([r['probe']['top1'] for r in results], seeds)} | "
+                     f"{summarise([r['knn']['top1'] for r in results], seeds)} |")
     lines.append(f"<!-- /ablate:{table} -->")
     block = "\n".join(lines)
     text = doc.read_text() if doc.exists() else "# Results\n"
@@ -130,10 +147,12 @@ def write_table(doc, table, rows, seeds, command):
 
 
 def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="recipes/probe_tiny.yaml", override=None,
-         dry_run=False, doc="docs/results.md"):
+         rows=None, dry_run=False, doc="docs/results.md"):
     """Run the ablation tables (only: comma-separated names among headline, loss, fig3, table5-9, table11)
-    over `seeds` pre-training seeds (0..seeds-1); override: recipe keys for every pre-training,
-    'key=value,key=value' (e.g. 'epochs=2' for a quick pass)."""
+    over `seeds` pre-training seeds (0..seeds-1), seed by seed (every row's seed 0, then seed 1...) so
+    that a stopped run leaves whole comparisons; override: recipe keys for every pre-training,
+    'key=value,key=value' (e.g. 'epochs=2' for a quick pass); rows: run only the rows whose label
+    contains one of these comma-separated words (the tables still show every finished cell)."""
     names = list(TABLES) if only is None else [n.strip() for n in (only if isinstance(only, (list, tuple)) else str(only).split(","))]
     unknown = [n for n in names if n not in TABLES]
     if unknown:
@@ -141,13 +160,19 @@ def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="reci
     sets = dict(kv.split("=", 1) for kv in (override.split(",") if isinstance(override, str) else override or []))
     seed_list = list(range(int(seeds)))
     command = "python bench/ablate.py " + " ".join(sys.argv[1:])
+    words = [w.strip().lower() for w in (rows if isinstance(rows, (list, tuple)) else str(rows).split(","))] if rows else None
     for table in names:
-        rows = []
-        for label, keys in TABLES[table][1]:
-            results = [cell(table, label, keys, s, recipe, eval_recipe, sets, dry_run) for s in seed_list]
-            rows.append((label, [r for r in results if r]))
+        chosen = [words is None or any(w in label.lower() for w in words) for label, _ in TABLES[table][1]]
+        if not any(chosen):
+            raise SystemExit(f"no row of {table} matches --rows {rows}; its rows: {[label for label, _ in TABLES[table][1]]}")
+        results = {label: [] for label, _ in TABLES[table][1]}
+        for s in seed_list:
+            for (label, keys), run_it in zip(TABLES[table][1], chosen):
+                r = cell(table, label, keys, s, recipe, eval_recipe, sets, dry_run, read_only=not run_it)
+                if r:
+                    results[label].append(r)
         if not dry_run:
-            write_table(ROOT / doc, table, rows, seed_list, command)
+            write_table(ROOT / doc, table, list(results.items()), seed_list, command)
             print(f"{table}: written to {doc}", flush=True)
 
 

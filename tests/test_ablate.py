@@ -73,3 +73,20 @@ def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
     assert extract and "--length" in extract[0] and "8" in extract[0]       # L = 8 needs its own shards
     with pytest.raises(SystemExit, match="unknown table"):
         ablate.main(only="table99")
+
+
+def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs):
+    root, calls = fake_runs
+    ablate.main(only="headline", seeds=2, rows="mme,random")
+    cells = [c[c.index("--output_dir") + 1] for c in calls if c[0] == "finetune.py"]
+    assert cells == [f"runs/ablate/headline/{row}/s{s}" for s in (0, 1) for row in ("random_encoder", "mme_trajectory")]
+    assert all(c[-1] == "--depth=4" for c in calls if c[0] == "finetune.py")   # learn_tiny's 4 blocks, random rows too
+    text = (root / "docs" / "results.md").read_text()
+    assert "| pixel (VideoMAE) | – | – |" in text                                 # not run, not made up
+    ablate.main(only="headline", seeds=3, rows="pixel")                         # pixel alone, for seeds 0-2
+    text = (root / "docs" / "results.md").read_text()
+    assert "(2 of 3 seeds)" in next(l for l in text.splitlines() if l.startswith("| MME"))
+    assert "seeds)" not in next(l for l in text.splitlines() if l.startswith("| pixel"))
+    with pytest.raises(SystemExit, match="no row of headline"):
+        ablate.main(only="headline", rows="nothing")
+    assert ablate.recipe_depth("recipes/learn_tiny.yaml", {}, {"depth": 2}) == 2
