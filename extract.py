@@ -6,6 +6,7 @@
     python extract.py --src folder --root ~/videos --out shards/mine                # class = parent folder
     python extract.py --src ucf101 --root /data/ucf101 --fold 1 --split train,val --out shards/ucf101_1
     python extract.py --src k400 --out shards/k400 --split train,val --views val=5   # val: Kinetics' 5 test clips
+    python extract.py show shards/synthetic --n 4                     # look at what was extracted -> a PNG
 
 Many machines: each takes one part of the (deterministically shuffled) video list, from torchrun's
 RANK/WORLD_SIZE, a SLURM array's SLURM_ARRAY_TASK_ID/COUNT, or --part i/N; parts write disjoint
@@ -379,6 +380,48 @@ def stop(pool):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+def show(shards_path, n=4, split="train", skip=0, out=None):
+    """Draw `n` samples of extracted shards (a folder with manifest.json, a glob, s3:// URLs) as stored:
+    frames with their trajectories, invalid tracks marked, a caption with video, window and class.
+    Check it before training on your own videos: with camera motion removed, the background holds
+    still and the lines follow the moving objects.
+
+    Args:
+      shards_path: the shards (the --out of an extraction, or URLs as the recipes' data_path takes them).
+      n: samples to draw, one row each.
+      split: which split of a folder's manifest (train, val, ...).
+      skip: samples to skip first (the order of the shards: videos were shuffled at extraction).
+      out: the PNG to write; default runs/show_<folder name>_<split>.png.
+    """
+    from mme import data, stream
+    check_numbers(n=(n, 1, 64), skip=(skip, 0, None))
+    try:
+        urls = data.shard_urls(str(shards_path), split)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"{shards_path}: {e}")
+    raws = stream.samples(urls, resampled=False, start=skip)
+    clips = []
+    for raw in raws:
+        try:
+            clips.append(shards.decode(raw))
+        except ValueError as e:                          # a damaged sample: say which, draw the others
+            console.print(f"skipped {shown(raw.get('__url__', '?'))} {raw.get('__key__', '?')}: {e}")
+        if len(clips) == n:
+            break
+    if not clips:
+        fail(f"{shards_path}: no readable {split} samples" + (f" after skipping {skip}" if skip else ""))
+    name = Path(str(shards_path).rstrip("/")).name.replace("*", "") or "shards"
+    out = Path(out or f"runs/show_{name}_{split}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts = viz.shard_figure(out, clips)
+    for clip, (moving, invalid) in zip(clips, counts):
+        meta = clip["meta"]
+        console.print(f"{clip['key']}: {meta.get('label_name') or clip['label']}, frames {meta['frame_indices'][0]}-"
+                      f"{meta['frame_indices'][-1]}, {moving} moving and {invalid} invalid tracks drawn")
+    console.print(f"done: {out}")
+    return str(out)
+
+
 def usage():
     """--help: the module's text, then every flag as users type it (--src k400, not fire's positional SRC)."""
     import textwrap
@@ -396,6 +439,13 @@ def usage():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["show"]:                             # python extract.py show SHARDS [--n 4 ...]
+        if {"-h", "--help"} & set(sys.argv[2:]):
+            print(f"usage: python extract.py show SHARDS [--n 4] [--split train] [--skip 0] [--out PNG]\n\n{inspect.getdoc(show)}")
+            sys.exit(0)
+        check_flags(sys.argv[2:], show)
+        fire.Fire(show, command=sys.argv[2:], serialize=lambda _: None)
+        sys.exit(0)
     if {"-h", "--help"} & set(sys.argv[1:]):                # ours, not fire's: flags as users type them
         print(usage())
         sys.exit(0)

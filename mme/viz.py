@@ -8,6 +8,7 @@
     board = Board(run, start_step); board.add(step, **{"train/loss": 0.5}); board.close()   # TensorBoard events
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png")   # loss (log scale) and lr against step
     confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes)   # row-normalised, counts in cells
+    shard_figure("runs/show_x.png", [mme.shards.decode(raw), ...])   # samples as stored: frames + trajectories
     paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
     trajectory_figure("runs/x/trajectories.png", frames, mask, true_pos, pred_pos)   # the paper's Fig. 4
     prediction_figure("runs/x/trajectories.png", batch, pred, recipe)   # the same from a loader batch + model output
@@ -278,5 +279,62 @@ def confusion_matrix(path, truth, predicted, num_classes):
     ax.set_title(f"{counts.sum()} videos, top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return counts
+
+
+def shard_figure(path, clips, columns=4, min_motion=0.5):
+    """What a shard holds, drawn before anyone trains on it (`python extract.py show`): one row per
+    sample, `columns` tubelets spread over the clip, each the tubelet's first frame with the stored
+    trajectories over it: a line per moving track (total path >= min_motion px), coloured along its
+    L steps from dark (start) to light (end); a red x where a track is invalid (eq. 7: it left the
+    frame). Static tracks (camera motion removed: still background) are not drawn.
+    clips: mme.shards.decode outputs (frames [T, H, W, 3], disp [T/2, H/g, W/g, L, 2] px, valid
+    [T/2, H/g, W/g], meta). Returns the number of moving and invalid tracks drawn, per sample."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    n = len(clips)
+    H, W = clips[0]["frames"].shape[1:3]
+    fig, axes = plt.subplots(n, columns, figsize=(2.6 * columns * W / H, 2.6 * n + 0.5), squeeze=False)
+    counts = []
+    for row, clip in enumerate(clips):
+        disp, valid, meta = clip["disp"], clip["valid"], clip["meta"]
+        tubes, gh, gw, L = disp.shape[:4]
+        g = meta["params"]["grid"]
+        rows, cols = np.mgrid[0:gh, 0:gw]
+        start = np.stack([g * cols + (g - 1) / 2, g * rows + (g - 1) / 2], -1).reshape(-1, 1, 2)   # (x, y) px
+        moving = invalid = 0
+        for col, t in enumerate(np.linspace(0, tubes - 1, columns).round().astype(int)):
+            ax = axes[row, col]
+            ax.imshow(clip["frames"][2 * t])
+            steps = disp[t].reshape(-1, L, 2)
+            points = np.concatenate([start, start + np.cumsum(steps, 1)], 1)           # [tracks, L+1, 2]
+            ok = valid[t].reshape(-1)
+            move = ok & (np.abs(steps).sum((1, 2)) >= min_motion)
+            segments = np.stack([points[move, :-1], points[move, 1:]], 2).reshape(-1, 2, 2)   # [tracks*L, 2, 2]
+            ax.add_collection(LineCollection(segments, array=np.tile(np.arange(L), int(move.sum())), cmap="plasma",
+                                             norm=plt.Normalize(0, L - 1), linewidths=1.5))
+            bad = start[~ok, 0]
+            ax.scatter(bad[:, 0], bad[:, 1], marker="x", s=10, c="red", lw=0.8)
+            moving, invalid = moving + int(move.sum()), invalid + int((~ok).sum())
+            ax.set_xlim(-0.5, W - 0.5)
+            ax.set_ylim(H - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            frame = meta["frame_indices"][2 * t]
+            ax.set_xlabel(f"frame {frame}: next {L} steps", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(meta.get("label_name") or f"class {clip['label']}", fontsize=8)
+        axes[row, 0].set_title(f"{meta.get('video', clip['key'])}  window {meta.get('window', 0)} "
+                               f"(frames {meta['frame_indices'][0]}-{meta['frame_indices'][-1]})  class: "
+                               f"{meta.get('label_name') or clip['label']}", fontsize=8, loc="left")
+        counts.append((moving, invalid))
+    fig.suptitle("Trajectories stored in the shards (camera motion removed): dark = start, light = "
+                 "after L steps; red x = invalid track; still tracks not drawn", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return counts

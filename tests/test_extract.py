@@ -18,6 +18,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -737,3 +738,27 @@ def test_refuses_to_resume_into_an_older_schema(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "holds shards of schema 1" in r.stderr and "new folder" in r.stderr, r.stderr
     assert not list(tmp_path.glob("*.tar"))
+
+
+def test_show_draws_samples_with_their_tracks(synthetic_run, tmp_path):
+    """extract.py show: a PNG of the first samples, and per sample the moving / invalid tracks it drew,
+    counted here again from the decoded arrays (every tubelet of a 4-frame clip is one column)."""
+    out, _ = synthetic_run
+    png = tmp_path / "show.png"
+    r = ok(subprocess.run([sys.executable, "extract.py", "show", out, "--n", "2", "--split", "val", "--out", png],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True))
+    assert png.stat().st_size > 10_000 and r.stderr.strip().endswith(f"done: {png}")
+    in_order = [c for name, samples in decoded(out).items() if name.startswith("val") for c in samples]   # shard order
+    clips = {c["key"]: c for c in in_order}
+    keys = [c["key"] for c in in_order[:2]]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("synthetic_val_")]
+    assert [x.split(":")[0] for x in lines] == keys
+    for key, line in zip(keys, lines):
+        c = clips[key]
+        tubes = np.linspace(0, c["disp"].shape[0] - 1, 4).round().astype(int)
+        steps, valid = c["disp"][tubes], c["valid"][tubes]
+        moving = int((valid & (np.abs(steps).sum((-1, -2)) >= 0.5)).sum())
+        assert f"{c['meta']['label_name']}, " in line and f"{moving} moving and {int((~valid).sum())} invalid" in line
+    bad = subprocess.run([sys.executable, "extract.py", "show", out, "--n", "0"], cwd=REPO, env=clean_env(),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--n 0: must be between 1 and 64" in bad.stderr
