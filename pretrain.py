@@ -12,7 +12,8 @@ log_every steps and at least every log_seconds s (step/total, epoch, loss, lr, c
 time spent waiting for data, ETA, peak GPU memory); the same lines in runs/<name>/log.txt.
 Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl (step, epoch, loss, lr, clips/s, data wait) and the
 same scalars as TensorBoard event files (events.out.tfevents.*: tensorboard --logdir runs), loss.png,
-trajectories.png (the paper's Fig. 4: true and predicted trajectories of masked patches),
+trajectories.png (the paper's Fig. 4: true and predicted trajectories of masked patches of the first
+validation clips, or training clips when the data has no val split),
 checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards, plus each rank's
 step, loader position and RNG state) and encoder.pth (the backbone in the released VideoMAE/MME
 layout). Killed? Run the same command again: it continues from the last checkpoint, same curve.
@@ -94,8 +95,7 @@ def main(recipe, **overrides):
                       f"peak lr {peak:.2e}" + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])
     # The loss (mme.model.mme_loss): parts balanced (loss_balance), visible tokens too (loss_visible).
-    widths = (list(targets.mme_parts(r).values()) if r["target"] == "mme" else [targets.target_dim(r)]) \
-        if r["loss_balance"] else None
+    widths = targets.loss_widths(r)
     every_token = r["loss_visible"] > 0
 
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
@@ -146,25 +146,12 @@ def main(recipe, **overrides):
         metrics.close()
         board.close()
         viz.loss_curve(run / "metrics.jsonl", run / "loss.png")
-    if r["target"] == "mme":                   # the paper's Fig. 4: true and predicted trajectories
-        trajectory_picture(net, r, rank, world, device, amp, run / "trajectories.png")
+    if r["target"] == "mme":                   # the paper's Fig. 4 for validation clips: true and predicted trajectories
+        viz.run_figure(run / "trajectories.png", net, r, rank, world, device, amp)
     if rank == 0:
         progress.note(f"done: {run / 'encoder.pth'}, {run / 'loss.png'}" + (", trajectories.png" if r["target"] == "mme" else ""))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def trajectory_picture(net, r, rank, world, device, amp, path):
-    """Fig. 4 for the first clips of the training stream (the same clips at every run): each rank runs
-    the sharded model on its first batch, rank 0 draws its own."""
-    raw = dict(r, patch_norm=False)            # true trajectories in px; the prediction is mapped to them
-    b = next(iter(data.build_loader(r["data_path"], raw, train=True, rank=rank, world_size=world, device=device)))
-    net.eval()
-    with torch.no_grad(), amp:
-        pred = net(b["video"], b["mask"])
-    net.train()
-    if rank == 0:
-        viz.prediction_figure(path, b, pred, r)
 
 
 def fail(rank, msg):

@@ -12,6 +12,7 @@
         b["pad"]      # bool  [B]: True for the copies that even out evaluation epochs (never in training)
         b["box"], b["flip"]   # the augmentation drawn for each clip (for pictures and tests)
     state = loader.state_dict(); loader.load_state_dict(state)   # resume mid-epoch, same next batch
+    names = class_names(shard_urls("shards/x/", "val"), range(10))   # {label: name}, from the samples' json
 
 Training draws a MultiScaleCrop and flip per clip (recipe["repeated_aug"] clips per sample, with
 RandAugment if recipe["rand_aug"]); evaluation (train=False) gives every sample once, in
@@ -31,6 +32,7 @@ Frames leave either backend as uint8; normalisation, targets and masks are compu
 batch's device (on a GPU the float video never crosses the PCIe bus).
 """
 import functools
+import json
 import logging
 import os
 
@@ -65,6 +67,24 @@ def shard_urls(urls, split):
     if isinstance(urls, str) and (urls.endswith("/") or os.path.isdir(urls)) and stream.read_manifest(urls.rstrip("/")):
         return stream.split_urls(urls.rstrip("/"), split)
     return stream.expand(urls)
+
+
+def class_names(urls, labels, limit=None):
+    """{label: class name} for each of `labels` that the samples' metadata (label_name) of `urls` name,
+    reading samples until every one is named (or `limit` samples are read)."""
+    wanted, names, seen = {int(x) for x in labels}, {}, 0
+    for url in urls:
+        for sample in stream.read_shard(url, required=("json", "cls"), warn=False):
+            seen += 1
+            try:
+                label, name = int(sample["cls"].decode().strip()), json.loads(sample["json"]).get("label_name", "")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                continue
+            if label in wanted and name:
+                names[label] = name
+            if len(names) == len(wanted) or (limit and seen >= limit):
+                return names
+    return names
 
 
 def check_recipe(meta, recipe, url):

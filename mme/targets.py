@@ -9,6 +9,7 @@ tubelet with a point every 8 px, so each 16 x 16 patch holds K = 4 trajectories 
     #                   then the shape part, K*L*9 values ordered (k, l, bin). L=6, K=4: D = 48 + 216 = 264.
     # weight [B, N]: 1 where all K trajectories stayed in the frame, else 0 (eq. 7)
     raw = unnormalize(target, raw_target, mme_parts(recipe).values())   # patch-normalised -> px (for pictures)
+    widths = loss_widths(recipe)                   # the parts the loss balances (loss_balance), or None
     target = pixel_target(video)                   # [B, N, 2*16*16*3]: VideoMAE's normalised pixels
     target = hog_target(video)                     # [B, N, 2*2*3*9 = 108]: MaskFeat-style HOG of each tubelet's 2nd frame
     mask = tube_mask(rng, B, T/2, S/16, S/16, 0.7) # bool [B, N], True = masked; same spatial mask at every t
@@ -42,6 +43,14 @@ def mme_parts(recipe):
     if not recipe["interpolation"]:
         L = -(-L // recipe["sampling_rate"])
     return {"position": K * L * 2, **({"shape": K * L * BINS} if recipe["shape_target"] else {})}
+
+
+def loss_widths(recipe):
+    """The part widths mme.model.mme_loss balances (the recipe's loss_balance): mme's parts, any other
+    target as one part; None without loss_balance."""
+    if not recipe["loss_balance"]:
+        return None
+    return list(mme_parts(recipe).values()) if recipe["target"] == "mme" else [target_dim(recipe)]
 
 
 def unnormalize(pred, raw, widths):

@@ -6,12 +6,14 @@
     every(20, 60).due(done, total)            # a plain line every 20 items and at least every 60 s
     eta(seconds)                              # '1h02m', '3m05s', '12s'
     board = Board(run, start_step); board.add(step, **{"train/loss": 0.5}); board.close()   # TensorBoard events
-    loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png")   # loss (log scale) and lr against step
-    confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes)   # row-normalised, counts in cells
+    loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png", title=..., floor=...)   # loss (log) and lr against step
+    confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes, names)   # row-normalised, counts in cells
     shard_figure("runs/show_x.png", [mme.shards.decode(raw), ...])   # samples as stored: frames + trajectories
     paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
-    trajectory_figure("runs/x/trajectories.png", frames, mask, true_pos, pred_pos)   # the paper's Fig. 4
-    prediction_figure("runs/x/trajectories.png", batch, pred, recipe)   # the same from a loader batch + model output
+    trajectory_figure("runs/x/trajectories.png", frames, mask, true_pos, pred_pos, labels, note)   # the paper's Fig. 4
+    prediction_figure("runs/x/trajectories.png", batch, pred, recipe, names=names, note=note)   # from a batch + model output
+    run_figure("runs/x/trajectories.png", net, recipe)   # the same for a model's first validation clips
+    figure_note("runs/x/trajectories.png")   # the note it was saved with ("validation clips ..."), or None
 """
 import json
 import time
@@ -146,8 +148,10 @@ class Board:
             self.writer.close()
 
 
-def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)"):
-    """Plot loss (log scale) and learning rate against step from a metrics.jsonl."""
+def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)", title=None, floor=None, floor_label=None):
+    """Plot loss (log scale) and learning rate against step from a metrics.jsonl, a dotted line at the
+    end of each epoch (its rows' "epoch"); title: above the plot; floor: a horizontal line at that loss
+    (e.g. what predicting the mean target reaches, mme.report.mean_loss), labelled floor_label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,6 +165,19 @@ def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)"):
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(label, color="tab:blue")
+    ends = [a["step"] for a, b in zip(rows, rows[1:]) if "epoch" in a and a["epoch"] != b.get("epoch")]
+    for i, step in enumerate(ends):
+        ax.axvline(step, color="grey", lw=0.6, ls=":")
+        if len(ends) <= 20:
+            ax.text(step, 1.0, f" {i + 1}", transform=ax.get_xaxis_transform(), fontsize=6, color="grey", va="top")
+    if ends:
+        ax.plot([], [], color="grey", lw=0.6, ls=":", label="end of epoch")
+    if floor is not None:
+        ax.axhline(floor, color="tab:red", lw=1, ls="--", label=floor_label or f"{floor:.3g}")
+    if ends or floor is not None:
+        ax.legend(fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=9)
     lr = ax.twinx()
     lr.plot(steps, [r["lr"] for r in rows], lw=1, color="tab:orange")
     lr.set_ylabel("learning rate", color="tab:orange")
@@ -188,19 +205,26 @@ def token_paths(pos, h, w, grid=8):
     return np.concatenate([start, start + np.cumsum(pos, 2)], 2)
 
 
-def trajectory_figure(path, frames, mask, true_pos, pred_pos):
+def trajectory_figure(path, frames, mask, true_pos, pred_pos, labels=None, note=None):
     """The paper's Fig. 4, one row per clip: (a) the frame with its masked patches greyed out; (b) the
     true and (c) the predicted trajectories of the masked patches drawn on it; (d) the frame.
     frames uint8 [n, S, S, 3] (the first frame of one tubelet per clip), mask bool [n, h*w] (that
-    tubelet's tokens), true_pos / pred_pos [n, h*w, K, L, 2] displacements in px of these frames."""
+    tubelet's tokens), true_pos / pred_pos [n, h*w, K, L, 2] displacements in px of these frames;
+    labels: a row label per clip (its class); note: a line above the figure, also stored as the PNG's
+    Description (figure_note reads it back). Each trajectory is coloured from dark to light along its
+    L steps (time), a red dot where it ends."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.lines import Line2D
 
     n, S = len(frames), frames.shape[1]
     h = w = S // 16
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    L = np.asarray(true_pos).shape[3]
+    time_colours = LinearSegmentedColormap.from_list("time", ["#6b3d00", "#ffd000", "#ffffa0"])(np.linspace(0, 1, L))
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n + 0.6), squeeze=False)
     for row, (frame, m, true, pred) in enumerate(zip(frames, mask, true_pos, pred_pos)):
         grey = frame.copy()
         for t in np.flatnonzero(m):
@@ -212,25 +236,46 @@ def trajectory_figure(path, frames, mask, true_pos, pred_pos):
             ax.imshow(img)
             if pos is not None:
                 paths = token_paths(pos, h, w)[np.asarray(m, bool)]            # masked tokens only
-                lines = paths.reshape(-1, paths.shape[2], 2)
-                ax.add_collection(LineCollection(lines, colors="yellow", linewidths=0.8))
-                ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=1.5, c="red", lw=0)   # where each one ends
+                lines = paths.reshape(-1, paths.shape[2], 2)                   # [M, L+1, 2]
+                segments = np.stack([lines[:, :-1], lines[:, 1:]], 2).reshape(-1, 2, 2)   # [M*L, 2, 2]: each line's L steps in turn
+                ax.add_collection(LineCollection(segments, colors=np.tile(time_colours, (len(lines), 1)), linewidths=1.5))
+                ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=6, c="red", lw=0, zorder=3)   # where each one ends
             ax.set_xlim(-0.5, S - 0.5)
             ax.set_ylim(S - 0.5, -0.5)
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        if labels is not None:
+            axes[row, 0].text(-0.06, 0.5, labels[row], transform=axes[row, 0].transAxes, rotation=90,
+                              ha="right", va="center", fontsize=8)
+    legend = [Line2D([], [], color="#ffd000", lw=2, label=f"path of a masked patch's trajectory over the next {L} frames "
+                                                           f"(dark to light: time)"),
+              Line2D([], [], color="red", marker="o", ls="", markersize=4, label="where it ends")]
+    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    if note:
+        fig.suptitle(note, fontsize=9)
+    fig.tight_layout(rect=(0.03, 0.5 / (2.1 * n + 0.6), 1, 1))
+    fig.savefig(path, dpi=120, metadata={"Description": note or ""})
     plt.close(fig)
 
 
-def prediction_figure(path, batch, pred, recipe, clips=4):
+def figure_note(path):
+    """The note a figure of trajectory_figure was saved with (its PNG Description), or None."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.text.get("Description") or None
+    except OSError:
+        return None
+
+
+def prediction_figure(path, batch, pred, recipe, clips=4, names=None, note=None):
     """trajectory_figure for the middle tubelet of a batch's first clips. batch: the loader's, built with
     patch_norm off (raw targets in px); pred [B, N_masked, D]: the model's output for it, in the
     recipe's target space (patch-normalised if recipe["patch_norm"], then shown in the units of the
     true target of the same patch, as MAE shows its pixels; with loss_balance each part in units of its
-    rms over the batch). Returns the drawn (true_pos, pred_pos)."""
+    rms over the batch). names: {label: class name}, to label each row with its clip's class; note: see
+    trajectory_figure. Returns the drawn (true_pos, pred_pos)."""
     import torch
     from mme import model, targets, transforms
 
@@ -253,13 +298,48 @@ def prediction_figure(path, batch, pred, recipe, clips=4):
     mean, std = torch.tensor(transforms.MEAN)[:, None, None], torch.tensor(transforms.STD)[:, None, None]
     video = batch["video"][:n, :, 2 * t].float().cpu()                      # [n, 3, S, S], the tubelet's first frame
     frames = ((video * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    trajectory_figure(path, frames, mask[:n, tokens].numpy(), true_pos, pred_pos)
+    labels = None if names is None else \
+        [names.get(c, f"class {c}") for c in batch["label"][:n].tolist()]
+    trajectory_figure(path, frames, mask[:n, tokens].numpy(), true_pos, pred_pos, labels, note)
     return true_pos, pred_pos
 
 
-def confusion_matrix(path, truth, predicted, num_classes):
+def run_figure(path, net, recipe, rank=0, world=1, device=None, amp=None):
+    """prediction_figure of a pre-training model (PretrainModel, sharded or not) for the first clips of
+    the recipe's validation split: centre crop, the evaluation loader's tube mask (seeded by the recipe's
+    seed), so the same clips and masks every time; the training stream's first clips when the data has
+    no val split. Every rank runs the model on its own first batch (FSDP needs them all), rank 0 draws
+    its own, with the clips' class names (from the shards' metadata) as row labels. Returns the note the
+    figure is saved with."""
+    import contextlib
+    import torch
+    from mme import data
+
+    raw = dict(recipe, patch_norm=False, test_num_crop=1)     # true trajectories in px; the prediction is mapped to them
+    try:
+        loader = data.build_loader(recipe["data_path"], raw, train=False, rank=rank, world_size=world, device=device)
+        note = f"validation clips (centre crop, tube mask of seed {recipe['seed']})"
+        urls = loader.urls
+    except (FileNotFoundError, ValueError):                                   # no val split
+        loader = data.build_loader(recipe["data_path"], raw, train=True, rank=rank, world_size=world, device=device)
+        note = "training clips (the data has no val split)"
+        urls = loader.urls
+    b = next(iter(loader))
+    was_training = net.training
+    net.eval()
+    with torch.no_grad(), amp or contextlib.nullcontext():
+        pred = net(b["video"], b["mask"])
+    net.train(was_training)
+    if rank == 0:
+        names = data.class_names(urls, b["label"][:4].tolist(), limit=2000)
+        prediction_figure(path, b, pred, recipe, names=names, note=note)
+    return note
+
+
+def confusion_matrix(path, truth, predicted, num_classes, names=None):
     """Rows: true class, columns: predicted; each row normalised to the fraction of its videos (colour),
-    the count written in each non-empty cell. Returns the count matrix [num_classes, num_classes]."""
+    the count written in each non-empty cell; names: the classes' names as tick labels (else indices).
+    Returns the count matrix [num_classes, num_classes]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,13 +347,16 @@ def confusion_matrix(path, truth, predicted, num_classes):
     counts = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(counts, (np.asarray(truth), np.asarray(predicted)), 1)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    side = min(12, 2 + 0.35 * num_classes)
+    side = min(12, 2 + 0.35 * num_classes) + (2 if names is not None else 0)     # room for the names
     fig, ax = plt.subplots(figsize=(side, side))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if num_classes <= 30:
         for i, j in zip(*np.nonzero(counts)):
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if share[i, j] > 0.5 else "black")
+    if names is not None and num_classes <= 60:
+        ax.set_xticks(range(num_classes), [str(x) for x in names], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(num_classes), [str(x) for x in names], fontsize=7)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"{counts.sum()} videos, top-1 {np.trace(counts) / max(counts.sum(), 1):.1%}")

@@ -1,5 +1,7 @@
 """Pictures (mme/viz.py): trajectories are drawn from the right start points, and a model's
 prediction is mapped back to the tokens and units of the true target before drawing."""
+import json
+
 import numpy as np
 import torch
 
@@ -57,3 +59,51 @@ def test_progress_lines_when_due_and_eta_as_people_read_it(monkeypatch):
     assert rate.eta(1, 100) is None
     clock[0] = 1002.0
     assert rate.eta(3, 100) == 97.0                            # 1 s a step since step 1, 97 steps left
+
+
+def drawn(monkeypatch):
+    """The figures viz saves, kept (plt.close does not empty them) for their axes to be read."""
+    import matplotlib.figure
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    return figures
+
+
+def test_confusion_matrix_names_the_classes(tmp_path, monkeypatch):
+    figures = drawn(monkeypatch)
+    names = ["moving left", "moving right", "approaching"]
+    counts = viz.confusion_matrix(tmp_path / "c.png", [0, 0, 1, 2, 2], [0, 1, 1, 2, 0], 3, names)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.get_xticklabels()[0].get_rotation() == 45
+    viz.confusion_matrix(tmp_path / "c.png", [0, 1], [0, 1], 3)                   # no names: indices
+    assert "moving left" not in [t.get_text() for t in figures[-1].axes[0].get_xticklabels()]
+
+
+def test_loss_curve_marks_epochs_and_the_floor(tmp_path, monkeypatch):
+    figures = drawn(monkeypatch)
+    rows = [{"step": s, "epoch": (s - 1) // 4, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 13)]   # 3 epochs of 4 steps
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    viz.loss_curve(tmp_path / "m.jsonl", tmp_path / "l.png", title="run: MME", floor=0.9, floor_label="mean: 0.9")
+    ax = figures[-1].axes[0]
+    vertical = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":" and len(line.get_xdata())]
+    assert vertical == [4, 8] and ax.get_title() == "run: MME"
+    (floor,) = [line for line in ax.get_lines() if line.get_label() == "mean: 0.9"]
+    assert list(floor.get_ydata()) == [0.9, 0.9]
+
+
+def test_trajectories_are_coloured_by_time_and_labelled(tmp_path, monkeypatch):
+    from matplotlib.collections import LineCollection
+    figures = drawn(monkeypatch)
+    pos = np.ones((1, 16, 4, 3, 2))                                            # 1 clip, 16 tokens, K 4, L 3
+    mask = np.zeros((1, 16), bool)
+    mask[0, :2] = True
+    viz.trajectory_figure(tmp_path / "t.png", np.zeros((1, 64, 64, 3), np.uint8), mask, pos, pos, ["receding"], "validation clips")
+    fig = figures[-1]
+    (lines,) = [c for c in fig.axes[1].collections if isinstance(c, LineCollection)]
+    colours = lines.get_colors()
+    assert len(lines.get_segments()) == 2 * 4 * 3 and lines.get_linewidths()[0] >= 1.5
+    assert np.allclose(colours[:3], colours[3:6]) and colours[0, :3].sum() < colours[1, :3].sum() < colours[2, :3].sum()
+    assert "receding" in [t.get_text() for t in fig.axes[0].texts]
+    assert viz.figure_note(tmp_path / "t.png") == "validation clips"
