@@ -7,6 +7,7 @@
     torchrun --nproc_per_node=8 finetune.py full --recipe recipes/ssv2_finetune.yaml --finetune runs/ssv2/encoder.pth
     python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
     python finetune.py frozen --recipe recipes/probe_tiny.yaml        # frozen features: logistic regression + k-NN, seconds
+    python finetune.py report --recipe recipes/probe_tiny.yaml --finetune runs/learn_tiny/encoder.pth   # -> runs/learn_tiny/report.md
 
 The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
 VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
@@ -23,14 +24,20 @@ of the best validation top-1). Scalars go to TensorBoard event files too (tensor
 frozen trains nothing: it computes the encoder's features once (cached in features.pt, reused while
 the weights, shards and feature-related keys stay the same) and fits a deterministic logistic-regression
 probe and a weighted k-NN on them (mme/frozen.py), scored over the same views into eval.json.
+report runs frozen on a pre-training run's encoder.pth and on a random encoder of the same architecture
+(taken from the run's recipe.yaml) into runs/<run>/frozen/ and frozen_random/, and writes runs/<run>/report.md
+(mme/report.py): the recipe, the accuracy table (with bench/ablate.py's rows where they exist), the loss
+curve with the loss of predicting the mean target, Fig. 4 for validation clips, the confusion matrix.
 """
 import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # before torch: see pretrain.py
 
+import hashlib
 import json
 import math
 import pickle
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,12 +48,13 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, viz
+from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, report as report_lib, targets, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       reached, save_checkpoint, set_lr, setup_distributed, timed)
+                       reached, save_checkpoint, set_lr, setup_distributed, timed, verify_checkpoint)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -222,7 +230,7 @@ def train(mode, recipe, **overrides):
         board.close()
         if r["eval_every"] and best is not None:
             result["best"] = {"step": best[1], "top1": best[0], "weights": str(run / "best.pth")}
-    report(r, rank, run, result, truth, predicted, note=progress.note if rank == 0 else None)
+    write_result(r, rank, run, result, truth, predicted, note=progress.note if rank == 0 else None)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -296,12 +304,12 @@ def score(clf, r, rank, world, device):
     return result, truth, top5[:, 0]
 
 
-def report(r, rank, run, result, truth, predicted, note=None):
-    """Rank 0 writes eval.json and confusion.png and prints the scores."""
+def write_result(r, rank, run, result, truth, predicted, note=None):
+    """Rank 0 writes eval.json and confusion.png (with the class names the shards hold) and prints the scores."""
     if rank:
         return
     (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    viz.confusion_matrix(run / "confusion.png", truth, predicted, r["num_classes"])
+    viz.confusion_matrix(run / "confusion.png", truth, predicted, r["num_classes"], class_names(r))
     table = Table(title=f"{r['name']}: {result['videos']} videos, {result['views']} views")
     for col in ("top-1 %", "top-5 %"):
         table.add_column(col, justify="right")
@@ -333,7 +341,7 @@ def eval(recipe, **overrides):
     run = Path(r["output_dir"]) / r["name"]
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-    report(r, rank, run, *score(clf, r, rank, world, device))
+    write_result(r, rank, run, *score(clf, r, rank, world, device))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -346,17 +354,35 @@ def frozen(recipe, knn_k=10, knn_T=0.07, **overrides):
     r = load_recipe(recipe, overrides)
     rank, world, device = start_group(r)
     check_weights(r, rank, "frozen")
-    run = Path(r["output_dir"]) / r["name"]
+    frozen_eval(r, Path(r["output_dir"]) / r["name"], rank, world, device, knn_k, knn_T)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def frozen_eval(r, run, rank, world, device, knn_k=10, knn_T=0.07, reuse=False):
+    """The frozen evaluation of r["finetune"] into `run` (features.pt, eval.json, confusion.png); every rank
+    calls it. reuse: an eval.json computed from the same weights (unchanged since), shards, recipe keys and
+    fit is read back instead. Returns the result (eval.json's dict) on rank 0, None elsewhere."""
     where = r["eval_data_path"] or r["data_path"]
     try:
         train_urls, eval_urls = data.shard_urls(r["data_path"], "train"), data.shard_urls(where, "val")
         source = frozen_lib.feature_source(r, train_urls, eval_urls, device)
     except (FileNotFoundError, ValueError) as e:                # no shards, no split, no weights file
         fail(rank, str(e))
+    shards = hashlib.sha256(json.dumps([source["train"], source["eval"]]).encode()).hexdigest()   # thousands of them
+    fitted = json.loads(json.dumps({**{k: v for k, v in source.items() if k not in ("train", "eval")}, "shards": shards,
+                                    "seed": r["seed"], "num_classes": r["num_classes"], "knn_k": knn_k,
+                                    "knn_T": knn_T}))                     # as eval.json reads back
+    done = [rank == 0 and reuse and same_fit(run / "eval.json", fitted, r["finetune"])]
+    dist.broadcast_object_list(done)                        # rank 0 decides: every rank computes, or none
+    if done[0]:
+        if rank == 0:
+            console.print(f"{run / 'eval.json'}: reused (the same weights, data and recipe keys)")
+        return json.loads((run / "eval.json").read_text()) if rank == 0 else None
     cache = run / "features.pt"
     splits = frozen_lib.load_features(cache, source) if rank == 0 else None
     cached = [splits is not None]
-    dist.broadcast_object_list(cached)                      # rank 0 decides: every rank computes, or none
+    dist.broadcast_object_list(cached)
     if cached[0]:
         if rank == 0:
             console.print(f"features: {cache} (cached)")
@@ -370,27 +396,161 @@ def frozen(recipe, knn_k=10, knn_T=0.07, **overrides):
             frozen_lib.save_features(cache, source, splits)
             console.print(f"features: {len(splits['train']['keys'])} train clips, {len(splits['eval']['keys'])} "
                           f"eval views in {time.perf_counter() - tick:.0f} s -> {cache}")
+    if rank:
+        return None
+    tick = time.perf_counter()
+    try:
+        result, truth, predicted = frozen_lib.evaluate(splits["train"], splits["eval"], r["num_classes"], r["seed"],
+                                                       knn_k, knn_T, device)
+    except ValueError as e:
+        fail(rank, str(e))
+    result = {"protocol": "frozen", **result, "top1": result["probe"]["top1"], "top5": result["probe"]["top5"],
+              "weights": r["finetune"], "data": str(where), "fitted_from": fitted}
+    (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    viz.confusion_matrix(run / "confusion.png", truth.numpy(), predicted.cpu().numpy(), r["num_classes"], class_names(r))
+    table = Table(title=f"{run.name} (frozen): {result['videos']} videos, {result['views']} views, "
+                        f"fitted in {time.perf_counter() - tick:.1f} s")
+    for col in ("", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right")
+    table.add_row(f"logistic regression (l2 {result['probe']['l2']:g})", f"{result['probe']['top1']:.1f}", f"{result['probe']['top5']:.1f}")
+    table.add_row(f"{knn_k}-NN (T {knn_T:g})", f"{result['knn']['top1']:.1f}", f"{result['knn']['top5']:.1f}")
+    console.print(table)
+    console.print(f"done: {run / 'eval.json'}, {run / 'confusion.png'}, {cache}")
+    return result
+
+
+def same_fit(path, fitted, weights):
+    """Whether the eval.json at `path` was fitted from `fitted` (weights, shards, recipe keys, fit) and
+    is newer than the weights file."""
+    try:
+        done = json.loads(path.read_text())
+        newer = not weights or path.stat().st_mtime_ns > Path(weights).stat().st_mtime_ns
+    except (OSError, ValueError):
+        return False
+    return newer and done.get("fitted_from") == fitted
+
+
+def class_names(r):
+    """The evaluation shards' class names, label order ([num_classes] str; a label no sample names is its
+    index), or None when the shards name none."""
+    try:
+        names = data.class_names(data.shard_urls(r["eval_data_path"] or r["data_path"], "val"), range(r["num_classes"]))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return [names.get(i, str(i)) for i in range(r["num_classes"])] if names else None
+
+
+ARCHITECTURE = ("model", "depth", "num_frames", "input_size")    # what the frozen evaluations take from the run
+
+
+def report(recipe, knn_k=10, knn_T=0.07, floor_samples=256, **overrides):
+    """The report of a pre-training run: --finetune runs/<run>/encoder.pth (a pretrain.py run folder,
+    with its recipe.yaml and metrics.jsonl). Runs the frozen evaluation (as `frozen`) of that encoder
+    into runs/<run>/frozen/ and of a random encoder of the same architecture (the recipe's seed) into
+    runs/<run>/frozen_random/, with model, depth, num_frames, input_size taken from the run's recipe.yaml
+    unless given here; an eval.json of the same weights, shards and keys is read back, not recomputed.
+    Writes runs/<run>/report.md: the run's recipe and the commands that reproduce it, the accuracy table
+    (with bench/ablate.py's headline rows where they exist, dated), the loss curve (loss.png) with the loss
+    of predicting the mean target (from floor_samples training clips), Fig. 4 for validation clips
+    (trajectories.png; redrawn from the last checkpoint when pretrain.py drew training clips), and the
+    probe's confusion matrix with class names."""
+    rank = int(os.environ.get("RANK", 0))
+    base = load_recipe(recipe, overrides)
+    if not base["finetune"]:
+        fail(rank, "report needs a pre-trained encoder: --finetune runs/<run>/encoder.pth")
+    check_weights(base, rank, "frozen")
+    run = Path(base["finetune"]).parent
+    try:
+        pre = recipes.load(str(run / "recipe.yaml"))
+    except (recipes.RecipeError, FileNotFoundError) as e:
+        fail(rank, f"{e}: report reads the pre-training's recipe.yaml beside the encoder (a pretrain.py run folder)")
+    taken = {k: pre[k] for k in ARCHITECTURE if k not in overrides}
+    r = load_recipe(recipe, {**taken, **overrides})
     if rank == 0:
-        tick = time.perf_counter()
+        console.print(f"from {run / 'recipe.yaml'}: " + ", ".join(f"{k} {v}" for k, v in taken.items())
+                      + "".join(f"; {k} {overrides[k]} as given" for k in ARCHITECTURE if k in overrides))
+    rank, world, device = start_group(r)
+    this = frozen_eval(r, run / "frozen", rank, world, device, knn_k, knn_T, reuse=True)
+    random = frozen_eval(dict(r, finetune=None), run / "frozen_random", rank, world, device, knn_k, knn_T, reuse=True)
+    figure = run_trajectories(run, pre, rank, world, device)
+    if rank == 0:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+            if (run / "metrics.jsonl").exists() else []
         try:
-            result, truth, predicted = frozen_lib.evaluate(splits["train"], splits["eval"], r["num_classes"], r["seed"],
-                                                           knn_k, knn_T, device)
-        except ValueError as e:
-            fail(rank, str(e))
-        result = {"protocol": "frozen", **result, "top1": result["probe"]["top1"], "top5": result["probe"]["top5"],
-                  "weights": r["finetune"], "data": str(where)}
-        (run / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-        viz.confusion_matrix(run / "confusion.png", truth.numpy(), predicted.cpu().numpy(), r["num_classes"])
-        table = Table(title=f"{r['name']} (frozen): {result['videos']} videos, {result['views']} views, "
-                            f"fitted in {time.perf_counter() - tick:.1f} s")
-        for col in ("", "top-1 %", "top-5 %"):
-            table.add_column(col, justify="right")
-        table.add_row(f"logistic regression (l2 {result['probe']['l2']:g})", f"{result['probe']['top1']:.1f}", f"{result['probe']['top5']:.1f}")
-        table.add_row(f"{knn_k}-NN (T {knn_T:g})", f"{result['knn']['top1']:.1f}", f"{result['knn']['top5']:.1f}")
-        console.print(table)
-        console.print(f"done: {run / 'eval.json'}, {run / 'confusion.png'}, {cache}")
+            floor, floor_label = loss_floor(run, pre, floor_samples)
+        except (FileNotFoundError, ValueError) as e:          # the run's training shards are not here
+            console.print(f"no loss floor: data_path {pre['data_path']}: {e}")
+            floor, floor_label = None, None
+        if rows:
+            viz.loss_curve(run / "metrics.jsonl", run / "loss.png", label="training loss",
+                           title=f"{run.name}: {report_lib.TARGET_NAMES.get(pre['target'], pre['target'])} pre-training",
+                           floor=floor, floor_label=floor_label and f"predicting the mean target: {floor:.3f}")
+        when = lambda path: report_lib.day(path.stat().st_mtime)
+        runs = Path(r["output_dir"])
+        text = report_lib.markdown(
+            run, pre, rows[-1]["step"] if rows else "?", this, random,
+            {"run": when(Path(r["finetune"])), "this": when(run / "frozen" / "eval.json"),
+             "random": when(run / "frozen_random" / "eval.json")},
+            {"report": "python finetune.py " + shlex.join(sys.argv[1:])}, floor_label, figure,
+            report_lib.ablation_rows(runs), report_lib.finetune_rows(runs), r["num_classes"])
+        (run / "report.md").write_text(text)
+        print(run / "report.md")
+        print(report_lib.headline(pre["target"], this, random))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def loss_floor(run, pre, samples):
+    """(loss, what it is) of predicting the mean target (mme.report.mean_loss) over the first `samples`
+    training clips of the run's recipe (its augmentation and masks), kept in runs/<run>/loss_floor.json."""
+    cache, source = run / "loss_floor.json", json.loads(json.dumps({"recipe": pre, "samples": samples}))
+    try:
+        kept = json.loads(cache.read_text())
+        if kept["source"] == source:
+            return kept["loss"], kept["label"]
+    except (OSError, ValueError, KeyError):
+        pass
+    tick = time.perf_counter()
+    batches, seen = [], 0
+    for b in data.build_loader(pre["data_path"], pre, train=True, rank=0, world_size=1, device="cpu"):
+        batches.append({k: b[k] for k in ("target", "mask", "weight")})
+        seen += len(b["target"])
+        if seen >= samples:
+            break
+    loss, _ = report_lib.mean_loss(batches, targets.loss_widths(pre), pre["loss_visible"])
+    balance = "; each part in units of its rms over the batch" if pre["loss_balance"] else ""
+    tokens = f"masked tokens + {pre['loss_visible']:g} x visible tokens" if pre["loss_visible"] else "masked tokens"
+    label = (f"{loss:.3f}, the loss of predicting, at each token position, the mean training target ({seen} clips, "
+             f"the run's augmentation and masks{balance}; {tokens})")
+    cache.write_text(json.dumps({"source": source, "loss": loss, "label": label}, indent=1) + "\n")
+    console.print(f"loss floor: {loss:.4f} from {seen} training clips in {time.perf_counter() - tick:.0f} s -> {cache}")
+    return loss, label
+
+
+def run_trajectories(run, pre, rank, world, device):
+    """Fig. 4 of the run for validation clips (mme.viz.run_figure): its trajectories.png if pretrain.py drew
+    them, else redrawn there from the run's newest good checkpoint (every rank loads it). Returns the file's
+    name, or a line saying why there is none."""
+    name = report_lib.TARGET_NAMES.get(pre["target"], pre["target"])
+    if pre["target"] != "mme":
+        return f"No Fig. 4: this run's target is {name}; trajectories are drawn for the MME target only."
+    path = run / "trajectories.png"
+    found = [None]
+    if rank == 0 and not (viz.figure_note(path) or "").startswith("validation clips"):
+        done = sorted(run.glob("checkpoints/step_*/done"), key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)
+        found = [next((str(p.parent) for p in done if verify_checkpoint(p.parent) is None), "none")]
+    dist.broadcast_object_list(found)                       # rank 0 decides: every rank loads, or none
+    if found[0] == "none":
+        return f"No Fig. 4 for validation clips: {path.name} shows training clips and {run / 'checkpoints'} holds no good checkpoint to redraw from."
+    if found[0]:
+        net = models.PretrainModel.from_recipe(pre, targets.target_dim(pre)).to(device)
+        state = {"model": get_model_state_dict(net)}
+        dcp.load(state, checkpoint_id=found[0])            # only the model: the optimizer's state stays on disk
+        set_model_state_dict(net, state["model"])
+        viz.run_figure(path, net, pre, rank, world, device, autocast(device, pre["precision"]))
+        if rank == 0:
+            console.print(f"Fig. 4 for validation clips, from {found[0]} -> {path}")
+    return path.name
 
 
 def frozen_encoder(r, rank, device):
@@ -430,7 +590,7 @@ def fail(rank, msg):
     sys.exit(2)
 
 
-COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen}
+COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen, "report": report}
 
 
 def usage(command=None):
@@ -442,10 +602,12 @@ def usage(command=None):
             ("probe", "linear probe (Table 4): train a head on the frozen encoder, then evaluate"),
             ("full", "fine-tune every layer (Table 15), then evaluate"),
             ("eval", "evaluate a classifier (model.pth of probe/full, or a released fine-tuned checkpoint)"),
-            ("frozen", "frozen features: logistic regression + k-NN, in seconds")))
+            ("frozen", "frozen features: logistic regression + k-NN, in seconds"),
+            ("report", "a pre-training run's report.md: frozen evaluation of it and of a random encoder, loss, Fig. 4")))
         return (f"{__doc__.strip()}\n\nusage: python finetune.py COMMAND --recipe FILE [--key value ...]\n\n"
                 f"commands:\n{listed}\n\npython finetune.py COMMAND --help lists every recipe key.")
-    extra = " [--knn_k K] [--knn_T T]" if command == "frozen" else ""
+    extra = {"frozen": " [--knn_k K] [--knn_T T]",
+             "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--floor_samples N]"}.get(command, "")
     return (f"usage: python finetune.py {command} --recipe FILE{extra} [--key value ...]\n\n"
             f"{inspect.getdoc(COMMANDS[command])}\n\n"
             f"Recipe keys: a recipe file sets them as 'key: value' lines; --key value on the command line wins.\n\n"

@@ -1,0 +1,181 @@
+"""The report of a pre-training run (finetune.py report wires it): what a predict-the-mean model's loss
+is, which ablation runs exist beside it, and report.md, the page a newcomer reads.
+
+    floor = mean_loss(batches, widths, visible)   # batches: loader dicts (target [B, N, D], mask, weight
+                                                  #   [B, N]) -> the loss of predicting the mean target
+    rows = ablation_rows(runs)                   # runs/ablate/headline/<row>/s<seed>/frozen/eval.json -> rows
+    tuned = finetune_rows(runs)                  # runs/ablate/**/s<seed>/finetune/eval.json -> rows
+    text = markdown(run, recipe, this, random, ...)   # report.md
+    cells = table_cells(text)                    # {row label: [cell, ...]} of report.md's accuracy table
+
+The loss floor: for each token position n, the mean over the samples of the target as the loss sees
+it (each part divided by its rms over the batch with loss_balance, mme.model.part_rms; weighted by the
+loader's 0/1 token weights), predicted for every clip; its mme.model.mme_loss per batch (masked tokens,
+plus loss_visible x the visible ones), averaged over the batches. A model that has learnt nothing about
+the clip it sees cannot do better per position; the training loss below that line is learnt motion.
+
+An ablation row is the mean ± std over the seeds found (bench/ablate.py's cells, each its own pre-training
+and frozen evaluation), dated by its newest eval.json: they are other runs than the reported one.
+"""
+import json
+import re
+import statistics
+import time
+
+import torch
+
+from mme import model
+
+TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat)"}
+# bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label)
+HEADLINE_ROWS = (("random_encoder", "random encoder"), ("mme_trajectory", "MME (trajectory)"),
+                 ("pixel_videomae", "pixel (VideoMAE)"), ("hog_maskfeat", "HOG (MaskFeat)"))
+
+
+def balanced(target, weight, widths):
+    """The target in the units the loss compares (mme_loss): each part over its rms over the batch."""
+    if widths is None:
+        return target.float()
+    rms = model.part_rms(target, weight, widths)
+    return torch.cat([p / s for p, s in zip(target.float().split(list(widths), -1), rms)], -1)
+
+
+def mean_loss(batches, widths=None, visible=0.0):
+    """batches: a list of {"target" [B, N, D], "mask" bool [B, N], "weight" [B, N]} -> (loss, mean
+    [N, D]): the mean target per token position (module docstring) and the mme_loss of predicting it,
+    averaged over the batches."""
+    total = count = 0
+    for b in batches:
+        w = b["weight"].float()
+        total = total + (balanced(b["target"], w, widths) * w[..., None]).sum(0)     # [N, D]
+        count = count + w.sum(0)                                                    # [N]
+    mean = total / count.clamp_min(1e-6)[:, None]
+    losses = []
+    for b in batches:
+        mask = b["mask"].bool()
+        B, N, D = b["target"].shape
+        full = mean.expand(B, N, D)
+        masked = full[mask].reshape(B, -1, D)
+        pred = torch.cat([full[~mask].reshape(B, -1, D), masked], 1) if visible else masked   # PretrainModel's order
+        losses.append(model.mme_loss(pred, b["target"], mask, b["weight"], widths, visible).item())
+    return sum(losses) / len(losses), mean
+
+
+def summary(values):
+    """'35.0' for one value, '35.0 ± 2.1' (sample std) for more."""
+    mean = statistics.fmean(values)
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def day(seconds):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
+def ablation_rows(runs):
+    """The headline rows bench/ablate.py has finished under runs/ablate/headline: [{label, results
+    (eval.json dicts, by seed), seeds, date, command}]; rows without a finished seed are left out."""
+    rows = []
+    for folder, label in HEADLINE_ROWS:
+        found = sorted((runs / "ablate" / "headline" / folder).glob("s*/frozen/eval.json"))
+        found = [p for p in found if re.fullmatch(r"s\d+", p.parent.parent.name)]
+        if found:
+            seeds = sorted(int(p.parent.parent.name[1:]) for p in found)
+            rows.append({"label": label, "results": [json.loads(p.read_text()) for p in found], "seeds": seeds,
+                         "date": day(max(p.stat().st_mtime for p in found)),
+                         "command": f"python bench/ablate.py --only headline --seeds {max(seeds) + 1}"})
+    return rows
+
+
+def finetune_rows(runs):
+    """Fine-tuning cells under runs/ablate (<table>/<row>/s<seed>/finetune/eval.json): [{label, results,
+    seeds, date}], one per <table>/<row>."""
+    cells = {}
+    for p in sorted((runs / "ablate").glob("*/*/s*/finetune/eval.json")):
+        cells.setdefault(f"{p.parents[3].name}/{p.parents[2].name}", []).append(p)
+    return [{"label": label, "results": [json.loads(p.read_text()) for p in ps],
+             "seeds": sorted(int(p.parent.parent.name[1:]) for p in ps), "date": day(max(p.stat().st_mtime for p in ps))}
+            for label, ps in cells.items()]
+
+
+def headline(target, this, random):
+    """'MME 35.0 % vs random 6.0 % top-1 (frozen probe, 100 videos)'."""
+    return (f"{TARGET_NAMES.get(target, target)} {this['probe']['top1']:.1f} % vs random {random['probe']['top1']:.1f} % "
+            f"top-1 (frozen probe, {this['videos']} videos)")
+
+
+def markdown(run, recipe, steps, this, random, dates, commands, floor_label, figure, ablation, tuned, num_classes):
+    """report.md. run: the run folder; recipe: its recipe.yaml; steps: how many it ran; this / random:
+    the frozen evaluations' eval.json; dates: {"run", "this", "random"} strings; commands: {"report"};
+    floor_label: what the loss curve's dashed line is (None: no line); figure: the Fig. 4 file name, or
+    why there is none; ablation / tuned: ablation_rows / finetune_rows."""
+    target = recipe["target"]
+    name = TARGET_NAMES.get(target, target)
+    knn = this["knn"]["k"]
+    keys = ("target", "model", "depth", "data_path", "batch_size", "input_size", "num_frames", "mask_ratio",
+            "loss_balance", "loss_visible", "patch_norm", "seed")          # what a reader compares runs by
+    out = [f"# {run.name}: {headline(target, this, random)}", "",
+           f"Pre-training run `{run}` ({dates['run']}): {name} target, ViT-{recipe['model']} with "
+           f"{recipe['depth'] or 'its default number of'} blocks, {steps} steps of batch "
+           f"{recipe['batch_size']} on `{recipe['data_path']}`. Its recipe (every key in `{run / 'recipe.yaml'}`):", "",
+           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+           "| " + " | ".join(str(recipe.get(k)) for k in keys) + " |", "",
+           "Reproduce it:", "", "```bash",
+           f"python pretrain.py --recipe {run / 'recipe.yaml'}   # the recipe as run (on another machine, or with --name NEW)",
+           commands["report"], "```", "",
+           "## Does the encoder know the motion classes?", "",
+           f"Frozen features of the validation videos ({this['videos']} videos, {this['views']} views, `{this['data']}`): "
+           f"a logistic-regression probe and a {knn}-NN on the encoder's mean token, the encoder untouched "
+           f"(`finetune.py frozen`, mme/frozen.py). The random encoder is the same architecture, untrained "
+           f"(seed {random.get('fitted_from', {}).get('weights', {}).get('seed', '?')}). Chance is {100 / num_classes:.0f} %.", "",
+           f"| encoder | frozen probe top-1 % | frozen probe top-5 % | {knn}-NN top-1 % | seeds | date |",
+           "|---|---:|---:|---:|---:|---|",
+           f"| {name} (this run) | {this['probe']['top1']:.1f} | {this['probe']['top5']:.1f} | {this['knn']['top1']:.1f} "
+           f"| 1 | {dates['this']} |",
+           f"| random encoder | {random['probe']['top1']:.1f} | {random['probe']['top5']:.1f} | {random['knn']['top1']:.1f} "
+           f"| 1 | {dates['random']} |"]
+    for row in ablation:
+        res = row["results"]
+        out.append(f"| {row['label']} (ablation runs) | {summary([x['probe']['top1'] for x in res])} | "
+                   f"{summary([x['probe']['top5'] for x in res])} | {summary([x['knn']['top1'] for x in res])} | "
+                   f"{len(res)} | {row['date']} |")
+    out.append("")
+    if ablation:
+        commands_seen = sorted({row["command"] for row in ablation})
+        out += [f"Rows marked *ablation runs* are other pre-trainings, not this run: bench/ablate.py's headline cells "
+                f"under `runs/ablate/headline/` (mean ± std over the seeds found, dated by their newest eval.json), "
+                f"made by `{'`, `'.join(commands_seen)}`.", ""]
+    else:
+        out += ["No ablation runs yet (`python bench/ablate.py --only headline --seeds 3` adds their rows).", ""]
+    if tuned:
+        out += ["Fine-tuning (ablation runs, mean ± std over seeds):", "",
+                "| cell | fine-tuned top-1 % | top-5 % | seeds | date |", "|---|---:|---:|---:|---|"]
+        out += [f"| {row['label']} | {summary([x['top1'] for x in row['results']])} | "
+                f"{summary([x['top5'] for x in row['results']])} | {len(row['results'])} | {row['date']} |" for row in tuned]
+        out.append("")
+    else:
+        out += ["fine-tuning rows: none run yet", ""]
+    out += ["## The loss", "", "![loss](loss.png)", ""]
+    if floor_label:
+        out += [f"The dashed line: {floor_label}.", ""]
+    out += ["## Fig. 4: trajectories of masked patches", ""]
+    if figure.endswith(".png"):
+        out += [f"![trajectories]({figure})", "",
+                "For the first validation clips (row label: the clip's class): (a) the frame, masked patches greyed; "
+                "(b) the true trajectories of the masked patches, (c) the model's prediction, (d) the frame. Each line "
+                "is where a point of a masked patch moves over the next frames, dark to light with time; the red dot is "
+                "where it ends.", ""]
+    else:
+        out += [figure, ""]
+    out += ["## Confusion matrix of the frozen probe (this run)", "", "![confusion](frozen/confusion.png)", "",
+            "The random encoder's: [frozen_random/confusion.png](frozen_random/confusion.png).", ""]
+    return "\n".join(out)
+
+
+def table_cells(text):
+    """{row label: [cells after the label]} of every markdown table row in `text`."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows

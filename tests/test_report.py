@@ -1,0 +1,130 @@
+"""finetune.py report (mme/report.py): a tiny pre-training's report.md holds the numbers of its two frozen
+evaluations, its pictures, the ablation rows that exist (mean ± std, dated); a rerun reads the evaluations
+back; the loss floor it draws is the loss of predicting the mean target, computed independently here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mme import report, viz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """train (16 videos) and val (16 videos) shards, and a 4-step pre-training of 2 blocks on them with
+    recipes/learn_tiny.yaml's loss (parts balanced, visible tokens too)."""
+    tmp = tmp_path_factory.mktemp("report")
+    subprocess.run([sys.executable, "extract.py", "--src", "synthetic", "--out", str(tmp / "shards"), "--split", "train,val",
+                    "--limit", "16", "--frames", "8", "--stride", "2", "--short_side", "64", "--length", "4"],
+                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "pretrain.py", "--recipe", "recipes/learn_tiny.yaml", *common(tmp), "--num_frames", "8",
+                    "--input_size", "64", "--warmup_epochs", "0", "--epochs", "1", "--trajectory_length", "4",
+                    "--depth", "2", "--name", "pre"], cwd=ROOT, check=True, capture_output=True)
+    return tmp
+
+
+def common(tmp):
+    kw = dict(data_path=f"{tmp}/shards/", sampling_rate=2, batch_size=4, num_workers=0, output_dir=str(tmp))
+    return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
+
+
+def run_report(tmp):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "finetune.py", "report", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
+                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def fake_eval(path, probe1, probe5, knn1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"probe": {"top1": probe1, "top5": probe5}, "knn": {"top1": knn1}, "top1": probe1,
+                                "top5": probe5}))
+
+
+def test_report_tables_pictures_reuse_and_ablation_rows(pretrained):
+    tmp = pretrained
+    run = tmp / "pre"
+    (run / "trajectories.png").unlink()                       # as a run that drew none: redrawn from its checkpoint
+    r = run_report(tmp)
+    assert "from " in r.stderr and "model tiny, depth 2, num_frames 8, input_size 64" in r.stderr   # the run's architecture
+    this, random = (json.loads((run / d / "eval.json").read_text()) for d in ("frozen", "frozen_random"))
+    assert this["fitted_from"]["depth"] == 2 and random["fitted_from"]["depth"] == 2 and random["weights"] is None
+    assert r.stdout.splitlines() == [str(run / "report.md"), f"MME {this['probe']['top1']:.1f} % vs random "
+                                     f"{random['probe']['top1']:.1f} % top-1 (frozen probe, {this['videos']} videos)"]
+    text = (run / "report.md").read_text()
+    cells = report.table_cells(text)
+    for label, res in (("MME (this run)", this), ("random encoder", random)):
+        assert [float(x) for x in cells[label][:3]] == [round(res["probe"]["top1"], 1), round(res["probe"]["top5"], 1),
+                                                        round(res["knn"]["top1"], 1)]
+    assert "fine-tuning rows: none run yet" in text and "(ablation runs)" not in text
+    for png in ("loss.png", "trajectories.png", "frozen/confusion.png", "frozen_random/confusion.png"):
+        assert (run / png).stat().st_size > 1000 and f"({png})" in text
+    assert viz.figure_note(run / "trajectories.png").startswith("validation clips")
+    floor = json.loads((run / "loss_floor.json").read_text())["loss"]
+    assert f"{floor:.3f}, the loss of predicting" in text
+    stamps = {p: p.stat().st_mtime_ns for d in ("frozen", "frozen_random") for p in (run / d).iterdir()}
+    stamps[run / "trajectories.png"] = (run / "trajectories.png").stat().st_mtime_ns
+
+    # ablation runs beside it (bench/ablate.py's layout), then the same report again
+    headline = tmp / "ablate" / "headline"
+    fake_eval(headline / "mme_trajectory" / "s0" / "frozen" / "eval.json", 30.0, 80.0, 33.0)
+    fake_eval(headline / "mme_trajectory" / "s1" / "frozen" / "eval.json", 40.0, 90.0, 37.0)
+    fake_eval(headline / "random_encoder" / "s0" / "frozen" / "eval.json", 6.0, 50.0, 10.0)
+    fake_eval(tmp / "ablate" / "headline" / "mme_trajectory" / "s0" / "finetune" / "eval.json", 55.0, 95.0, 0.0)
+    r = run_report(tmp)
+    assert r.stderr.count("reused") == 2 and "features:" not in r.stderr and "Fig. 4" not in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps                # nothing recomputed, nothing redrawn
+    text = (run / "report.md").read_text()
+    cells = report.table_cells(text)
+    assert cells["MME (trajectory) (ablation runs)"][:4] == ["35.0 ± 7.1", "85.0 ± 7.1", "35.0 ± 2.8", "2"]
+    assert cells["random encoder (ablation runs)"][:4] == ["6.0", "50.0", "10.0", "1"]
+    assert "python bench/ablate.py --only headline --seeds 2" in text and "--seeds 1" in text
+    assert cells["headline/mme_trajectory"][:3] == ["55.0", "95.0", "1"] and "none run yet" not in text
+    assert [float(x) for x in cells["MME (this run)"][:3]] == [round(this["probe"]["top1"], 1),
+                                                              round(this["probe"]["top5"], 1), round(this["knn"]["top1"], 1)]
+
+
+def numpy_floor(batches, widths, visible):
+    """The loss of predicting each token position's mean (balanced, weighted) target, written out in numpy."""
+    scaled = []
+    for t, m, w in batches:
+        edges = np.cumsum([0, *widths])
+        rms = [np.sqrt((t[..., a:b] ** 2).mean(-1)[w > 0].mean()) for a, b in zip(edges, edges[1:])]
+        scaled.append(np.concatenate([t[..., a:b] / s for a, b, s in zip(edges, edges[1:], rms)], -1))
+    num = sum((s * w[..., None]).sum(0) for s, (_, _, w) in zip(scaled, batches))
+    mean = num / sum(w.sum(0) for _, _, w in batches)[:, None]
+    losses = []
+    for s, (t, m, w) in zip(scaled, batches):
+        edges = np.cumsum([0, *widths])
+        err = np.mean([((mean[None, :, a:b] - s[..., a:b]) ** 2).mean(-1) for a, b in zip(edges, edges[1:])], 0)   # [B, N]
+        on = lambda sel: (err * w * sel).sum() / (w * sel).sum()
+        losses.append(on(m) + visible * on(~m))
+    return float(np.mean(losses))
+
+
+def test_loss_floor_is_the_loss_of_predicting_the_mean():
+    g = np.random.default_rng(0)
+    widths, B, N = [6, 9], 3, 8
+    batches = []
+    for _ in range(4):
+        t = g.normal(size=(B, N, 15)) * np.r_[np.full(6, 5.0), np.full(9, 0.1)] + np.arange(N)[:, None] * 0.5
+        m = np.zeros((B, N), bool)
+        m[:, g.permutation(N)[:5]] = True                         # 5 of 8 masked, the same count per clip
+        w = (g.random((B, N)) > 0.2).astype(np.float32)
+        batches.append((t.astype(np.float32), m, w))
+    as_torch = [{"target": torch.from_numpy(t), "mask": torch.from_numpy(m), "weight": torch.from_numpy(w)} for t, m, w in batches]
+    for visible in (0.0, 1.0):
+        loss, mean = report.mean_loss(as_torch, widths, visible)
+        assert loss == pytest.approx(numpy_floor(batches, widths, visible), rel=1e-5)
+        assert loss < (1 + visible) * 0.99                         # below predicting 0 (~1 per term under balanced parts)
+        assert mean.shape == (N, 15)
