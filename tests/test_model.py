@@ -297,6 +297,26 @@ def test_encoder_sees_only_visible_tokens():
     assert (enc(poked, mask) - out).abs().amax() > 1e-2
 
 
+def test_visible_tubelets_embed_as_the_conv_does():
+    """The encoder embeds the visible tubelets alone (a Linear with the Conv3d's weights): the same
+    tokens, and the same gradients for the conv's weights, as embedding every tubelet with the conv
+    and gathering the visible ones."""
+    torch.manual_seed(0)
+    pe = M.PatchEmbed(32)
+    x, mask = video(), mask_of()
+    x = x + torch.linspace(0, 1, x.shape[2])[None, None, :, None, None]      # frames differ: tubelet order matters
+    fast = pe.visible(x, mask)
+    fast.square().sum().backward()
+    grads = [p.grad.clone() for p in pe.parameters()]
+    pe.zero_grad()
+    ref = M._visible(pe(x), mask)
+    ref.square().sum().backward()
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, pe.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-5)
+    assert fast.shape == (2, N // 2, 32)
+
+
 def test_mask_count_must_agree():
     mask = mask_of()
     mask[0, (~mask[0]).nonzero()[0]] = True                                 # sample 0 masks one more
@@ -443,7 +463,7 @@ def test_flops_vit_b_by_hand():
     """ViT-B, 16 x 224: N = 8 * 14 * 14 = 1568 tokens, C = 768, 12 blocks; decoder 192 wide, 1 block,
     D = 264. Tube masking masks round(ratio * 196) patches per time step:
       0.9: 176 -> N_v = 8 * 20 = 160, N_m = 1408;   0.7: 137 -> N_v = 8 * 59 = 472, N_m = 1096.
-    FLOPs = 2 * N * 1536 * C                          patch embedding (all tokens)
+    FLOPs = 2 * N_v * 1536 * C                        patch embedding (visible tokens)
           + 12 * (24 * N_v * C^2 + 4 * N_v^2 * C)     encoder blocks on visible tokens
           + 2 * N_v * C * 192                         encoder_to_decoder
           + 24 * N * 192^2 + 4 * N^2 * 192            decoder block on all tokens
@@ -453,11 +473,11 @@ def test_flops_vit_b_by_hand():
         clf = M.encoder("base", 16, 224, num_classes=174)
 
     def hand(Nv, Nm, n=1568, C=768):
-        return (2 * n * 1536 * C + 12 * (24 * Nv * C ** 2 + 4 * Nv ** 2 * C) + 2 * Nv * C * 192
+        return (2 * Nv * 1536 * C + 12 * (24 * Nv * C ** 2 + 4 * Nv ** 2 * C) + 2 * Nv * C * 192
                 + 24 * n * 192 ** 2 + 4 * n ** 2 * 192 + 2 * Nm * 192 * 264)
 
-    assert M.flops_per_clip(pm, 16, 224, 0.9) == hand(160, 1408) == 35_287_597_056
-    assert M.flops_per_clip(pm, 16, 224, 0.7) == hand(472, 1096) == 95_616_196_608
+    assert M.flops_per_clip(pm, 16, 224, 0.9) == hand(160, 1408) == 31_965_708_288
+    assert M.flops_per_clip(pm, 16, 224, 0.7) == hand(472, 1096) == 93_030_408_192
     # against published counts (fvcore: 1 multiply-add = 1 "FLOP", so ours / 2):
     # VideoMAE ViT-B 16x224 classifier, no masking: 180 G; the MME paper's Table 12, joint 1-block
     # decoder at 70% masking: 51 G (its exact decoder/heads differ slightly from ours)
