@@ -94,11 +94,12 @@ def check_numbers(**flags):
             fail(f"--{name} {value}: must be " + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
 
 
-def parse_views(views, splits):
-    """--views 'val=5' / 'val=2,test=2' / 5 (every split but train) -> {split: N}; {} when not given."""
-    if views is None:
+def per_split(flag, value, splits, bare, example):
+    """--views 'val=5' / 'val=2,test=2' / 5, --limit 'train=4000' / 400 -> {split: N}; {} when not given.
+    A number alone goes to the splits `bare` picks out of the extracted ones."""
+    if value is None:
         return {}
-    items = views if isinstance(views, (tuple, list)) else str(views).split(",")
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
     out = {}
     for item in (str(x).strip() for x in items):
         split, _, count = item.rpartition("=")
@@ -106,9 +107,9 @@ def parse_views(views, splits):
             n = int(count)
         except ValueError:
             n = 0
-        targets = [split] if split else [s for s in splits if s != "train"]
+        targets = [split] if split else bare(splits)
         if n < 1 or any(t not in sources.SPLITS for t in targets):
-            fail(f"--views {views!r}: expected SPLIT=N (e.g. val=5, or val=2,test=2) with N >= 1, or N for every split but train")
+            fail(f"--{flag} {value!r}: expected SPLIT=N ({example}) or N alone, N at least 1")
         out.update(dict.fromkeys(targets, n))
     return out
 
@@ -116,7 +117,7 @@ def parse_views(views, splits):
 def list_split(src, root, split, fold, limit):
     """(videos, problems) of one split, shuffled deterministically and cut to `limit`."""
     if src == "synthetic":
-        n = limit or synthetic.DEFAULT_COUNT.get(split, 100)
+        n = limit or synthetic.DEFAULT_COUNT.get(split, 100)        # clips are made, not listed
         videos = [sources.Video(path=f"synthetic:{split}/{i}", key=f"synthetic_{split}_{i:06d}", label=i % len(synthetic.CLASSES),
                                 label_name=synthetic.CLASSES[i % len(synthetic.CLASSES)], split=split) for i in range(n)]
         return videos, []
@@ -163,7 +164,8 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
       out: output folder for shards and manifest.json.
       root: dataset folder (default data/<src>); its expected layout is in mme/sources.py.
       split: train | val | test, or several comma-separated (train,val).
-      limit: extract at most this many videos per split (synthetic: how many clips; default 400 train, 100 val).
+      limit: extract at most this many videos per split (synthetic: how many clips; default 400 train, 100 val);
+        SPLIT=N for one split (train=4000, or train=4000,val=50).
       workers: processes (default: all cores).
       part: i/N to extract part i of N (default from SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE).
       fold: official split number for ucf101 / hmdb51 (1-3).
@@ -188,11 +190,12 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
     bad = [s for s in splits if s not in sources.SPLITS]
     if bad or not splits:
         fail(f"--split {split!r}: expected one or more of {', '.join(sources.SPLITS)}, comma-separated")
-    check_numbers(limit=(limit, 1, None), workers=(workers, 1, None), frames=(frames, 2, None), stride=(stride, 1, None),
+    check_numbers(workers=(workers, 1, None), frames=(frames, 2, None), stride=(stride, 1, None),
                   length=(length, 1, None), short_side=(short_side, 32, None), quality=(quality, 1, 100),
                   windows=(windows, 1, None), shard_samples=(shard_samples, 1, None), fold=(fold, 1, None),
                   seed=(seed, 0, None), grid=(grid, 1, 16))
-    views = parse_views(views, splits)
+    views = per_split("views", views, splits, lambda ss: [x for x in ss if x != "train"], "e.g. val=5, or val=2,test=2")
+    limits = per_split("limit", limit, splits, list, "e.g. train=4000, or train=4000,val=50")
     d = DEFAULTS[src]
     params = clips.Params(frames=frames, stride=stride or d["stride"], length=length, grid=grid, camera=bool(camera),
                           short_side=short_side or d["short_side"], quality=quality, windows=windows)
@@ -203,7 +206,7 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
     root = root or f"data/{src}"
     i, n = which_part(part)
     try:
-        listed = {s: list_split(src, root, s, fold, limit) for s in splits}
+        listed = {s: list_split(src, root, s, fold, limits.get(s)) for s in splits}
     except (sources.SourceError, ValueError) as e:
         fail(str(e))
     out = Path(out)

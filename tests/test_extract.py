@@ -731,6 +731,17 @@ def test_views_per_split_at_extraction(tmp_path):
     assert r.returncode == 2 and "--views" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_limit_per_split(tmp_path):
+    """--limit train=3,val=2: each split its own count (the built-in data: 4,000 training clips and the
+    usual 100 validation clips in one command)."""
+    out = tmp_path / "out"
+    ok(extract("--src", "synthetic", "--out", out, "--split", "train,val", "--limit", "train=3,val=2", *SMALL))
+    m = manifest(out)
+    assert m["splits"]["train"]["samples"] == 3 and m["splits"]["val"]["samples"] == 2
+    r = extract("--src", "synthetic", "--out", tmp_path / "bad", "--split", "val", "--limit", "val=0")
+    assert r.returncode == 2 and "--limit 'val=0'" in r.stderr and "at least 1" in r.stderr
+
+
 def test_refuses_to_resume_into_an_older_schema(tmp_path):
     """Issue #12: schema 2 extraction into a folder of version 1 shards would mix versions: one line, no work."""
     (tmp_path / "manifest.json").write_text('{"schema": 1, "splits": {}}')
