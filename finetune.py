@@ -18,7 +18,7 @@ smoothing, mixup/cutmix, RandAugment and repeated sampling as the recipe says (T
 Progress as pretrain.py's: a live bar on a terminal, plain lines in a batch job's log, both in log.txt.
 Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl, loss.png, checkpoints/ (a killed run resumes),
 model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/top-5
-over videos: every clip window x test_num_crop crops, softmax averaged) and confusion.png; with
+over videos: every clip window, or test_num_segment of them, x test_num_crop crops, softmax averaged) and confusion.png; with
 eval_every N also val.jsonl (a validation every N epochs and at the end) and best.pth (the classifier
 of the best validation top-1). Scalars go to TensorBoard event files too (tensorboard --logdir runs).
 frozen trains nothing: it computes the encoder's features once (cached in features.pt, reused while
@@ -267,7 +267,7 @@ def validate(clf, r, rank, world, device, run, mode, step, epoch, best, board, p
 
 
 def score(clf, r, rank, world, device):
-    """Multi-view testing: every clip window of a video x test_num_crop crops, softmax averaged per
+    """Multi-view testing: every clip window of a video (or test_num_segment of them) x test_num_crop crops, softmax averaged per
     video (VideoMAE's protocol), gathered over ranks. Rank 0 gets (result, truth, predicted): result
     {videos, views, top1, top5, weights, data}; the other ranks (None, None, None)."""
     where = r["eval_data_path"] or r["data_path"]
@@ -389,7 +389,7 @@ def frozen_eval(r, run, rank, world, device, knn_k=10, knn_T=0.07, reuse=False):
     else:
         enc = frozen_encoder(r, rank, device)
         tick = time.perf_counter()
-        splits = {"train": gather_features(enc, train_urls, dict(r, test_num_crop=1), rank, world, device),   # centre view
+        splits = {"train": gather_features(enc, train_urls, dict(r, test_num_crop=1, test_num_segment=None), rank, world, device),   # centre view
                   "eval": gather_features(enc, eval_urls, r, rank, world, device)}                             # every view
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)

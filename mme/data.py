@@ -101,6 +101,18 @@ def check_recipe(meta, recipe, url):
         raise ValueError(f"{url}: " + "; ".join(wrong) + ": re-extract, or change the recipe")
 
 
+def tested_window(meta, segments):
+    """Whether evaluation tests this sample under test_num_segment = segments: of a video's W stored
+    windows (meta "window" of "windows", spread over the video by extract.py), `segments` evenly spread
+    ones, the first and the last among them (VideoMAE's test clips); one segment: the middle window;
+    None, or segments >= W: every window."""
+    W, k = meta.get("windows", 1), meta.get("window", 0)
+    if segments is None or segments >= W:
+        return True
+    picked = [(W - 1) // 2] if segments == 1 else np.round(np.linspace(0, W - 1, segments)).astype(int).tolist()
+    return k in picked
+
+
 def prepare(raw, rng, recipe, train, decode=False):
     """Worker side: parse one raw sample and draw its augmentation. Returns a list of items: in
     training recipe["repeated_aug"] differently augmented ones (Table 15's repeated sampling; 1 in
@@ -109,7 +121,8 @@ def prepare(raw, rng, recipe, train, decode=False):
     backend) the worker also applies the augmentation: video uint8 [T, S, S, 3] (RandAugment too, if
     the recipe asks) and the trajectories in output units. Trajectory arrays are read only for the
     mme target. None items (with a one-line warning naming shard, key and reason) for a sample that
-    breaks the schema (mme.shards.parse) or the recipe, or whose frames do not decode."""
+    breaks the schema (mme.shards.parse) or the recipe, or whose frames do not decode. In evaluation, a
+    window that recipe["test_num_segment"] does not test (tested_window) gives items marked pad."""
     name = f"{raw.get('__url__')} sample {raw['__key__']}"
     T, L = recipe["num_frames"], recipe["trajectory_length"]
     size, tracks = recipe["input_size"], recipe["target"] == "mme"
@@ -130,7 +143,9 @@ def prepare(raw, rng, recipe, train, decode=False):
         "shape": np.array([T, h, w, 3], np.int64),
         "label": np.array(label, np.int64),
         "key": raw["__key__"],
-        "pad": np.array(False),
+        # a window test_num_segment leaves out goes through as padding (ignored in the scores): dropping
+        # it could empty a whole batch on some rank, and every rank must run the same batches
+        "pad": np.array(not train and not tested_window(meta, recipe["test_num_segment"])),
         "name": name,
     }
     if tracks:

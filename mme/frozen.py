@@ -228,7 +228,7 @@ def feature_source(recipe, train_urls, eval_urls, device):
     stamp = lambda url: [url] + ([os.stat(url).st_size, os.stat(url).st_mtime_ns] if os.path.isfile(url) else [])
     return {"weights": weights, "device": torch.device(device).type,
             **{key: r[key] for key in ("model", "depth", "num_frames", "input_size", "sampling_rate", "test_num_crop",
-                                       "data_path", "eval_data_path", "precision")},
+                                       "test_num_segment", "data_path", "eval_data_path", "precision")},
             "train": [stamp(u) for u in train_urls], "eval": [stamp(u) for u in eval_urls]}
 
 

@@ -47,6 +47,7 @@ DEFAULTS = {
     "num_workers": 8,             # loader processes per rank (not from the paper)
     "seed": 0,                    # each rank seeds with seed + rank (as VideoMAE)
     "test_num_crop": 3,           # evaluation: square crops of the short side spread along the long side (VideoMAE's 3-crop test), x every clip window in the shards
+    "test_num_segment": None,     # evaluation: clip windows tested per video, spread evenly over those the shards hold (extract.py --views; VideoMAE: 5 K400, 2 SSv2); None: every one. The others still run, as padding
     # --- model (§4: ViT-B; Table 12: decoder) ---
     "model": "base",              # encoder ViT size, 16x16x2 tubelets: tiny | small | base | large (§4 uses base)
     "depth": None,                # encoder blocks; None: the size's (12; large 24). Fewer for CPU-budget runs (recipes/learn_tiny.yaml)
@@ -92,6 +93,7 @@ TYPES = {
     "data_path": (str, [str]),
     "clip_grad": float,
     "depth": int,
+    "test_num_segment": int,
     "name": str,
     "finetune": str,
     "num_classes": int,
@@ -340,6 +342,8 @@ def _check(r, where, home):
                 "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
     if r["eval_every"] < 0:
         bad("eval_every", "eval_every must be >= 0 (0: evaluate only at the end)")
+    if r["test_num_segment"] is not None and r["test_num_segment"] < 1:
+        bad("test_num_segment", "test_num_segment must be a positive number of clip windows (or none: every one)")
     if r["depth"] is not None and r["depth"] < 1:
         bad("depth", "depth must be a positive number of blocks (or none: the model size's)")
     if r["loss_visible"] < 0:

@@ -333,3 +333,31 @@ def test_dali_is_optional(synth, monkeypatch):
     with pytest.raises(ValueError, match="requirements-gpu.txt"):
         data.build_loader(synth, make_recipe(), backend="dali")
     assert data.build_loader(synth, make_recipe()).backend == "torch"
+
+
+def test_test_num_segment_picks_windows_spread_over_the_video(tmp_path):
+    """Two videos of 3 evaluation windows each (as extract.py --views val=3 stores them; the windows
+    here are other synthetic clips relabelled, which the loader cannot tell): test_num_segment 2 tests
+    the first and the last of each, 1 the middle one, none (or more than stored) all three; the others
+    never reach a batch, real or padding."""
+    p = clips.Params(frames=T, stride=2, length=4, short_side=80)
+    samples = []
+    for i in range(2):
+        for k in range(3):
+            v = sources.Video(path=f"synthetic:val/{3 * i + k}", key=f"v{i}", label=i, label_name="", split="val")
+            (sample,), _, _ = clips.video_samples(v, p)
+            meta = json.loads(sample["json"]) | {"window": k, "windows": 3}
+            samples.append(dict(sample, __key__=f"v{i}_w{k:02d}", json=json.dumps(meta).encode()))
+    write_shard(tmp_path / "val-000-000000.tar", samples)
+    url = str(tmp_path / "val-000-000000.tar")
+
+    def tested(**kw):
+        r = make_recipe(test_num_crop=1, **kw)
+        return sorted(k for b in data.build_loader(url, r, train=False, backend="torch") for k, pad in zip(b["key"], b["pad"])
+                      if not pad)
+    every = tested()
+    assert len(every) == 6 and tested(test_num_segment=3) == tested(test_num_segment=7) == every
+    assert tested(test_num_segment=2) == ["v0_w00", "v0_w02", "v1_w00", "v1_w02"]
+    assert tested(test_num_segment=1) == ["v0_w01", "v1_w01"]
+    with pytest.raises(recipe.RecipeError, match="test_num_segment"):
+        make_recipe(test_num_segment=0)
