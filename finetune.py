@@ -171,7 +171,7 @@ def train(mode, recipe, **overrides):
     amp = autocast(device, r["precision"])
     mixing, smoothing = r["mixup"] > 0 or r["cutmix"] > 0, r["smoothing"]
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    board = viz.Board(run, step, progress.note) if rank == 0 else None
+    board = viz.Board(run, step, progress.note, r["wandb"], r) if rank == 0 else None
     best = best_so_far(run, step) if rank == 0 else None    # (top-1, step) of best.pth, from val.jsonl
     last = None                                              # the latest validation: (step, result, truth, predicted)
     clf.train()
@@ -341,7 +341,12 @@ def eval(recipe, **overrides):
     run = Path(r["output_dir"]) / r["name"]
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-    write_result(r, rank, run, *score(clf, r, rank, world, device))
+    result, truth, predicted = score(clf, r, rank, world, device)
+    write_result(r, rank, run, result, truth, predicted)
+    if rank == 0:                                         # TensorBoard (and W&B if asked), as a training run's validation
+        board = viz.Board(run, 0, console.print, r["wandb"], r)
+        board.add(0, **{"val/top1": result["top1"], "val/top5": result["top5"]})
+        board.close()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -99,7 +99,7 @@ def main(recipe, **overrides):
     every_token = r["loss_visible"] > 0
 
     metrics = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    board = viz.Board(run, step, progress.note) if rank == 0 else None
+    board = viz.Board(run, step, progress.note, r["wandb"], r) if rank == 0 else None
     last_good = last
     while step < total_steps:
         tick, clips, micro_i, wait = time.perf_counter(), 0, 0, 0.0

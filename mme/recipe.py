@@ -18,6 +18,7 @@ parsed to the key's type ('0.5', 'true', '0.9,0.95', 'none'), since shells pass 
 """
 import copy
 import difflib
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -77,6 +78,7 @@ DEFAULTS = {
     "eval_every": 0,              # validate every this many epochs while fine-tuning (and at the end), keeping best.pth by val top-1 (VideoMAE: every epoch); 0: only the final evaluation
     # --- runtime ---
     "output_dir": "runs",         # a run writes to output_dir/name/
+    "wandb": None,                # a Weights & Biases project to log the scalars to as well (pip install wandb; credentials: wandb's WANDB_API_KEY or `wandb login`); None: TensorBoard only
     "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
     "save_every": 1000,           # optimizer steps between checkpoints (one is also written at the end)
     "log_every": 20,              # optimizer steps between progress lines in log.txt (and on stderr when it is not a terminal)
@@ -94,6 +96,7 @@ TYPES = {
     "clip_grad": float,
     "depth": int,
     "test_num_segment": int,
+    "wandb": str,
     "name": str,
     "finetune": str,
     "num_classes": int,
@@ -342,6 +345,8 @@ def _check(r, where, home):
                 "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
     if r["eval_every"] < 0:
         bad("eval_every", "eval_every must be >= 0 (0: evaluate only at the end)")
+    if r["wandb"] and importlib.util.find_spec("wandb") is None:      # every rank stops here, before any work
+        bad("wandb", f"wandb {r['wandb']!r}: the wandb package is not installed (pip install wandb), or leave wandb unset")
     if r["test_num_segment"] is not None and r["test_num_segment"] < 1:
         bad("test_num_segment", "test_num_segment must be a positive number of clip windows (or none: every one)")
     if r["depth"] is not None and r["depth"] < 1:

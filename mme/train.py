@@ -203,7 +203,7 @@ def load_checkpoint(path, net, opt, loader, rank):
 # Keys a run may change when it resumes: they do not change what it computes. epochs continues a finished
 # run (or ends one sooner); everything else must match the saved recipe.yaml.
 RESUMABLE_CHANGES = ("epochs", "name", "output_dir", "resume", "save_every", "device", "eval_data_path", "log_every",
-                     "log_seconds", "eval_every")
+                     "log_seconds", "eval_every", "test_num_segment", "wandb")
 
 
 class ResumeError(ValueError):

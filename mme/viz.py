@@ -5,7 +5,7 @@
     p.update(step, epoch=1, loss=..., lr=..., clips=8, seconds=0.5, wait=0.1); p.stop()
     every(20, 60).due(done, total)            # a plain line every 20 items and at least every 60 s
     eta(seconds)                              # '1h02m', '3m05s', '12s'
-    board = Board(run, start_step); board.add(step, **{"train/loss": 0.5}); board.close()   # TensorBoard events
+    board = Board(run, start_step); board.add(step, **{"train/loss": 0.5}); board.close()   # TensorBoard events (+ W&B if asked)
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png", title=..., floor=...)   # loss (log) and lr against step
     confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes, names)   # row-normalised, counts in cells
     shard_figure("runs/show_x.png", [mme.shards.decode(raw), ...])   # samples as stored: frames + trajectories
@@ -126,9 +126,25 @@ def progress(console, total, start=0, log=None, every_steps=20, every_seconds=60
 class Board:
     """TensorBoard event files in the run folder, beside metrics.jsonl (`tensorboard --logdir runs` shows
     every run by its name). A run resumed from step s hides the events a killed run wrote past s
-    (purge_step). Without the tensorboard package it writes nothing and says so once."""
+    (purge_step). Without the tensorboard package it writes nothing and says so once.
+    wandb: a Weights & Biases project to send the same scalars to (the recipe key `wandb`; off unless
+    asked). The W&B run's id comes from the run folder, so a resumed run continues the same W&B run;
+    credentials are wandb's own (WANDB_API_KEY or `wandb login`; WANDB_MODE=offline works), never ours."""
 
-    def __init__(self, run, start_step=0, say=print):
+    def __init__(self, run, start_step=0, say=print, wandb=None, config=None):
+        self.wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise ValueError(f"wandb: {wandb}: the wandb package is not installed (pip install wandb), "
+                                 f"or leave the recipe key wandb unset") from None
+            import hashlib
+            from pathlib import Path
+            run_id = hashlib.sha1(str(Path(run).resolve()).encode()).hexdigest()[:16]
+            self.wandb = wandb_lib.init(project=wandb, name=Path(run).name, id=run_id, resume="allow",
+                                        dir=str(run), config=config)
+            say(f"Weights & Biases: project {wandb}, run {Path(run).name} (id {run_id})")
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -142,10 +158,14 @@ class Board:
         if self.writer:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+        if self.wandb:
+            self.wandb.log(dict(scalars), step=step)
 
     def close(self):
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)", title=None, floor=None, floor_label=None):

@@ -67,6 +67,8 @@ def test_train_then_eval_agree(pretrained, mode, recipe):
     finetune("eval", "--recipe", recipe, *common(tmp), "--finetune", str(d / "model.pth"), "--name", f"{mode}_eval")
     again = json.loads((tmp / f"{mode}_eval" / "eval.json").read_text())
     assert (again["top1"], again["top5"], again["views"]) == (result["top1"], result["top5"], result["views"])
+    assert scalars(tmp / f"{mode}_eval") == {"val/top1": [(0, pytest.approx(again["top1"]))],
+                                             "val/top5": [(0, pytest.approx(again["top5"]))]}     # TensorBoard too
     if mode == "probe":                   # 2 ranks: padded shares, gathered views, the same scores
         finetune("eval", "--recipe", recipe, *common(tmp), "--finetune", str(d / "model.pth"), "--name", "two",
                  launcher=("torchrun", "--standalone", "--nproc_per_node=2"))

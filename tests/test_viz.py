@@ -107,3 +107,41 @@ def test_trajectories_are_coloured_by_time_and_labelled(tmp_path, monkeypatch):
     assert np.allclose(colours[:3], colours[3:6]) and colours[0, :3].sum() < colours[1, :3].sum() < colours[2, :3].sum()
     assert "receding" in [t.get_text() for t in fig.axes[0].texts]
     assert viz.figure_note(tmp_path / "t.png") == "validation clips"
+
+
+def test_board_sends_the_scalars_to_wandb_when_asked(tmp_path, monkeypatch):
+    """recipe key wandb: the same scalars go to a W&B run whose id is the run folder's (a resumed run
+    continues it); without the package the recipe is refused before any work."""
+    import sys
+    import types
+    calls = []
+
+    class FakeRun:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    said = []
+    for start in (0, 5):                                          # a run, then the same run resumed
+        board = viz.Board(run, start, said.append, wandb="proj", config={"lr": 1})
+        board.add(start + 1, **{"train/loss": 0.5})
+        board.close()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0] == inits[1] and inits[0]["project"] == "proj" and inits[0]["name"] == "x"
+    assert inits[0]["resume"] == "allow" and inits[0]["config"] == {"lr": 1}
+    assert [c for c in calls if c[0] == "log"] == [("log", {"train/loss": 0.5}, 1), ("log", {"train/loss": 0.5}, 6)]
+    assert calls[-1] == ("finish",) and any("Weights & Biases: project proj" in s for s in said)
+    assert list(run.glob("events.out.tfevents.*"))                 # TensorBoard as well
+
+    import importlib.util
+    import pytest
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)     # as where wandb is not installed
+    with pytest.raises(recipe.RecipeError, match="wandb package is not installed"):
+        recipe.load(None, data_path="x", wandb="proj")
+    assert recipe.load(None, data_path="x")["wandb"] is None
