@@ -73,7 +73,7 @@ def day(seconds):
 
 def ablation_rows(runs):
     """The headline rows bench/ablate.py has finished under runs/ablate/headline: [{label, results
-    (eval.json dicts, by seed), seeds, date, command}]; rows without a finished seed are left out."""
+    (eval.json dicts, by seed), seeds, date}]; rows without a finished seed are left out."""
     rows = []
     for folder, label in HEADLINE_ROWS:
         found = sorted((runs / "ablate" / "headline" / folder).glob("s*/frozen/eval.json"))
@@ -81,8 +81,7 @@ def ablation_rows(runs):
         if found:
             seeds = sorted(int(p.parent.parent.name[1:]) for p in found)
             rows.append({"label": label, "results": [json.loads(p.read_text()) for p in found], "seeds": seeds,
-                         "date": day(max(p.stat().st_mtime for p in found)),
-                         "command": f"python bench/ablate.py --only headline --seeds {max(seeds) + 1}"})
+                         "date": day(max(p.stat().st_mtime for p in found))})
     return rows
 
 
@@ -137,13 +136,13 @@ def markdown(run, recipe, steps, this, random, dates, commands, floor_label, fig
         res = row["results"]
         out.append(f"| {row['label']} (ablation runs) | {summary([x['probe']['top1'] for x in res])} | "
                    f"{summary([x['probe']['top5'] for x in res])} | {summary([x['knn']['top1'] for x in res])} | "
-                   f"{len(res)} | {row['date']} |")
+                   f"{len(res)} ({', '.join(map(str, row['seeds']))}) | {row['date']} |")
     out.append("")
     if ablation:
-        commands_seen = sorted({row["command"] for row in ablation})
         out += [f"Rows marked *ablation runs* are other pre-trainings, not this run: bench/ablate.py's headline cells "
-                f"under `runs/ablate/headline/` (mean ± std over the seeds found, dated by their newest eval.json), "
-                f"made by `{'`, `'.join(commands_seen)}`.", ""]
+                f"under `runs/ablate/headline/` (mean ± std over the seeds found, listed in brackets; dated by their "
+                f"newest eval.json), made by `python bench/ablate.py --only headline`; "
+                f"`python bench/ablate.py --only headline --seeds 3` completes every row to seeds 0-2.", ""]
     else:
         out += ["No ablation runs yet (`python bench/ablate.py --only headline --seeds 3` adds their rows).", ""]
     if tuned:

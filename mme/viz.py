@@ -225,14 +225,15 @@ def token_paths(pos, h, w, grid=8):
     return np.concatenate([start, start + np.cumsum(pos, 2)], 2)
 
 
-def trajectory_figure(path, frames, mask, true_pos, pred_pos, labels=None, note=None):
+def trajectory_figure(path, frames, mask, true_pos, pred_pos, labels=None, note=None, min_motion=1.0):
     """The paper's Fig. 4, one row per clip: (a) the frame with its masked patches greyed out; (b) the
     true and (c) the predicted trajectories of the masked patches drawn on it; (d) the frame.
     frames uint8 [n, S, S, 3] (the first frame of one tubelet per clip), mask bool [n, h*w] (that
     tubelet's tokens), true_pos / pred_pos [n, h*w, K, L, 2] displacements in px of these frames;
     labels: a row label per clip (its class); note: a line above the figure, also stored as the PNG's
     Description (figure_note reads it back). Each trajectory is coloured from dark to light along its
-    L steps (time), a red dot where it ends."""
+    L steps (time), a red dot where it ends. Trajectories that move less than min_motion px in both
+    the truth and the prediction (still background) are left out of (b) and (c) alike."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,8 +245,11 @@ def trajectory_figure(path, frames, mask, true_pos, pred_pos, labels=None, note=
     h = w = S // 16
     L = np.asarray(true_pos).shape[3]
     time_colours = LinearSegmentedColormap.from_list("time", ["#6b3d00", "#ffd000", "#ffffa0"])(np.linspace(0, 1, L))
-    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3.1 * n + 0.8), squeeze=False)   # ~3x the pixels: paths of a few px show
     for row, (frame, m, true, pred) in enumerate(zip(frames, mask, true_pos, pred_pos)):
+        m = np.asarray(m, bool)
+        travel = lambda pos: np.abs(np.asarray(pos, np.float64)[m]).sum((2, 3))          # [masked, K] px moved
+        moving = ((travel(true) >= min_motion) | (travel(pred) >= min_motion)).reshape(-1)   # the same in (b), (c)
         grey = frame.copy()
         for t in np.flatnonzero(m):
             i, j = divmod(int(t), w)
@@ -255,8 +259,8 @@ def trajectory_figure(path, frames, mask, true_pos, pred_pos, labels=None, note=
             ax = axes[row, col]
             ax.imshow(img)
             if pos is not None:
-                paths = token_paths(pos, h, w)[np.asarray(m, bool)]            # masked tokens only
-                lines = paths.reshape(-1, paths.shape[2], 2)                   # [M, L+1, 2]
+                paths = token_paths(pos, h, w)[m]                              # masked tokens only
+                lines = paths.reshape(-1, paths.shape[2], 2)[moving]           # [M, L+1, 2]
                 segments = np.stack([lines[:, :-1], lines[:, 1:]], 2).reshape(-1, 2, 2)   # [M*L, 2, 2]: each line's L steps in turn
                 ax.add_collection(LineCollection(segments, colors=np.tile(time_colours, (len(lines), 1)), linewidths=1.5))
                 ax.scatter(lines[:, -1, 0], lines[:, -1, 1], s=6, c="red", lw=0, zorder=3)   # where each one ends
@@ -270,11 +274,12 @@ def trajectory_figure(path, frames, mask, true_pos, pred_pos, labels=None, note=
                               ha="right", va="center", fontsize=8)
     legend = [Line2D([], [], color="#ffd000", lw=2, label=f"path of a masked patch's trajectory over the next {L} frames "
                                                            f"(dark to light: time)"),
-              Line2D([], [], color="red", marker="o", ls="", markersize=4, label="where it ends")]
-    fig.legend(handles=legend, loc="lower center", ncol=2, fontsize=7, frameon=False)
+              Line2D([], [], color="red", marker="o", ls="", markersize=4, label="where it ends"),
+              Line2D([], [], ls="", label=f"not drawn: trajectories moving < {min_motion:g} px in both truth and prediction")]
+    fig.legend(handles=legend, loc="lower center", ncol=3, fontsize=8, frameon=False)
     if note:
         fig.suptitle(note, fontsize=9)
-    fig.tight_layout(rect=(0.03, 0.5 / (2.1 * n + 0.6), 1, 1))
+    fig.tight_layout(rect=(0.03, 0.5 / (3.1 * n + 0.8), 1, 1))
     fig.savefig(path, dpi=120, metadata={"Description": note or ""})
     plt.close(fig)
 
