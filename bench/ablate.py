@@ -97,7 +97,8 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only
         return json.loads(result.read_text())
     if read_only:
         return None
-    out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:                              # a dry run leaves no trace
+        out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     keys = dict(keys)
     data = EXTRA_SHARDS.get(keys.get("trajectory_length"))
