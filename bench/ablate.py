@@ -11,7 +11,9 @@ then `finetune.py frozen --recipe EVAL --finetune runs/ablate/.../s<S>/encoder.p
 and k-NN on frozen features of the val split; "random encoder" rows skip pre-training). Killed? Rerun
 the same command: finished cells (their eval.json) are read back, an interrupted pre-training resumes
 from its last checkpoint, so nothing is run twice. Cells that need other shards (L = 8) extract them
-once. Each table is written into docs/results.md between `<!-- ablate:NAME -->` markers, mean ± std
+once. A row whose recipe is another table's row (Fig. 3's MME, Table 5's trajectory and Table 8's
+w/o patch norm are all the base recipe) is one cell, run once and read by every table that has it,
+under the first table's name. Each table is written into docs/results.md between `<!-- ablate:NAME -->` markers, mean ± std
 over seeds, with the command that made it.
 """
 import json
@@ -24,6 +26,9 @@ from pathlib import Path
 
 import fire
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mme import recipe as recipes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]   # where runs, shards and docs are (the commands' cwd)
 REPO = ROOT                                  # where the recipes are read from
@@ -86,10 +91,22 @@ def recipe_depth(recipe, keys, sets):
     return yaml.safe_load((REPO / recipe).read_text()).get("depth")
 
 
+def home(keys, recipe):
+    """(table, label) of the first row in TABLES whose pre-training is the same as `keys`' once keys
+    equal to the recipe file's values are dropped: that row's folder holds the cell. (--override
+    applies to every cell alike and is not part of a cell's name.)"""
+    base = recipes.load(REPO / recipe)
+
+    def changes(row):
+        return row if row == RANDOM else {k: v for k, v in row.items() if base[k] != v}
+    return next((t, label) for t, (_, rows) in TABLES.items() for label, k in rows if changes(k) == changes(keys))
+
+
 def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only=False):
     # sets: overrides for every pre-training (--override); keys: the row's own
     """Pre-train (unless a random-encoder row) and evaluate one cell; returns its eval.json, or None
     (dry run, or read_only and not finished)."""
+    table, label = home(keys, recipe)
     name = f"ablate/{table}/{slug(label)}/s{seed}"
     out = ROOT / "runs" / name
     result = out / "frozen" / "eval.json"

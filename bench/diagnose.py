@@ -70,6 +70,13 @@ def cache(data_path="shards/synthetic/", recipe="recipes/tiny.yaml", file=str(OU
     torch.save(out, file)
 
 
+def first_frames(split, frames):
+    """The first `frames` frames of each cached clip and the targets of their tokens (t-major order)."""
+    tokens = frames // 2 * (split["video"].shape[-1] // 16) ** 2
+    return dict(split, video=split["video"][:, :, :frames], pos=split["pos"][:, :tokens], hog=split["hog"][:, :tokens],
+                valid=split["valid"][:, :tokens])
+
+
 def normalise(video):                                          # uint8 [B, 3, T, S, S] -> ImageNet-normalised
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1, 1), torch.tensor(STD).view(1, 3, 1, 1, 1)
     return (video.float() / 255 - mean) / std
@@ -153,14 +160,17 @@ def token_r2(tokens, pos):
 
 def run(steps=300, target="mme", norm="patch", balance=False, shape=True, depth=12, mask_type="tube",
         mask_ratio=0.7, loss_visible=0.0, lr=1e-3, batch=8, weight_decay=0.05, seed=0, fixed_batch=False,
-        eval_every=0, threads=2, cache_file=str(OUT / "cache.pt"), note=""):
-    """One controlled run (module docstring); prints and appends its read-outs."""
+        eval_every=0, threads=2, cache_file=str(OUT / "cache.pt"), frames=0, note=""):
+    """One controlled run (module docstring); prints and appends its read-outs. --frames 8: only the
+    first 8 cached frames (and their tokens' targets), a cheaper step."""
     torch.set_num_threads(threads)
     balance, shape, fixed_batch = (str(v).lower() not in ("false", "0", "no") for v in (balance, shape, fixed_batch))
     cfg = dict(steps=steps, target=target, norm=norm, balance=balance, shape=shape, depth=depth, mask_type=mask_type,
                mask_ratio=mask_ratio, loss_visible=loss_visible, lr=lr, batch=batch, weight_decay=weight_decay,
                seed=seed, fixed_batch=fixed_batch, cache_file=cache_file, note=note)
     d = torch.load(cache_file, weights_only=True)
+    if frames:
+        d = {s: first_frames(split, frames) for s, split in d.items()}
     tr = d["train"]
     cfg["frames"], cfg["size"] = tr["video"].shape[2], tr["video"].shape[-1]
     cfg["scales"] = [tr["pos"].float().pow(2).mean().sqrt().item(), tr["hog"].float().pow(2).mean().sqrt().item()]

@@ -37,13 +37,16 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     ablate.main(only="table8,headline", seeds=2, override="epochs=2")
     pretrain = [c for c in calls if c[0] == "pretrain.py"]
     frozen = [c for c in calls if c[0] == "finetune.py"]
-    assert len(pretrain) == (2 + 3) * 2 and len(frozen) == (2 + 4) * 2        # the random encoder is not pre-trained
+    # table8's "w/o patch norm" is learn_tiny's own setting: headline's MME cell, run once for both;
+    # the random encoder is not pre-trained
+    assert len(pretrain) == (1 + 3) * 2 and len(frozen) == (1 + 4) * 2
     assert all("--epochs=2" in c for c in pretrain)
     assert ["--patch_norm=False"] == [a for a in pretrain[0] if a.startswith("--patch_norm")]
+    assert pretrain[0][pretrain[0].index("--output_dir") + 1] == "runs/ablate/headline/mme_trajectory"
     random_rows = [c for c in frozen if "random_encoder" in c[c.index("--output_dir") + 1]]
     assert len(random_rows) == 2 and all(c[c.index("--finetune") + 1] == "null" for c in random_rows)
     text = (root / "docs" / "results.md").read_text()
-    name = "ablate/table8/w_o_patch_norm/s{}/frozen"
+    name = "ablate/headline/mme_trajectory/s{}/frozen"
     scores = [len(name.format(s)) + s for s in (0, 1)]
     row = next(line for line in text.splitlines() if line.startswith("| w/o patch norm"))
     assert row == (f"| w/o patch norm | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} | "
@@ -56,13 +59,27 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     assert (root / "docs" / "results.md").read_text().count("<!-- ablate:table8 -->") == 1
 
 
+def test_a_row_equal_to_another_tables_row_is_one_cell(fake_runs):
+    root, calls = fake_runs
+    ablate.main(only="fig3,table5", seeds=1)
+    cells = [c[c.index("--output_dir") + 1] for c in calls if c[0] == "finetune.py"]
+    # Fig. 3's pixel and MME are Table 5's pixel and trajectory, and under the headline's names
+    assert cells == ["runs/ablate/headline/pixel_videomae/s0", "runs/ablate/fig3/pixel_shuffled_frames/s0",
+                     "runs/ablate/headline/mme_trajectory/s0", "runs/ablate/fig3/mme_shuffled_frames/s0",
+                     "runs/ablate/headline/hog_maskfeat/s0", "runs/ablate/table5/trajectory_w_o_shape/s0"]
+    text = (root / "docs" / "results.md").read_text()
+    score = len("ablate/headline/mme_trajectory/s0/frozen")
+    assert f"| MME | {score:.1f} |" in text and f"| trajectory | {score:.1f} |" in text
+
+
 def test_an_interrupted_table_continues_with_the_missing_cells(fake_runs):
     root, calls = fake_runs
     ablate.main(only="table9", seeds=1)
-    (root / "runs/ablate/table9/k_4/s0/frozen/eval.json").unlink()          # that cell was killed
+    (root / "runs/ablate/table9/one_mean_of_the_k/s0/frozen/eval.json").unlink()          # that cell was killed
     calls.clear()
     ablate.main(only="table9", seeds=1)
-    assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"] and calls[0][calls[0].index("--output_dir") + 1].endswith("ablate/table9/k_4")
+    assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"]
+    assert calls[0][calls[0].index("--output_dir") + 1].endswith("ablate/table9/one_mean_of_the_k")
 
 
 def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
