@@ -8,7 +8,9 @@ recipe change and scores the encoder by the frozen-feature evaluation (docs/resu
 
 A cell is `pretrain.py --recipe RECIPE --seed S --output_dir runs/ablate/<table>/<row> --name s<S> <row's keys>`,
 then `finetune.py frozen --recipe EVAL --finetune runs/ablate/.../s<S>/encoder.pth` (logistic-regression probe
-and k-NN on frozen features of the val split; "random encoder" rows skip pre-training). Killed? Rerun
+and k-NN on frozen features of the val split; "random encoder" rows skip pre-training); the headline's
+cells are also fine-tuned, every layer, with the same small budget for every row (`finetune.py full
+--recipe recipes/finetune_learn_tiny.yaml`; the random row from scratch). Killed? Rerun
 the same command: finished cells (their eval.json) are read back, an interrupted pre-training resumes
 from its last checkpoint, so nothing is run twice. Cells that need other shards (L = 8) extract them
 once. A row whose recipe is another table's row (Fig. 3's MME, Table 5's trajectory and Table 8's
@@ -61,6 +63,7 @@ TABLES = {
     "table11": ("Table 11: mask ratio (tube)", [
         ("0.4", {"mask_ratio": 0.4}), ("0.7", {"mask_ratio": 0.7}), ("0.9", {"mask_ratio": 0.9})]),
 }
+TUNED = ("headline",)   # tables whose cells are fine-tuned too (issue #8: the headline rows by probe, k-NN and fine-tuning)
 EXTRA_SHARDS = {8: "shards/synthetic4k_L8/"}   # trajectory_length -> shards holding that long a trajectory
 EXTRA_CLIPS = 4000                              # training clips in those shards, as recipes/learn_tiny.yaml's
 
@@ -102,18 +105,20 @@ def home(keys, recipe):
     return next((t, label) for t, (_, rows) in TABLES.items() for label, k in rows if changes(k) == changes(keys))
 
 
-def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only=False):
+def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only=False, tune_recipe=None):
     # sets: overrides for every pre-training (--override); keys: the row's own
-    """Pre-train (unless a random-encoder row) and evaluate one cell; returns its eval.json, or None
-    (dry run, or read_only and not finished)."""
+    """Pre-train (unless a random-encoder row) and evaluate one cell by the frozen evaluation and, with
+    tune_recipe, by fine-tuning too; returns {"frozen": eval.json, "finetune": eval.json} with None for
+    a part not finished (read_only: nothing runs), or None on a dry run."""
     table, label = home(keys, recipe)
     name = f"ablate/{table}/{slug(label)}/s{seed}"
     out = ROOT / "runs" / name
-    result = out / "frozen" / "eval.json"
-    if result.exists():
-        return json.loads(result.read_text())
-    if read_only:
-        return None
+    results = {"frozen": out / "frozen" / "eval.json", "finetune": out / "finetune" / "eval.json" if tune_recipe else None}
+
+    def read():
+        return {part: json.loads(p.read_text()) if p and p.exists() else None for part, p in results.items()}
+    if read_only or all(p is None or p.exists() for p in results.values()):
+        return read()
     if not dry_run:                              # a dry run leaves no trace
         out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
@@ -124,18 +129,20 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only
             run(["extract.py", "--src", "synthetic", "--out", data, "--split", split, *limit,
                  "--length", str(keys["trajectory_length"])], dry_run, log)
     common = [f"--{k}={v}" for k, v in sets.items()] + (["--data_path", data] if data else [])
-    if keys == RANDOM:
-        weights = "null"
-    else:
+    weights = "null" if keys == RANDOM else str((out / "encoder.pth").relative_to(ROOT))
+    depth = [f"--depth={d}"] if (d := recipe_depth(recipe, keys, sets)) is not None else []   # random rows too
+    if keys != RANDOM and not results["frozen"].exists():   # the frozen evaluation is done after a finished pre-training
         overrides = [f"--{k}={v}" for k, v in keys.items()]
         run(["pretrain.py", "--recipe", recipe, "--seed", str(seed), "--output_dir", str(out.parent.relative_to(ROOT)), "--name", out.name,
              *common, *overrides], dry_run, log)
-        weights = str((out / "encoder.pth").relative_to(ROOT))
-    depth = recipe_depth(recipe, keys, sets)    # a random row's encoder too: the same architecture, untrained
-    run(["finetune.py", "frozen", "--recipe", eval_recipe, "--finetune", weights, "--seed", str(seed),
-         "--output_dir", str(out.relative_to(ROOT)), "--name", "frozen", *([f"--data_path={data}"] if data else []),
-         *([f"--depth={depth}"] if depth is not None else [])], dry_run, log)
-    return None if dry_run else json.loads(result.read_text())
+    for part, path in results.items():
+        if path is None or path.exists():
+            continue
+        how = ["frozen", "--recipe", eval_recipe, *([f"--data_path={data}"] if data else [])] if part == "frozen" else \
+            ["full", "--recipe", tune_recipe]    # the fine-tuning recipe's own labelled data
+        run(["finetune.py", *how, "--finetune", weights, "--seed", str(seed), "--output_dir", str(out.relative_to(ROOT)),
+             "--name", part, *depth], dry_run, log)
+    return None if dry_run else read()
 
 
 def summarise(values, seeds):
@@ -151,10 +158,14 @@ def write_table(doc, table, rows, seeds, command):
     title = TABLES[table][0]
     lines = [f"<!-- ablate:{table} -->", f"**{title}** ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
              f"{time.strftime('%Y-%m-%d')}; `{command}`)", "",
-             "| row | frozen probe top-1 % | k-NN top-1 % |", "|---|---:|---:|"]
+             "| row | frozen probe top-1 % | k-NN top-1 % |" + (" fine-tuned top-1 % |" if table in TUNED else ""),
+             "|---|---:|---:|" + ("---:|" if table in TUNED else "")]
     for label, results in rows:
-        lines.append(f"| {label} | {summarise([r['probe']['top1'] for r in results], seeds)} | "
-                     f"{summarise([r['knn']['top1'] for r in results], seeds)} |")
+        frozen = [r["frozen"] for r in results if r["frozen"]]
+        columns = [[r["probe"]["top1"] for r in frozen], [r["knn"]["top1"] for r in frozen]]
+        if table in TUNED:
+            columns.append([r["finetune"]["top1"] for r in results if r["finetune"]])
+        lines.append(f"| {label} | " + " | ".join(summarise(c, seeds) for c in columns) + " |")
     lines.append(f"<!-- /ablate:{table} -->")
     block = "\n".join(lines)
     text = doc.read_text() if doc.exists() else "# Results\n"
@@ -165,12 +176,13 @@ def write_table(doc, table, rows, seeds, command):
 
 
 def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="recipes/probe_tiny.yaml", override=None,
-         rows=None, dry_run=False, doc="docs/results.md"):
+         rows=None, dry_run=False, doc="docs/results.md", tune_recipe="recipes/finetune_learn_tiny.yaml"):
     """Run the ablation tables (only: comma-separated names among headline, loss, fig3, table5-9, table11)
     over `seeds` pre-training seeds (0..seeds-1), seed by seed (every row's seed 0, then seed 1...) so
     that a stopped run leaves whole comparisons; override: recipe keys for every pre-training,
     'key=value,key=value' (e.g. 'epochs=2' for a quick pass); rows: run only the rows whose label
-    contains one of these comma-separated words (the tables still show every finished cell)."""
+    contains one of these comma-separated words (the tables still show every finished cell); tune_recipe:
+    the fine-tuning of the TUNED tables' cells (None: frozen evaluation only)."""
     names = list(TABLES) if only is None else [n.strip() for n in (only if isinstance(only, (list, tuple)) else str(only).split(","))]
     unknown = [n for n in names if n not in TABLES]
     if unknown:
@@ -186,7 +198,8 @@ def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="reci
         results = {label: [] for label, _ in TABLES[table][1]}
         for s in seed_list:
             for (label, keys), run_it in zip(TABLES[table][1], chosen):
-                r = cell(table, label, keys, s, recipe, eval_recipe, sets, dry_run, read_only=not run_it)
+                r = cell(table, label, keys, s, recipe, eval_recipe, sets, dry_run, read_only=not run_it,
+                         tune_recipe=tune_recipe if table in TUNED else None)
                 if r:
                     results[label].append(r)
         if not dry_run:

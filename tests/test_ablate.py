@@ -27,7 +27,8 @@ def fake_runs(tmp_path, monkeypatch):
             name = out.relative_to(tmp_path / "runs").as_posix()
             out.mkdir(parents=True, exist_ok=True)
             score = float(len(name) + int(name.split("/s")[-1].split("/")[0]))
-            (out / "eval.json").write_text(json.dumps({"probe": {"top1": score}, "knn": {"top1": score / 2}}))
+            scores = {"top1": score, "top5": 100.0} if cmd[1] == "full" else {"probe": {"top1": score}, "knn": {"top1": score / 2}}
+            (out / "eval.json").write_text(json.dumps(scores))
     monkeypatch.setattr(ablate, "run", run)
     return tmp_path, calls
 
@@ -36,7 +37,7 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     root, calls = fake_runs
     ablate.main(only="table8,headline", seeds=2, override="epochs=2")
     pretrain = [c for c in calls if c[0] == "pretrain.py"]
-    frozen = [c for c in calls if c[0] == "finetune.py"]
+    frozen = [c for c in calls if c[:2] == ["finetune.py", "frozen"]]
     # table8's "w/o patch norm" is learn_tiny's own setting: headline's MME cell, run once for both;
     # the random encoder is not pre-trained
     assert len(pretrain) == (1 + 3) * 2 and len(frozen) == (1 + 4) * 2
@@ -57,6 +58,28 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     ablate.main(only="table8", seeds=2)
     assert calls == []
     assert (root / "docs" / "results.md").read_text().count("<!-- ablate:table8 -->") == 1
+
+
+def test_headline_cells_are_fine_tuned_too_with_one_budget(fake_runs):
+    root, calls = fake_runs
+    ablate.main(only="headline", seeds=2, rows="random,mme")
+    tuned = [c for c in calls if c[:2] == ["finetune.py", "full"]]
+    assert [c[c.index("--finetune") + 1] for c in tuned] == [
+        "null", "runs/ablate/headline/mme_trajectory/s0/encoder.pth", "null", "runs/ablate/headline/mme_trajectory/s1/encoder.pth"]
+    assert all(c[c.index("--recipe") + 1] == "recipes/finetune_learn_tiny.yaml" and c[c.index("--name") + 1] == "finetune"
+               for c in tuned)
+    row = next(line for line in (root / "docs" / "results.md").read_text().splitlines() if line.startswith("| MME"))
+    scores = [len(f"ablate/headline/mme_trajectory/s{s}/finetune") + s for s in (0, 1)]
+    assert row.endswith(f" | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} |")
+
+    # a cell whose frozen evaluation is done but whose fine-tuning was killed: only the fine-tuning runs
+    (root / "runs/ablate/headline/mme_trajectory/s1/finetune/eval.json").unlink()
+    calls.clear()
+    ablate.main(only="headline", seeds=2, rows="mme")
+    assert [c[:2] for c in calls] == [["finetune.py", "full"]]
+    calls.clear()
+    ablate.main(only="table8", seeds=1, rows="w/o", tune_recipe=None)     # other tables: frozen only
+    assert calls == []
 
 
 def test_a_row_equal_to_another_tables_row_is_one_cell(fake_runs):
@@ -95,11 +118,11 @@ def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
 def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs):
     root, calls = fake_runs
     ablate.main(only="headline", seeds=2, rows="mme,random")
-    cells = [c[c.index("--output_dir") + 1] for c in calls if c[0] == "finetune.py"]
+    cells = [c[c.index("--output_dir") + 1] for c in calls if c[:2] == ["finetune.py", "frozen"]]
     assert cells == [f"runs/ablate/headline/{row}/s{s}" for s in (0, 1) for row in ("random_encoder", "mme_trajectory")]
     assert all(c[-1] == "--depth=4" for c in calls if c[0] == "finetune.py")   # learn_tiny's 4 blocks, random rows too
     text = (root / "docs" / "results.md").read_text()
-    assert "| pixel (VideoMAE) | – | – |" in text                                 # not run, not made up
+    assert "| pixel (VideoMAE) | – | – | – |" in text                                 # not run, not made up
     ablate.main(only="headline", seeds=3, rows="pixel")                         # pixel alone, for seeds 0-2
     text = (root / "docs" / "results.md").read_text()
     assert "(2 of 3 seeds)" in next(l for l in text.splitlines() if l.startswith("| MME"))
