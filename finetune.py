@@ -48,13 +48,12 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, report as report_lib, targets, viz
+from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, report as report_lib, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       reached, save_checkpoint, set_lr, setup_distributed, timed, verify_checkpoint)
+                       reached, save_checkpoint, set_lr, setup_distributed, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -477,12 +476,12 @@ def report(recipe, knn_k=10, knn_T=0.07, floor_samples=256, **overrides):
     rank, world, device = start_group(r)
     this = frozen_eval(r, run / "frozen", rank, world, device, knn_k, knn_T, reuse=True)
     random = frozen_eval(dict(r, finetune=None), run / "frozen_random", rank, world, device, knn_k, knn_T, reuse=True)
-    figure = run_trajectories(run, pre, rank, world, device)
+    figure = report_lib.trajectory_figure(run, pre, rank, world, device, note=console.print)
     if rank == 0:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
             if (run / "metrics.jsonl").exists() else []
         try:
-            floor, floor_label = loss_floor(run, pre, floor_samples)
+            floor, floor_label = report_lib.loss_floor(run, pre, floor_samples, note=console.print)
         except (FileNotFoundError, ValueError) as e:          # the run's training shards are not here
             console.print(f"no loss floor: data_path {pre['data_path']}: {e}")
             floor, floor_label = None, None
@@ -503,59 +502,6 @@ def report(recipe, knn_k=10, knn_T=0.07, floor_samples=256, **overrides):
         print(report_lib.headline(pre["target"], this, random))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def loss_floor(run, pre, samples):
-    """(loss, what it is) of predicting the mean target (mme.report.mean_loss) over the first `samples`
-    training clips of the run's recipe (its augmentation and masks), kept in runs/<run>/loss_floor.json."""
-    cache, source = run / "loss_floor.json", json.loads(json.dumps({"recipe": pre, "samples": samples}))
-    try:
-        kept = json.loads(cache.read_text())
-        if kept["source"] == source:
-            return kept["loss"], kept["label"]
-    except (OSError, ValueError, KeyError):
-        pass
-    tick = time.perf_counter()
-    batches, seen = [], 0
-    for b in data.build_loader(pre["data_path"], pre, train=True, rank=0, world_size=1, device="cpu"):
-        batches.append({k: b[k] for k in ("target", "mask", "weight")})
-        seen += len(b["target"])
-        if seen >= samples:
-            break
-    loss, _ = report_lib.mean_loss(batches, targets.loss_widths(pre), pre["loss_visible"])
-    balance = "; each part in units of its rms over the batch" if pre["loss_balance"] else ""
-    tokens = f"masked tokens + {pre['loss_visible']:g} x visible tokens" if pre["loss_visible"] else "masked tokens"
-    label = (f"{loss:.3f}, the loss of predicting, at each token position, the mean training target ({seen} clips, "
-             f"the run's augmentation and masks{balance}; {tokens})")
-    cache.write_text(json.dumps({"source": source, "loss": loss, "label": label}, indent=1) + "\n")
-    console.print(f"loss floor: {loss:.4f} from {seen} training clips in {time.perf_counter() - tick:.0f} s -> {cache}")
-    return loss, label
-
-
-def run_trajectories(run, pre, rank, world, device):
-    """Fig. 4 of the run for validation clips (mme.viz.run_figure): its trajectories.png if pretrain.py drew
-    them, else redrawn there from the run's newest good checkpoint (every rank loads it). Returns the file's
-    name, or a line saying why there is none."""
-    name = report_lib.TARGET_NAMES.get(pre["target"], pre["target"])
-    if pre["target"] != "mme":
-        return f"No Fig. 4: this run's target is {name}; trajectories are drawn for the MME target only."
-    path = run / "trajectories.png"
-    found = [None]
-    if rank == 0 and not (viz.figure_note(path) or "").startswith("validation clips"):
-        done = sorted(run.glob("checkpoints/step_*/done"), key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)
-        found = [next((str(p.parent) for p in done if verify_checkpoint(p.parent) is None), "none")]
-    dist.broadcast_object_list(found)                       # rank 0 decides: every rank loads, or none
-    if found[0] == "none":
-        return f"No Fig. 4 for validation clips: {path.name} shows training clips and {run / 'checkpoints'} holds no good checkpoint to redraw from."
-    if found[0]:
-        net = models.PretrainModel.from_recipe(pre, targets.target_dim(pre)).to(device)
-        state = {"model": get_model_state_dict(net)}
-        dcp.load(state, checkpoint_id=found[0])            # only the model: the optimizer's state stays on disk
-        set_model_state_dict(net, state["model"])
-        viz.run_figure(path, net, pre, rank, world, device, autocast(device, pre["precision"]))
-        if rank == 0:
-            console.print(f"Fig. 4 for validation clips, from {found[0]} -> {path}")
-    return path.name
 
 
 def frozen_encoder(r, rank, device):

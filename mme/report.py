@@ -3,6 +3,8 @@ is, which ablation runs exist beside it, and report.md, the page a newcomer read
 
     floor = mean_loss(batches, widths, visible)   # batches: loader dicts (target [B, N, D], mask, weight
                                                   #   [B, N]) -> the loss of predicting the mean target
+    floor, label = loss_floor(run, recipe, samples)   # the same over a run's first training clips, cached
+    name = trajectory_figure(run, recipe, rank, world, device)   # Fig. 4 on validation clips -> its file name
     rows = ablation_rows(runs)                   # runs/ablate/headline/<row>/s<seed>/frozen/eval.json -> rows
     tuned = finetune_rows(runs)                  # runs/ablate/**/s<seed>/finetune/eval.json -> rows
     text = markdown(run, recipe, this, random, ...)   # report.md
@@ -21,10 +23,13 @@ import json
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from mme import model
+from mme import data, model, targets, viz
+from mme.train import autocast, load_checkpoint, verify_checkpoint
 
 TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat)"}
 # bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label)
@@ -139,10 +144,10 @@ def markdown(run, recipe, steps, this, random, dates, commands, floor_label, fig
                    f"{len(res)} ({', '.join(map(str, row['seeds']))}) | {row['date']} |")
     out.append("")
     if ablation:
-        out += [f"Rows marked *ablation runs* are other pre-trainings, not this run: bench/ablate.py's headline cells "
-                f"under `runs/ablate/headline/` (mean ± std over the seeds found, listed in brackets; dated by their "
-                f"newest eval.json), made by `python bench/ablate.py --only headline`; "
-                f"`python bench/ablate.py --only headline --seeds 3` completes every row to seeds 0-2.", ""]
+        out += ["Rows marked *ablation runs* are other pre-trainings, not this run: bench/ablate.py's headline cells "
+                "under `runs/ablate/headline/` (mean ± std over the seeds found, listed in brackets; dated by their "
+                "newest eval.json), made by `python bench/ablate.py --only headline`; "
+                "`python bench/ablate.py --only headline --seeds 3` completes every row to seeds 0-2.", ""]
     else:
         out += ["No ablation runs yet (`python bench/ablate.py --only headline --seeds 3` adds their rows).", ""]
     if tuned:
@@ -168,6 +173,57 @@ def markdown(run, recipe, steps, this, random, dates, commands, floor_label, fig
     out += ["## Confusion matrix of the frozen probe (this run)", "", "![confusion](frozen/confusion.png)", "",
             "The random encoder's: [frozen_random/confusion.png](frozen_random/confusion.png).", ""]
     return "\n".join(out)
+
+
+def loss_floor(run, pre, samples, note=print):
+    """(loss, what it is) of predicting the mean target (mme.report.mean_loss) over the first `samples`
+    training clips of the run's recipe (its augmentation and masks), kept in runs/<run>/loss_floor.json."""
+    cache, source = run / "loss_floor.json", json.loads(json.dumps({"recipe": pre, "samples": samples}))
+    try:
+        kept = json.loads(cache.read_text())
+        if kept["source"] == source:
+            return kept["loss"], kept["label"]
+    except (OSError, ValueError, KeyError):
+        pass
+    tick = time.perf_counter()
+    batches, seen = [], 0
+    for b in data.build_loader(pre["data_path"], pre, train=True, rank=0, world_size=1, device="cpu"):
+        batches.append({k: b[k] for k in ("target", "mask", "weight")})
+        seen += len(b["target"])
+        if seen >= samples:
+            break
+    loss, _ = mean_loss(batches, targets.loss_widths(pre), pre["loss_visible"])
+    balance = "; each part in units of its rms over the batch" if pre["loss_balance"] else ""
+    tokens = f"masked tokens + {pre['loss_visible']:g} x visible tokens" if pre["loss_visible"] else "masked tokens"
+    label = (f"{loss:.3f}, the loss of predicting, at each token position, the mean training target ({seen} clips, "
+             f"the run's augmentation and masks{balance}; {tokens})")
+    cache.write_text(json.dumps({"source": source, "loss": loss, "label": label}, indent=1) + "\n")
+    note(f"loss floor: {loss:.4f} from {seen} training clips in {time.perf_counter() - tick:.0f} s -> {cache}")
+    return loss, label
+
+
+def trajectory_figure(run, pre, rank, world, device, note=print):
+    """Fig. 4 of the run for validation clips (mme.viz.run_figure): its trajectories.png if pretrain.py drew
+    them, else redrawn there from the run's newest good checkpoint (every rank loads it). Returns the file's
+    name, or a line saying why there is none."""
+    name = TARGET_NAMES.get(pre["target"], pre["target"])
+    if pre["target"] != "mme":
+        return f"No Fig. 4: this run's target is {name}; trajectories are drawn for the MME target only."
+    path = run / "trajectories.png"
+    found = [None]
+    if rank == 0 and not (viz.figure_note(path) or "").startswith("validation clips"):
+        done = sorted(run.glob("checkpoints/step_*/done"), key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)
+        found = [next((str(p.parent) for p in done if verify_checkpoint(p.parent) is None), "none")]
+    dist.broadcast_object_list(found)                       # rank 0 decides: every rank loads, or none
+    if found[0] == "none":
+        return f"No Fig. 4 for validation clips: {path.name} shows training clips and {run / 'checkpoints'} holds no good checkpoint to redraw from."
+    if found[0]:
+        net = model.PretrainModel.from_recipe(pre, targets.target_dim(pre)).to(device)
+        load_checkpoint(Path(found[0]), net, rank=rank)   # the model alone
+        viz.run_figure(path, net, pre, rank, world, device, autocast(device, pre["precision"]))
+        if rank == 0:
+            note(f"Fig. 4 for validation clips, from {found[0]} -> {path}")
+    return path.name
 
 
 def table_cells(text):

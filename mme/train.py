@@ -26,7 +26,7 @@ import torch
 import yaml
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,19 @@ def verify_checkpoint(path):
     return None
 
 
-def load_checkpoint(path, net, opt, loader, rank):
+def load_checkpoint(path, net, opt=None, loader=None, rank=0):
+    """Restore checkpoint `path` into net and, resuming a run, opt, the loader's position and the RNG;
+    returns its step. opt None: the model alone (the optimizer's state stays on disk)."""
+    mine = json.loads((path / f"rank{rank}.json").read_text())
+    if opt is None:
+        state = {"model": get_model_state_dict(net)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(net, state["model"])
+        return mine["step"]
     msd, osd = get_state_dict(net, opt)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    mine = json.loads((path / f"rank{rank}.json").read_text())
     loader.load_state_dict(mine["loader"])
     torch.set_rng_state(torch.tensor(mine["rng"]["torch"], dtype=torch.uint8))
     return mine["step"]
