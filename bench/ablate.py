@@ -16,7 +16,7 @@ from its last checkpoint, so nothing is run twice. Cells that need other shards 
 once. A row whose recipe is another table's row (Fig. 3's MME, Table 5's trajectory and Table 8's
 w/o patch norm are all the base recipe) is one cell, run once and read by every table that has it,
 under the first table's name. Each table is written into docs/results.md between `<!-- ablate:NAME -->` markers, mean ± std
-over seeds, with the command that made it.
+over seeds, with the command that runs (or reads back) the whole table.
 """
 import json
 import re
@@ -189,7 +189,11 @@ def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="reci
         raise SystemExit(f"unknown table(s) {unknown}; choose from {', '.join(TABLES)}")
     sets = dict(kv.split("=", 1) for kv in (override.split(",") if isinstance(override, str) else override or []))
     seed_list = list(range(int(seeds)))
-    command = "python bench/ablate.py " + " ".join(sys.argv[1:])
+    # the command that makes the whole table (whichever --rows ran last), with the options that change cells
+    options = "".join(f" --{k} {v}" for k, v, default in (
+        ("recipe", recipe, "recipes/learn_tiny.yaml"), ("eval_recipe", eval_recipe, "recipes/probe_tiny.yaml"),
+        ("tune_recipe", tune_recipe, "recipes/finetune_learn_tiny.yaml"),
+        ("override", ",".join(f"{k}={v}" for k, v in sets.items()) or None, None)) if v != default)
     words = [w.strip().lower() for w in (rows if isinstance(rows, (list, tuple)) else str(rows).split(","))] if rows else None
     for table in names:
         chosen = [words is None or any(w in label.lower() for w in words) for label, _ in TABLES[table][1]]
@@ -203,6 +207,7 @@ def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="reci
                 if r:
                     results[label].append(r)
         if not dry_run:
+            command = f"python bench/ablate.py --only {table} --seeds {len(seed_list)}{options}"
             write_table(ROOT / doc, table, list(results.items()), seed_list, command)
             print(f"{table}: written to {doc}", flush=True)
 

@@ -53,6 +53,7 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     assert row == (f"| w/o patch norm | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} | "
                    f"{statistics.fmean(scores) / 2:.1f} ± {statistics.stdev(scores) / 2:.1f} |")
     assert text.count("<!-- ablate:table8 -->") == 1 and "<!-- /ablate:headline -->" in text
+    assert "`python bench/ablate.py --only table8 --seeds 2 --override epochs=2`" in text
 
     calls.clear()                                  # rerun: every cell is read back, nothing runs again
     ablate.main(only="table8", seeds=2)
@@ -127,6 +128,7 @@ def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs
     text = (root / "docs" / "results.md").read_text()
     assert "(2 of 3 seeds)" in next(l for l in text.splitlines() if l.startswith("| MME"))
     assert "seeds)" not in next(l for l in text.splitlines() if l.startswith("| pixel"))
+    assert "; `python bench/ablate.py --only headline --seeds 3`)" in text         # the whole table's command
     with pytest.raises(SystemExit, match="no row of headline"):
         ablate.main(only="headline", rows="nothing")
     assert ablate.recipe_depth("recipes/learn_tiny.yaml", {}, {"depth": 2}) == 2
