@@ -2,6 +2,7 @@
 
     python bench/loader_bench.py                       # 1 core and all cores, median of 3
     python bench/loader_bench.py --videos 48 --batches 4 --repeats 1     # a quick look
+    python bench/loader_bench.py --repeated_aug 1,2    # the repeated_aug values of the second table
 
 Writes synthetic videos (256 px short side, 4:3) as mp4 (MPEG-4 Part 2) and a few as webm (VP9,
 Something-Something V2's codec), extracts the mp4s to shards (stride 4, L = 6), then times, side by
@@ -11,10 +12,19 @@ side in the same run, each in a fresh process pinned to the cores:
   - baseline, the VideoMAE way: decode the same clip from the video with OpenCV (sequential read up
     to its last frame), MultiScaleCrop + resize + normalise in NumPy/OpenCV, the trajectory arrays
     read from .npy files and cropped/resized likewise, the same target code; in a DataLoader with
-    the same number of workers.
+    the same number of workers;
+  - jpeg floor: reading and JPEG decoding alone, the bound on a loader making one clip per sample:
+    each training sample read from the shards as ours reads it (mme.stream) and its 16 frames
+    decoded as ours decodes them (mme.data.decode_frames), nothing else, in a DataLoader with ours'
+    workers; "ours / floor" is the share of that rate ours keeps;
+  - ours with recipe repeated_aug k (--repeated_aug, k = 1 is "ours"): one read and one JPEG decode
+    of a sample serve k crops, so clips/s rises and the shard bytes read per clip fall to 1/k of
+    the bytes per sample (the shards' total over their samples; printed with the schema version).
+Each mode's rate is taken over the same `batches` batches of `batch` clips, after a warm-up batch.
 Every process runs with THP_MEM_ALLOC_ENABLE=1, as pretrain.py does (fresh 4 KiB pages for each
 batch's float video otherwise cost as much as normalising it).
 """
+import json
 import os
 import statistics
 import subprocess
@@ -32,13 +42,13 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mme import data, recipe, shards, targets, transforms  # noqa: E402
+from mme import data, recipe, shards, stream, targets, transforms  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from extract_bench import write_videos  # noqa: E402
 
-console = Console()
-MODES = ("baseline mp4v", "baseline vp9", "ours", "ours dali")
+console = Console(width=None if sys.stdout.isatty() else 160)     # a log gets every column whole
+MODES = ("baseline mp4v", "baseline vp9", "ours", "ours dali", "jpeg floor")
 
 
 class BaselineClips(torch.utils.data.IterableDataset):
@@ -75,19 +85,42 @@ class BaselineClips(torch.utils.data.IterableDataset):
             yield video, target[0], weight[0]
 
 
+class JpegFloor(torch.utils.data.IterableDataset):
+    """Training samples read as ours reads them (stream.samples: same split, buffer, seed) and their
+    frames.jpg decoded by ours' decoder, endlessly. Only the frame count leaves the worker: the floor
+    is read + decode, not the copy of the frames to the main process."""
+
+    def __init__(self, urls, r):
+        self.urls, self.r = urls, r
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for raw in stream.samples(self.urls, worker=worker, num_workers=workers, seed=self.r["seed"],
+                                  shuffle_buffer=data.SHUFFLE):
+            meta = json.loads(raw["json"])                 # decode_frames checks the tile against T, h, w
+            (w, h), T = meta["size"], meta["num_frames"]
+            frames = data.decode_frames({"jpg": np.frombuffer(raw["frames.jpg"], np.uint8), "shape": (T, h, w, 3),
+                                         "name": raw["__key__"]})
+            yield (len(frames),)
+
+
 def _size(b):
     return (b["video"] if isinstance(b, dict) else b[0]).shape[0]
 
 
-def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores):
+def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores, repeated_aug):
     """One measurement in this process (pinned to `cores` cores); prints clips/s."""
     os.sched_setaffinity(0, set(range(cores)))
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     workers = 0 if cores == 1 else cores
     r = recipe.load(str(ROOT / "recipes/k400.yaml"), data_path=str(shard_dir), batch_size=batch,
-                    num_workers=workers, flip=True)
-    if mode.startswith("ours"):
+                    num_workers=workers, flip=True, repeated_aug=repeated_aug)
+    if mode == "jpeg floor":
+        ds = JpegFloor(data.shard_urls(str(shard_dir) + "/", "train"), r)
+        make = lambda: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+    elif mode.startswith("ours"):
         if mode == "ours dali":                   # workers read; DALI's threads decode in this process
             r["num_workers"] = cores - 1
             torch.set_num_threads(cores)
@@ -108,9 +141,17 @@ def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores):
     print(n / (time.perf_counter() - t))
 
 
-def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, _worker=None, **kw):
+def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, repeated_aug="1,2,4",
+         _worker=None, shard_dir=None, videos_dir=None, traj_dir=None, cores=None):
+    # the worker's arguments by name, not **kw: fire would take --help for one and run the benchmark
     if _worker:
-        return worker(_worker, batches=batches, batch=batch, **kw)
+        return worker(_worker, shard_dir, videos_dir, traj_dir, batches, batch, cores, int(repeated_aug))
+    # fire hands "--repeated_aug 1,2,4" over as a tuple, "--repeated_aug 2" as an int
+    ks = [int(k) for k in (repeated_aug.split(",") if isinstance(repeated_aug, str) else np.atleast_1d(repeated_aug))]
+    if any(batch % k for k in ks):
+        raise SystemExit(f"batch {batch} must divide by every repeated_aug in {ks}")
+    # k = 1 is the "ours" mode itself; the others run as more modes, interleaved with the rest
+    runs = [(mode, 1) for mode in MODES] + [("ours", k) for k in ks if k != 1]
     cores = os.cpu_count()
     env = os.environ | {"THP_MEM_ALLOC_ENABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,27 +175,41 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, _wo
                         a = shards.npy_load(b)
                         (tmp / "traj" / f"{stem}.{ext.removesuffix('.zst')}").write_bytes(
                             shards.npy_bytes(a.view(np.uint8) if a.dtype == np.int8 else a))
+        urls = data.shard_urls(str(tmp / "shards") + "/", "train")
+        schema = stream.check_schema(urls[0])["schema"]
+        sample_bytes = sum(os.path.getsize(u) for u in urls) / sum(stream.shard_sizes(urls).values())
         results = {}
         for c in sorted({1, cores}):
             for _ in range(repeats):
-                for mode in MODES:                       # interleaved: the machine's load hits every mode alike
+                for mode, k in runs:                     # interleaved: the machine's load hits every mode alike
                     out = subprocess.run([sys.executable, __file__, "--_worker", mode, "--shard_dir", str(tmp / "shards"),
                                           "--videos_dir", str(tmp), "--traj_dir", str(tmp / "traj"),
-                                          "--batches", str(batches), "--batch", str(batch), "--cores", str(c)],
+                                          "--batches", str(batches), "--batch", str(batch), "--cores", str(c),
+                                          "--repeated_aug", str(k)],
                                          capture_output=True, text=True, env=env)
                     if out.returncode:
                         raise SystemExit(out.stderr[-3000:])
-                    results.setdefault((c, mode), []).append(float(out.stdout.strip().splitlines()[-1]))
+                    results.setdefault((c, mode, k), []).append(float(out.stdout.strip().splitlines()[-1]))
     t = Table(title=f"loader: 16 x 224^2 clips with MME targets from 336x256 sources, clips/s (median of {repeats})")
-    for col in ("cores", *MODES, "ours per core", "ours / mp4v", "ours / vp9", "dali / mp4v"):
+    for col in ("cores", *MODES, "ours per core", "ours / mp4v", "ours / vp9", "dali / mp4v", "ours / floor"):
         t.add_column(col, justify="right")
     for c in sorted({1, cores}):
-        m = {mode: statistics.median(results[(c, mode)]) for mode in MODES}
+        m = {mode: statistics.median(results[(c, mode, 1)]) for mode in MODES}
         t.add_row(str(c), *(f"{m[mode]:.1f}" for mode in MODES), f"{m['ours'] / c:.1f}",
                   f"{m['ours'] / m['baseline mp4v']:.2f}x", f"{m['ours'] / m['baseline vp9']:.2f}x",
-                  f"{m['ours dali'] / m['baseline mp4v']:.2f}x")
+                  f"{m['ours dali'] / m['baseline mp4v']:.2f}x", f"{m['ours'] / m['jpeg floor']:.2f}x")
     console.print(t)
-    console.print("runs:", {f"{c} {mode}": [round(x, 1) for x in v] for (c, mode), v in results.items()})
+    console.print(f"shard schema version {schema}: {sample_bytes / 1e3:.1f} KB per sample on average (train shards' "
+                  "bytes over their samples)")
+    t = Table(title=f"ours with repeated_aug k: clips/s (median of {repeats}), shard bytes read per clip")
+    for col in ("cores", "repeated_aug k", "clips/s", "KB read per clip"):
+        t.add_column(col, justify="right")
+    for c in sorted({1, cores}):
+        for k in ks:
+            t.add_row(str(c), str(k), f"{statistics.median(results[(c, 'ours', k)]):.1f}", f"{sample_bytes / k / 1e3:.1f}")
+    console.print(t)
+    console.print("runs:", {f"{c} {mode}" + (f" k={k}" if k != 1 else ""): [round(x, 1) for x in v]
+                            for (c, mode, k), v in results.items()})
 
 
 if __name__ == "__main__":
