@@ -7,6 +7,8 @@ docs/results.md: the swap test, a per-token motion read-out and the frozen-featu
     python bench/diagnose.py run --steps 1000 --target flow --depth 4   # direct supervision: each visible token's own motion
     python bench/diagnose.py run --target pixel --fixed_batch --steps 300   # can it fit one batch at all?
     python bench/diagnose.py random                                  # random encoders, the same read-outs
+    python bench/diagnose.py pooling --encoder runs/ablate/headline/mme_trajectory/s0/encoder.pth --depth 4
+                                     # what the frozen tokens hold beyond their mean: probes on other poolings
 
 It trains mme.model.PretrainModel on clips held in memory (one centre crop per training clip, a new
 tube mask per step), without the loader, FSDP or checkpoints, so a step costs only the model
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mme import data, frozen, model as models, recipe as recipes, targets  # noqa: E402
+from mme import data, frozen, model as models, recipe as recipes, synthetic, targets  # noqa: E402
 from mme.train import param_groups  # noqa: E402
 from mme.transforms import MEAN, STD  # noqa: E402
 
@@ -210,5 +212,40 @@ def random(seeds=3, depth=12, threads=2):
         run(steps=0, depth=depth, seed=seed, threads=threads, note="random encoder")
 
 
+POOLINGS = {   # tokens [B, T/2, n*n, C] -> [B, features]
+    "mean": lambda x: x.mean((1, 2)),                                   # what finetune.py frozen reads
+    "mean per time step": lambda x: x.mean(2).flatten(1),               # keeps the order of the 8 tubelets
+    "mean + std": lambda x: torch.cat([x.mean((1, 2)), x.flatten(1, 2).std(1)], 1),   # + the spread over tokens
+    "mean + std per time step": lambda x: torch.cat([x.mean(2), x.std(2)], 2).flatten(1),
+}
+
+
+def pooling(encoder=None, depth=4, seed=0, cache_file=str(OUT / "cache.pt"), threads=2):
+    """Probe the frozen tokens of `encoder` (an encoder.pth; None: random, from `seed`) pooled in several
+    ways (POOLINGS), on the cached centre crops (400 train -> 100 val): overall and per-class top-1 %.
+    If only the mean loses a class (rotations, scaling and the temporal classes cancel or vanish in a
+    mean over tokens and time), richer poolings read it back."""
+    torch.set_num_threads(threads)
+    d = torch.load(cache_file, weights_only=True)
+    frames, size = d["train"]["video"].shape[2], d["train"]["video"].shape[-1]
+    torch.manual_seed(seed)
+    enc = models.encoder("tiny", frames, size, depth, num_classes=0)
+    if encoder:
+        models.load_backbone(enc, encoder)
+    enc.eval()
+    with torch.no_grad():
+        tokens = {s: torch.cat([enc(normalise(d[s]["video"][i:i + 25])) for i in range(0, len(d[s]["label"]), 25)])
+                  .unflatten(1, (frames // 2, -1)) for s in ("train", "val")}           # [B, T/2, n*n, C]
+    names = [c.removeprefix("moving ") if c.count(" ") == 1 else c for c in synthetic.CLASSES]
+    print(f"{encoder or f'random encoder (seed {seed})'}, depth {depth}: probe top-1 % on {len(d['val']['label'])} val clips")
+    print("| pooling | all | " + " | ".join(names) + " |")
+    for name, pool in POOLINGS.items():
+        split = {s: {"keys": [f"{s}{i}_w00" for i in range(len(d[s]["label"]))], "features": pool(tokens[s]),
+                     "labels": d[s]["label"]} for s in ("train", "val")}
+        result, truth, predicted = frozen.evaluate(split["train"], split["val"], len(names), seed=seed)
+        per_class = [100 * float((predicted[truth == c] == c).double().mean()) for c in range(len(names))]
+        print(f"| {name} | {result['probe']['top1']:.0f} | " + " | ".join(f"{a:.0f}" for a in per_class) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    fire.Fire({"cache": cache, "run": run, "random": random})
+    fire.Fire({"cache": cache, "run": run, "random": random, "pooling": pooling})
