@@ -3,6 +3,8 @@
     python bench/loader_bench.py                       # 1 core and all cores, median of 3
     python bench/loader_bench.py --videos 48 --batches 4 --repeats 1     # a quick look
     python bench/loader_bench.py --repeated_aug 1,2    # the repeated_aug values of the second table
+    git worktree add /tmp/v1 6ed959a && python bench/loader_bench.py --v1_extract /tmp/v1/extract.py
+                                                       # + ours on the same videos in shard schema version 1
 
 Writes synthetic videos (256 px short side, 4:3) as mp4 (MPEG-4 Part 2) and a few as webm (VP9,
 Something-Something V2's codec), extracts the mp4s to shards (stride 4, L = 6), then times, side by
@@ -19,7 +21,9 @@ side in the same run, each in a fresh process pinned to the cores:
     workers; "ours / floor" is the share of that rate ours keeps;
   - ours with recipe repeated_aug k (--repeated_aug, k = 1 is "ours"): one read and one JPEG decode
     of a sample serve k crops, so clips/s rises and the shard bytes read per clip fall to 1/k of
-    the bytes per sample (the shards' total over their samples; printed with the schema version).
+    the bytes per sample (the shards' total over their samples; printed with the schema version);
+  - ours v1 (with --v1_extract): today's loader on the same videos extracted by a schema-version-1
+    checkout's extract.py: what the version-2 codes (int8, 6-bit HOG, zstd) cost or save in reading.
 Each mode's rate is taken over the same `batches` batches of `batch` clips, after a warm-up batch.
 Every process runs with THP_MEM_ALLOC_ENABLE=1, as pretrain.py does (fresh 4 KiB pages for each
 batch's float video otherwise cost as much as normalising it).
@@ -124,7 +128,7 @@ def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores, repeate
         if mode == "ours dali":                   # workers read; DALI's threads decode in this process
             r["num_workers"] = cores - 1
             torch.set_num_threads(cores)
-        loader = data.build_loader(str(shard_dir) + "/", r, train=True, backend=mode.split()[-1] if " " in mode else "torch")
+        loader = data.build_loader(str(shard_dir) + "/", r, train=True, backend="dali" if mode == "ours dali" else "torch")
         batches_per_epoch = len(loader)
         if batches + 1 > batches_per_epoch:
             raise SystemExit(f"{batches + 1} batches asked, an epoch has {batches_per_epoch}: use more --videos")
@@ -141,7 +145,7 @@ def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores, repeate
     print(n / (time.perf_counter() - t))
 
 
-def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, repeated_aug="1,2,4",
+def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, repeated_aug="1,2,4", v1_extract=None,
          _worker=None, shard_dir=None, videos_dir=None, traj_dir=None, cores=None):
     # the worker's arguments by name, not **kw: fire would take --help for one and run the benchmark
     if _worker:
@@ -151,7 +155,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
     if any(batch % k for k in ks):
         raise SystemExit(f"batch {batch} must divide by every repeated_aug in {ks}")
     # k = 1 is the "ours" mode itself; the others run as more modes, interleaved with the rest
-    runs = [(mode, 1) for mode in MODES] + [("ours", k) for k in ks if k != 1]
+    runs = [(mode, 1) for mode in MODES] + [("ours", k) for k in ks if k != 1] + ([("ours v1", 1)] if v1_extract else [])
     cores = os.cpu_count()
     env = os.environ | {"THP_MEM_ALLOC_ENABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,6 +165,13 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
         subprocess.run([sys.executable, str(ROOT / "extract.py"), "--src", "folder", "--root", str(tmp / "videos"),
                         "--out", str(tmp / "shards"), "--stride", "4", "--windows", "1"],
                        check=True, capture_output=True)
+        if v1_extract:                            # the same videos in schema version 1, read by today's loader
+            subprocess.run([sys.executable, str(v1_extract), "--src", "folder", "--root", str(tmp / "videos"),
+                            "--out", str(tmp / "shards_v1"), "--stride", "4", "--windows", "1"],
+                           check=True, capture_output=True, cwd=Path(v1_extract).parent)
+            v1_urls = data.shard_urls(str(tmp / "shards_v1") + "/", "train")
+            v1 = (stream.check_schema(v1_urls[0])["schema"],
+                  sum(os.path.getsize(u) for u in v1_urls) / sum(stream.shard_sizes(v1_urls).values()))
         # the baseline's trajectory files: the same arrays, one .npy per array and video
         (tmp / "traj").mkdir()
         import tarfile
@@ -182,7 +193,8 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
         for c in sorted({1, cores}):
             for _ in range(repeats):
                 for mode, k in runs:                     # interleaved: the machine's load hits every mode alike
-                    out = subprocess.run([sys.executable, __file__, "--_worker", mode, "--shard_dir", str(tmp / "shards"),
+                    shard_dir = tmp / ("shards_v1" if mode == "ours v1" else "shards")
+                    out = subprocess.run([sys.executable, __file__, "--_worker", mode, "--shard_dir", str(shard_dir),
                                           "--videos_dir", str(tmp), "--traj_dir", str(tmp / "traj"),
                                           "--batches", str(batches), "--batch", str(batch), "--cores", str(c),
                                           "--repeated_aug", str(k)],
@@ -208,6 +220,15 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
         for k in ks:
             t.add_row(str(c), str(k), f"{statistics.median(results[(c, 'ours', k)]):.1f}", f"{sample_bytes / k / 1e3:.1f}")
     console.print(t)
+    if v1_extract:
+        t = Table(title=f"ours on schema version {v1[0]} ({v1[1] / 1e3:.1f} KB per sample) against version {schema} "
+                        f"({sample_bytes / 1e3:.1f} KB), the same videos and loader code, clips/s (median of {repeats})")
+        for col in ("cores", f"version {v1[0]}", f"version {schema}", "ratio"):
+            t.add_column(col, justify="right")
+        for c in sorted({1, cores}):
+            old, new = (statistics.median(results[(c, mode, 1)]) for mode in ("ours v1", "ours"))
+            t.add_row(str(c), f"{old:.1f}", f"{new:.1f}", f"{new / old:.2f}x")
+        console.print(t)
     console.print("runs:", {f"{c} {mode}" + (f" k={k}" if k != 1 else ""): [round(x, 1) for x in v]
                             for (c, mode, k), v in results.items()})
 
