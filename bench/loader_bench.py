@@ -109,6 +109,12 @@ class JpegFloor(torch.utils.data.IterableDataset):
             yield (len(frames),)
 
 
+def shard_stats(folder):
+    """(schema version, mean bytes per sample) of a shards folder's train split."""
+    urls = data.shard_urls(str(folder) + "/", "train")
+    return stream.check_schema(urls[0])["schema"], sum(os.path.getsize(u) for u in urls) / sum(stream.shard_sizes(urls).values())
+
+
 def _size(b):
     return (b["video"] if isinstance(b, dict) else b[0]).shape[0]
 
@@ -169,9 +175,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
             subprocess.run([sys.executable, str(v1_extract), "--src", "folder", "--root", str(tmp / "videos"),
                             "--out", str(tmp / "shards_v1"), "--stride", "4", "--windows", "1"],
                            check=True, capture_output=True, cwd=Path(v1_extract).parent)
-            v1_urls = data.shard_urls(str(tmp / "shards_v1") + "/", "train")
-            v1 = (stream.check_schema(v1_urls[0])["schema"],
-                  sum(os.path.getsize(u) for u in v1_urls) / sum(stream.shard_sizes(v1_urls).values()))
+            v1 = shard_stats(tmp / "shards_v1")
         # the baseline's trajectory files: the same arrays, one .npy per array and video
         (tmp / "traj").mkdir()
         import tarfile
@@ -186,9 +190,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
                         a = shards.npy_load(b)
                         (tmp / "traj" / f"{stem}.{ext.removesuffix('.zst')}").write_bytes(
                             shards.npy_bytes(a.view(np.uint8) if a.dtype == np.int8 else a))
-        urls = data.shard_urls(str(tmp / "shards") + "/", "train")
-        schema = stream.check_schema(urls[0])["schema"]
-        sample_bytes = sum(os.path.getsize(u) for u in urls) / sum(stream.shard_sizes(urls).values())
+        schema, sample_bytes = shard_stats(tmp / "shards")
         results = {}
         for c in sorted({1, cores}):
             for _ in range(repeats):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mme import data, model, targets, viz
-from mme.train import autocast, load_checkpoint, verify_checkpoint
+from mme.train import autocast, checkpoints, load_checkpoint, verify_checkpoint
 
 TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat)"}
 # bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label)
@@ -212,8 +212,7 @@ def trajectory_figure(run, pre, rank, world, device, note=print):
     path = run / "trajectories.png"
     found = [None]
     if rank == 0 and not (viz.figure_note(path) or "").startswith("validation clips"):
-        done = sorted(run.glob("checkpoints/step_*/done"), key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)
-        found = [next((str(p.parent) for p in done if verify_checkpoint(p.parent) is None), "none")]
+        found = [next((str(p) for p in checkpoints(run) if verify_checkpoint(p) is None), "none")]
     dist.broadcast_object_list(found)                       # rank 0 decides: every rank loads, or none
     if found[0] == "none":
         return f"No Fig. 4 for validation clips: {path.name} shows training clips and {run / 'checkpoints'} holds no good checkpoint to redraw from."

@@ -217,6 +217,12 @@ class ResumeError(ValueError):
     """A run that must not resume as asked; the message is one line saying what to do."""
 
 
+def checkpoints(run):
+    """The run's finished checkpoints (those with a done marker), newest first; not yet verified."""
+    done = (run / "checkpoints").glob("step_*/done")
+    return [p.parent for p in sorted(done, key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)]
+
+
 def resume(run, r, net, opt, loader, rank):
     """Where the run in `run` starts: (step, checkpoint) from its newest good checkpoint, or (0, None).
 
@@ -231,10 +237,10 @@ def resume(run, r, net, opt, loader, rank):
             shutil.rmtree(folder)
         dist.barrier()
         return 0, None
-    found = sorted(folder.glob("step_*/done"), key=lambda p: int(p.parent.name.split("_")[1]), reverse=True)
+    found = checkpoints(run)
     if found:
         check_recipe_unchanged(run, r)
-    for path in (p.parent for p in found):
+    for path in found:
         reason = [verify_checkpoint(path) if rank == 0 else None]
         dist.broadcast_object_list(reason)                 # rank 0 decides for all: they must agree
         if reason[0] is None:
