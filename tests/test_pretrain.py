@@ -221,12 +221,15 @@ def test_ctrl_c_says_where_the_run_resumes(shard_dir, tmp_path):
     import signal
     import time
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "stop", epochs=8)], cwd=ROOT, env=env,
+    # a long run (200 steps), signalled once any checkpoint is finished: waiting for one given step raced
+    # with the rotation that deletes old checkpoints (keep=2) and let the run end before the signal
+    p = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "stop", epochs=50)], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = tmp_path / "stop" / "checkpoints" / "step_2" / "done"
+    ckpts = tmp_path / "stop" / "checkpoints"
     deadline = time.time() + 240
-    while not marker.exists() and p.poll() is None and time.time() < deadline:
+    while not list(ckpts.glob("step_*/done")) and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert p.poll() is None, "the run ended before any checkpoint was seen: " + p.communicate()[1][-2000:]
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
     assert p.returncode not in (0, None) and "Traceback" not in err, err[-2000:]
