@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import fire
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mme import recipe as recipes  # noqa: E402
@@ -91,7 +90,7 @@ def recipe_depth(recipe, keys, sets):
     for source in (keys, sets):
         if "depth" in source:
             return source["depth"]
-    return yaml.safe_load((REPO / recipe).read_text()).get("depth")
+    return recipes.load(REPO / recipe)["depth"]
 
 
 def home(keys, recipe):
