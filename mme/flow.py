@@ -66,7 +66,7 @@ def camera_homography(flow, feats0=None, feats1=None, step=None):
     if len(src) < 8:
         return np.eye(3)
     # USAC_FAST (OpenCV's LO-RANSAC) rather than plain RANSAC: on real video plain RANSAC ran its 500
-    # iterations per frame (~a third of the camera stage); USAC_FAST stops ~4x sooner with a consensus
+    # iterations on most frames (about a third of the flow's time); USAC_FAST stops ~4x sooner with a consensus
     # as large, and the same error on the synthetic pans' ground truth (docs/benchmarks.md)
     H, inliers = cv2.findHomography(src, dst, cv2.USAC_FAST, ransacReprojThreshold=0.5, maxIters=500, confidence=0.995)
     # Too few inliers means no dominant static scene (or a failed fit): assume a still camera.
