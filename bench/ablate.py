@@ -16,7 +16,10 @@ from its last checkpoint, so nothing is run twice. Cells that need other shards 
 once. A row whose recipe is another table's row (Fig. 3's MME, Table 5's trajectory and Table 8's
 w/o patch norm are all the base recipe) is one cell, run once and read by every table that has it,
 under the first table's name. Each table is written into docs/results.md between `<!-- ablate:NAME -->` markers, mean ± std
-over seeds, with the command that runs (or reads back) the whole table.
+over seeds, with the command that runs (or reads back) the whole table. Every finished evaluation is also
+recorded, scores only, in docs/ablate_cells.jsonl (committed: one line per cell and part, with its recipes,
+overrides, date and commit), so the tables survive a machine whose runs/ folder is gone: a cell whose
+eval.json is absent is read from there (same recipes and overrides) instead of being run again.
 """
 import json
 import re
@@ -65,6 +68,7 @@ TABLES = {
 TUNED = ("headline",)   # tables whose cells are fine-tuned too (issue #8: the headline rows by probe, k-NN and fine-tuning)
 EXTRA_SHARDS = {8: "shards/synthetic4k_L8/"}   # trajectory_length -> shards holding that long a trajectory
 EXTRA_CLIPS = 4000                              # training clips in those shards, as recipes/learn_tiny.yaml's
+LEDGER = "docs/ablate_cells.jsonl"              # every finished cell's scores (under ROOT), kept in git
 
 
 def slug(text):
@@ -104,6 +108,32 @@ def home(keys, recipe):
     return next((t, label) for t, (_, rows) in TABLES.items() for label, k in rows if changes(k) == changes(keys))
 
 
+def ledger_key(name, part, recipe, by, sets):
+    """What makes two evaluations the same cell: its folder, the part, the recipes and the --override keys."""
+    return json.dumps([name, part, recipe, by, {k: str(v) for k, v in sorted(sets.items())}])
+
+
+def read_ledger():
+    path = ROOT / LEDGER
+    lines = path.read_text().splitlines() if path.exists() else []
+    entries = [json.loads(line) for line in lines if line.strip()]
+    return {ledger_key(e["cell"], e["part"], e["recipe"], e["by"], e["override"]): e for e in entries}
+
+
+def record(name, part, recipe, by, sets, result, source):
+    """Append one finished evaluation's scores (eval.json less its provenance fields) to the ledger."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    entry = {"cell": name, "part": part, "recipe": recipe, "by": by, "override": {k: str(v) for k, v in sorted(sets.items())},
+             "scores": {k: result[k] for k in ("top1", "top5", "probe", "knn", "videos", "views") if k in result},
+             "date": time.strftime("%Y-%m-%d", time.localtime(Path(source).stat().st_mtime)), "commit": commit or "unknown",
+             "source": str(Path(source).relative_to(ROOT))}
+    path = ROOT / LEDGER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
+
+
 def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only=False, tune_recipe=None):
     # sets: overrides for every pre-training (--override); keys: the row's own
     """Pre-train (unless a random-encoder row) and evaluate one cell by the frozen evaluation and, with
@@ -113,11 +143,23 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only
     name = f"ablate/{table}/{slug(label)}/s{seed}"
     out = ROOT / "runs" / name
     results = {"frozen": out / "frozen" / "eval.json", "finetune": out / "finetune" / "eval.json" if tune_recipe else None}
+    by = {"frozen": eval_recipe, "finetune": tune_recipe}
 
     def read():
-        return {part: json.loads(p.read_text()) if p and p.exists() else None for part, p in results.items()}
-    if read_only or all(p is None or p.exists() for p in results.values()):
-        return read()
+        """Each part's scores: its eval.json (recorded in the ledger if it is not yet), else the ledger's."""
+        ledger, found = read_ledger(), {}
+        for part, path in results.items():
+            key = ledger_key(name, part, recipe, by[part], sets)
+            if path is not None and path.exists():
+                found[part] = json.loads(path.read_text())
+                if key not in ledger and not dry_run:
+                    record(name, part, recipe, by[part], sets, found[part], path)
+            else:
+                found[part] = ledger[key]["scores"] if path is not None and key in ledger else None
+        return found
+    done = read()
+    if read_only or all(results[p] is None or done[p] is not None for p in results):
+        return done
     if not dry_run:                              # a dry run leaves no trace
         out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
@@ -130,15 +172,16 @@ def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only
     common = [f"--{k}={v}" for k, v in sets.items()] + (["--data_path", data] if data else [])
     weights = "null" if keys == RANDOM else str((out / "encoder.pth").relative_to(ROOT))
     depth = [f"--depth={d}"] if (d := recipe_depth(recipe, keys, sets)) is not None else []   # random rows too
-    if keys != RANDOM and not results["frozen"].exists():   # the frozen evaluation is done after a finished pre-training
+    # pre-train unless the frozen part is done and the encoder is there (a killed pre-training resumes)
+    if keys != RANDOM and (done["frozen"] is None or not (out / "encoder.pth").exists()):
         overrides = [f"--{k}={v}" for k, v in keys.items()]
         run(["pretrain.py", "--recipe", recipe, "--seed", str(seed), "--output_dir", str(out.parent.relative_to(ROOT)), "--name", out.name,
              *common, *overrides], dry_run, log)
     for part, path in results.items():
-        if path is None or path.exists():
+        if path is None or done[part] is not None:
             continue
-        how = ["frozen", "--recipe", eval_recipe, *([f"--data_path={data}"] if data else [])] if part == "frozen" else \
-            ["full", "--recipe", tune_recipe]    # the fine-tuning recipe's own labelled data
+        # every row is scored on the evaluation recipe's own data (frames only: L plays no part there)
+        how = ["frozen", "--recipe", eval_recipe] if part == "frozen" else ["full", "--recipe", tune_recipe]
         run(["finetune.py", *how, "--finetune", weights, "--seed", str(seed), "--output_dir", str(out.relative_to(ROOT)),
              "--name", part, *depth], dry_run, log)
     return None if dry_run else read()

@@ -22,6 +22,10 @@ def fake_runs(tmp_path, monkeypatch):
         calls.append(cmd)
         if cmd[0] in ("pretrain.py", "finetune.py"):                # a plain run name, as recipe.load demands
             assert "/" not in cmd[cmd.index("--name") + 1]
+        if cmd[0] == "pretrain.py" and not dry_run:
+            out = tmp_path / cmd[cmd.index("--output_dir") + 1] / cmd[cmd.index("--name") + 1]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "encoder.pth").write_bytes(b"weights")
         if cmd[0] == "finetune.py" and not dry_run:
             out = tmp_path / cmd[cmd.index("--output_dir") + 1] / cmd[cmd.index("--name") + 1]   # cwd: ROOT
             name = out.relative_to(tmp_path / "runs").as_posix()
@@ -31,6 +35,15 @@ def fake_runs(tmp_path, monkeypatch):
             (out / "eval.json").write_text(json.dumps(scores))
     monkeypatch.setattr(ablate, "run", run)
     return tmp_path, calls
+
+
+def kill(root, folder):
+    """As if the evaluation in runs/<folder> had been killed: no eval.json, nothing in the ledger."""
+    (root / "runs" / folder / "eval.json").unlink()
+    cell, part = folder.rsplit("/", 1)
+    ledger = root / ablate.LEDGER
+    ledger.write_text("".join(line + "\n" for line in ledger.read_text().splitlines()
+                              if (json.loads(line)["cell"], json.loads(line)["part"]) != (cell, part)))
 
 
 def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
@@ -74,7 +87,7 @@ def test_headline_cells_are_fine_tuned_too_with_one_budget(fake_runs):
     assert row.endswith(f" | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} |")
 
     # a cell whose frozen evaluation is done but whose fine-tuning was killed: only the fine-tuning runs
-    (root / "runs/ablate/headline/mme_trajectory/s1/finetune/eval.json").unlink()
+    kill(root, "ablate/headline/mme_trajectory/s1/finetune")
     calls.clear()
     ablate.main(only="headline", seeds=2, rows="mme")
     assert [c[:2] for c in calls] == [["finetune.py", "full"]]
@@ -99,7 +112,7 @@ def test_a_row_equal_to_another_tables_row_is_one_cell(fake_runs):
 def test_an_interrupted_table_continues_with_the_missing_cells(fake_runs):
     root, calls = fake_runs
     ablate.main(only="table9", seeds=1)
-    (root / "runs/ablate/table9/one_mean_of_the_k/s0/frozen/eval.json").unlink()          # that cell was killed
+    kill(root, "ablate/table9/one_mean_of_the_k/s0/frozen")                            # that cell was killed
     calls.clear()
     ablate.main(only="table9", seeds=1)
     assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"]
@@ -112,6 +125,9 @@ def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
     assert not (root / "docs" / "results.md").exists() and not (root / "runs" / "ablate").exists()
     extract = [c for c in calls if c[0] == "extract.py"]
     assert extract and "--length" in extract[0] and "8" in extract[0]       # L = 8 needs its own shards
+    l8 = [c for c in calls if c[0] != "extract.py" and "table7/l_8" in " ".join(c)]
+    assert "shards/synthetic4k_L8/" in l8[0]                                  # to pre-train on,
+    assert not any("synthetic4k_L8" in a for a in l8[1])                       # not to score on
     with pytest.raises(SystemExit, match="unknown table"):
         ablate.main(only="table99")
 
@@ -132,3 +148,35 @@ def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs
     with pytest.raises(SystemExit, match="no row of headline"):
         ablate.main(only="headline", rows="nothing")
     assert ablate.recipe_depth("recipes/learn_tiny.yaml", {}, {"depth": 2}) == 2
+
+
+def test_the_ledger_keeps_the_tables_when_runs_are_lost(fake_runs):
+    import shutil
+    root, calls = fake_runs
+    ablate.main(only="table9", seeds=2, override="epochs=2")
+    table = (root / "docs" / "results.md").read_text()
+    entries = [json.loads(line) for line in (root / ablate.LEDGER).read_text().splitlines()]
+    assert len(entries) == 4 and {e["part"] for e in entries} == {"frozen"}
+    mean = next(e for e in entries if e["cell"] == "ablate/table9/one_mean_of_the_k/s1")
+    assert mean["scores"]["probe"]["top1"] == len("ablate/table9/one_mean_of_the_k/s1/frozen") + 1
+    assert mean["override"] == {"epochs": "2"} and mean["recipe"] == "recipes/learn_tiny.yaml" and mean["commit"]
+    shutil.rmtree(root / "runs")                       # a new machine: the runs are gone, the ledger is in git
+    calls.clear()
+    ablate.main(only="table9", seeds=2, override="epochs=2")
+    assert calls == [] and (root / "docs" / "results.md").read_text() == table
+    assert len((root / ablate.LEDGER).read_text().splitlines()) == 4            # nothing recorded twice
+    ablate.main(only="table9", seeds=1)                # other overrides are other cells: they run
+    assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"] * 2
+
+
+def test_a_fine_tuning_whose_encoder_is_lost_pre_trains_again(fake_runs):
+    import shutil
+    root, calls = fake_runs
+    ablate.main(only="headline", seeds=1, rows="mme", tune_recipe=None)          # frozen only
+    shutil.rmtree(root / "runs")
+    calls.clear()
+    ablate.main(only="headline", seeds=1, rows="mme")                              # now fine-tuned too
+    assert [c[:2] for c in calls] == [["pretrain.py", "--recipe"], ["finetune.py", "full"]]
+    row = next(line for line in (root / "docs" / "results.md").read_text().splitlines() if line.startswith("| MME"))
+    frozen = len("ablate/headline/mme_trajectory/s0/frozen")
+    assert row == f"| MME (trajectory) | {frozen:.1f} | {frozen / 2:.1f} | {len('ablate/headline/mme_trajectory/s0/finetune'):.1f} |"
