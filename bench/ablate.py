@@ -236,7 +236,8 @@ def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="reci
         ("recipe", recipe, "recipes/learn_tiny.yaml"), ("eval_recipe", eval_recipe, "recipes/probe_tiny.yaml"),
         ("tune_recipe", tune_recipe, "recipes/finetune_learn_tiny.yaml"),
         ("override", ",".join(f"{k}={v}" for k, v in sets.items()) or None, None)) if v != default)
-    words = [w.strip().lower() for w in (rows if isinstance(rows, (list, tuple)) else str(rows).split(","))] if rows else None
+    # fire reads --rows 0.4,0.9 as a tuple of floats: words are compared as text
+    words = [str(w).strip().lower() for w in (rows if isinstance(rows, (list, tuple)) else str(rows).split(","))] if rows else None
     for table in names:
         chosen = [words is None or any(w in label.lower() for w in words) for label, _ in TABLES[table][1]]
         if not any(chosen):

@@ -145,6 +145,10 @@ def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs
     assert "(2 of 3 seeds)" in next(l for l in text.splitlines() if l.startswith("| MME"))
     assert "seeds)" not in next(l for l in text.splitlines() if l.startswith("| pixel"))
     assert "; `python bench/ablate.py --only headline --seeds 3`)" in text         # the whole table's command
+    calls.clear()
+    ablate.main(only="table11", seeds=1, rows=(0.4, 0.9))                       # as fire parses --rows 0.4,0.9
+    assert [c[c.index("--output_dir") + 1] for c in calls if c[0] == "pretrain.py"] == [
+        "runs/ablate/table11/0_4", "runs/ablate/table11/0_9"]
     with pytest.raises(SystemExit, match="no row of headline"):
         ablate.main(only="headline", rows="nothing")
     assert ablate.recipe_depth("recipes/learn_tiny.yaml", {}, {"depth": 2}) == 2
