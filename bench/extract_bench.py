@@ -102,7 +102,9 @@ def stages(paths, size, p, repeats):
         "baseline: DIS FAST flow alone": lambda: [dis_fast.calc(gray[t], gray[t + 1], None) for t in range(n)],
         "flow (DIS ULTRAFAST, finest scale 1)": lambda: [flow.dense_flow(gray[t], gray[t + 1], dis) for t in range(n)],
         "camera: ORB features": lambda: [flow.features(g) for g in gray[:n]],
-        "camera: matches + RANSAC homography": lambda: [flow.camera_homography(flows[t], feats[t], feats[t + 1]) for t in range(n)],
+        "camera: matches + homography (USAC_FAST)": lambda: [flow.camera_homography(flows[t], feats[t], feats[t + 1]) for t in range(n)],
+        "camera: the same, plain RANSAC (before)": lambda: [
+            flow.camera_homography(flows[t], feats[t], feats[t + 1], method=cv2.RANSAC) for t in range(n)],
         "HOG: gradients and orientation bins": lambda: [hog.gradient_bins(g) for g in gray[:n]],
         "tracking + HOG at the tracked points": track,
         "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, p.quality]) for f in frames[:n:p.stride]],

@@ -44,13 +44,14 @@ def features(gray):
     return np.float32([k.pt for k in kp]).reshape(-1, 2) * 2 + 0.5, des
 
 
-def camera_homography(flow, feats0=None, feats1=None, step=None):
+def camera_homography(flow, feats0=None, feats1=None, step=None, method=cv2.USAC_FAST):
     """Homography of the static scene from frame 0 to frame 1, float64 [3, 3] (identity if it cannot be fit).
 
     Correspondences: flow on a `step`-px grid (default: ~10 points across the short side, a multiple
     of 8) plus, when given, the cross-checked matches of the two frames' `features`. The RANSAC
     threshold (0.5 px) is below the sub-pixel motions objects commonly have, so a slow object is an
-    outlier rather than part of the camera.
+    outlier rather than part of the camera. `method`: OpenCV's robust estimator (bench/extract_bench.py
+    times plain cv2.RANSAC, used before, beside it).
     """
     h, w = flow.shape[:2]
     step = step or 8 * max(1, round(min(h, w) / 96))
@@ -68,7 +69,7 @@ def camera_homography(flow, feats0=None, feats1=None, step=None):
     # USAC_FAST (OpenCV's LO-RANSAC) rather than plain RANSAC: on real video plain RANSAC ran its 500
     # iterations on most frames (about a third of the flow's time); USAC_FAST stops ~4x sooner with a consensus
     # as large, and the same error on the synthetic pans' ground truth (docs/benchmarks.md)
-    H, inliers = cv2.findHomography(src, dst, cv2.USAC_FAST, ransacReprojThreshold=0.5, maxIters=500, confidence=0.995)
+    H, inliers = cv2.findHomography(src, dst, method, ransacReprojThreshold=0.5, maxIters=500, confidence=0.995)
     # Too few inliers means no dominant static scene (or a failed fit): assume a still camera.
     if H is None or inliers.sum() < max(8, 0.2 * len(src)):
         return np.eye(3)
