@@ -32,13 +32,22 @@ def error(*args, **kwargs):
 
 # --- the shipped recipes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny", "learn_tiny"])
+@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny", "learn_tiny", "quick_tiny"])
 def test_recipes_load_with_exactly_the_known_keys(name):
     r = load(f"recipes/{name}.yaml")
     assert list(r) == list(DEFAULTS)
     assert r["name"] == name                            # None -> the file's stem
     raw = yaml.safe_load(Path(f"recipes/{name}.yaml").read_text())
     assert set(raw) <= set(DEFAULTS)
+
+
+def test_the_quick_start_recipe_is_learn_tiny_on_8_frames():
+    """recipes/quick_tiny.yaml (the README's quick start) is the headline's recipe but for the frames
+    and the shards holding them: a change to one that the other does not follow is a test failure."""
+    quick, learn = load("recipes/quick_tiny.yaml"), load("recipes/learn_tiny.yaml")
+    differ = {k for k in DEFAULTS if quick[k] != learn[k]}
+    assert differ == {"num_frames", "data_path", "name"}
+    assert quick["num_frames"] == 8 and quick["data_path"] == "shards/synthetic8_4k/"
 
 
 @pytest.mark.parametrize("name, stride, flip, shards", [("ssv2", 3, False, "shards/ssv2/"), ("k400", 4, True, "shards/k400/")])
