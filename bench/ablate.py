@@ -131,7 +131,6 @@ def record(name, part, recipe, by, sets, result, source):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
-    return entry
 
 
 def cell(table, label, keys, seed, recipe, eval_recipe, sets, dry_run, read_only=False, tune_recipe=None):

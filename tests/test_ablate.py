@@ -1,6 +1,7 @@
 """bench/ablate.py: the commands of each cell, resuming from finished cells, the tables it writes."""
 import importlib.util
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -155,7 +156,6 @@ def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs
 
 
 def test_the_ledger_keeps_the_tables_when_runs_are_lost(fake_runs):
-    import shutil
     root, calls = fake_runs
     ablate.main(only="table9", seeds=2, override="epochs=2")
     table = (root / "docs" / "results.md").read_text()
@@ -174,7 +174,6 @@ def test_the_ledger_keeps_the_tables_when_runs_are_lost(fake_runs):
 
 
 def test_a_fine_tuning_whose_encoder_is_lost_pre_trains_again(fake_runs):
-    import shutil
     root, calls = fake_runs
     ablate.main(only="headline", seeds=1, rows="mme", tune_recipe=None)          # frozen only
     shutil.rmtree(root / "runs")
