@@ -447,15 +447,16 @@ def class_names(r):
 ARCHITECTURE = ("model", "depth", "num_frames", "input_size")    # what the frozen evaluations take from the run
 
 
-def report(recipe, knn_k=10, knn_T=0.07, floor_samples=256, **overrides):
+def report(recipe, knn_k=10, knn_T=0.07, floor_samples=256, ledger="docs/ablate_cells.jsonl", **overrides):
     """The report of a pre-training run: --finetune runs/<run>/encoder.pth (a pretrain.py run folder,
     with its recipe.yaml and metrics.jsonl). Runs the frozen evaluation (as `frozen`) of that encoder
     into runs/<run>/frozen/ and of a random encoder of the same architecture (the recipe's seed) into
     runs/<run>/frozen_random/, with model, depth, num_frames, input_size taken from the run's recipe.yaml
     unless given here; an eval.json of the same weights, shards and keys is read back, not recomputed.
     Writes runs/<run>/report.md: the run's recipe and the commands that reproduce it, the accuracy table
-    (with bench/ablate.py's headline rows where they exist, dated), the loss curve (loss.png) with the loss
-    of predicting the mean target (from floor_samples training clips), Fig. 4 for validation clips
+    (with bench/ablate.py's headline rows where they exist, dated: its cells under runs/ablate, else
+    their scores in `ledger`, bench/ablate.py's record of finished cells; null: none), the loss curve
+    (loss.png) with the loss of predicting the mean target (from floor_samples training clips), Fig. 4 for validation clips
     (trajectories.png; redrawn from the last checkpoint when pretrain.py drew training clips), and the
     probe's confusion matrix with class names."""
     rank = int(os.environ.get("RANK", 0))
@@ -496,7 +497,7 @@ def report(recipe, knn_k=10, knn_T=0.07, floor_samples=256, **overrides):
             {"run": when(Path(r["finetune"])), "this": when(run / "frozen" / "eval.json"),
              "random": when(run / "frozen_random" / "eval.json")},
             {"report": "python finetune.py " + shlex.join(sys.argv[1:])}, floor_label, figure,
-            report_lib.ablation_rows(runs), report_lib.finetune_rows(runs), r["num_classes"])
+            report_lib.ablation_rows(runs, ledger), report_lib.finetune_rows(runs, ledger), r["num_classes"])
         (run / "report.md").write_text(text)
         print(run / "report.md")
         print(report_lib.headline(pre["target"], this, random))

@@ -5,8 +5,9 @@ is, which ablation runs exist beside it, and report.md, the page a newcomer read
                                                   #   [B, N]) -> the loss of predicting the mean target
     floor, label = loss_floor(run, recipe, samples)   # the same over a run's first training clips, cached
     name = trajectory_figure(run, recipe, rank, world, device)   # Fig. 4 on validation clips -> its file name
-    rows = ablation_rows(runs)                   # runs/ablate/headline/<row>/s<seed>/frozen/eval.json -> rows
-    tuned = finetune_rows(runs)                  # runs/ablate/**/s<seed>/finetune/eval.json -> rows
+    rows = ablation_rows(runs, ledger)           # runs/ablate/headline/<row>/s<seed>/frozen/eval.json, else
+                                                 #   the ledger (docs/ablate_cells.jsonl) -> rows
+    tuned = finetune_rows(runs, ledger)          # runs/ablate/**/s<seed>/finetune/eval.json (or ledger) -> rows
     text = markdown(run, recipe, this, random, ...)   # report.md
     cells = table_cells(text)                    # {row label: [cell, ...]} of report.md's accuracy table
 
@@ -17,7 +18,9 @@ plus loss_visible x the visible ones), averaged over the batches. A model that h
 the clip it sees cannot do better per position; the training loss below that line is learnt motion.
 
 An ablation row is the mean ± std over the seeds found (bench/ablate.py's cells, each its own pre-training
-and frozen evaluation), dated by its newest eval.json: they are other runs than the reported one.
+and frozen evaluation), dated by its newest eval.json: they are other runs than the reported one. A cell
+whose folder is not on this machine is read from bench/ablate.py's ledger (docs/ablate_cells.jsonl, kept
+in git), where made with ablate.py's default recipes; the report says which seeds come from where.
 """
 import json
 import re
@@ -35,6 +38,9 @@ TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat
 # bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label)
 HEADLINE_ROWS = (("random_encoder", "random encoder"), ("mme_trajectory", "MME (trajectory)"),
                  ("pixel_videomae", "pixel (VideoMAE)"), ("hog_maskfeat", "HOG (MaskFeat)"))
+# the recipes of bench/ablate.py's cells when it runs with its defaults (those the report reads from the ledger)
+ABLATE_RECIPES = {"pretrain": "recipes/learn_tiny.yaml", "frozen": "recipes/probe_tiny.yaml",
+                  "finetune": "recipes/finetune_learn_tiny.yaml"}
 
 
 def balanced(target, weight, widths):
@@ -67,7 +73,10 @@ def mean_loss(batches, widths=None, visible=0.0):
 
 
 def summary(values):
-    """'35.0' for one value, '35.0 ± 2.1' (sample std) for more."""
+    """'35.0' for one value, '35.0 ± 2.1' (sample std) for more; '–' where a value is missing (the
+    ledger keeps top-5 only for cells recorded from their eval.json)."""
+    if not values or any(v is None for v in values):
+        return "–"
     mean = statistics.fmean(values)
     return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
@@ -76,29 +85,56 @@ def day(seconds):
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
-def ablation_rows(runs):
-    """The headline rows bench/ablate.py has finished under runs/ablate/headline: [{label, results
-    (eval.json dicts, by seed), seeds, date}]; rows without a finished seed are left out."""
-    rows = []
+def ablation_cells(runs, part, ledger=None):
+    """{"ablate/<table>/<row>/s<seed>": (scores, date, source)} of bench/ablate.py's finished `part`
+    ("frozen" or "finetune") evaluations: runs/ablate/<table>/<row>/s<seed>/<part>/eval.json, else the
+    line of `ledger` (docs/ablate_cells.jsonl: the scores of cells run on other machines) for the same
+    cell made with ablate.py's default recipes and no --override. source: "run" or the ledger's commit."""
+    cells = {}
+    if ledger is not None and Path(ledger).exists():
+        for line in Path(ledger).read_text().splitlines():
+            e = json.loads(line) if line.strip() else {}
+            if e.get("part") == part and e["recipe"] == ABLATE_RECIPES["pretrain"] and e["by"] == ABLATE_RECIPES[part] \
+                    and not e["override"]:
+                cells[e["cell"]] = (e["scores"], e["date"], e["commit"])
+    for p in sorted((runs / "ablate").glob(f"*/*/s*/{part}/eval.json")):
+        if re.fullmatch(r"s\d+", p.parent.parent.name):
+            cells["/".join(("ablate", *p.parts[-5:-2]))] = (json.loads(p.read_text()), day(p.stat().st_mtime), "run")
+    return cells
+
+
+def _row(label, found, ledger):
+    """One table row from [(seed, (scores, date, source))]: its results, seeds, newest date, and where
+    the scores come from."""
+    found = sorted(found)
+    commits = sorted({src for _, (_, _, src) in found if src != "run"})
+    here = sum(src == "run" for _, (_, _, src) in found)
+    where = (f"{here} run folder(s) here" if here else "") + (", " if here and commits else "") + \
+        (f"{len(found) - here} from {ledger} (commit {', '.join(commits)})" if commits else "")
+    return {"label": label, "results": [s for _, (s, _, _) in found], "seeds": [k for k, _ in found],
+            "date": max(d for _, (_, d, _) in found), "where": where}
+
+
+def ablation_rows(runs, ledger=None):
+    """The headline rows bench/ablate.py has finished (ablation_cells, frozen part; runs/ablate/headline
+    or the ledger): [{label, results (eval.json dicts, by seed), seeds, date, where}]; rows without a
+    finished seed are left out."""
+    cells, rows = ablation_cells(runs, "frozen", ledger), []
     for folder, label in HEADLINE_ROWS:
-        found = sorted((runs / "ablate" / "headline" / folder).glob("s*/frozen/eval.json"))
-        found = [p for p in found if re.fullmatch(r"s\d+", p.parent.parent.name)]
+        found = [(int(m[1]), v) for c, v in cells.items() if (m := re.fullmatch(rf"ablate/headline/{folder}/s(\d+)", c))]
         if found:
-            seeds = sorted(int(p.parent.parent.name[1:]) for p in found)
-            rows.append({"label": label, "results": [json.loads(p.read_text()) for p in found], "seeds": seeds,
-                         "date": day(max(p.stat().st_mtime for p in found))})
+            rows.append(_row(label, found, ledger))
     return rows
 
 
-def finetune_rows(runs):
-    """Fine-tuning cells under runs/ablate (<table>/<row>/s<seed>/finetune/eval.json): [{label, results,
-    seeds, date}], one per <table>/<row>."""
-    cells = {}
-    for p in sorted((runs / "ablate").glob("*/*/s*/finetune/eval.json")):
-        cells.setdefault(f"{p.parents[3].name}/{p.parents[2].name}", []).append(p)
-    return [{"label": label, "results": [json.loads(p.read_text()) for p in ps],
-             "seeds": sorted(int(p.parent.parent.name[1:]) for p in ps), "date": day(max(p.stat().st_mtime for p in ps))}
-            for label, ps in cells.items()]
+def finetune_rows(runs, ledger=None):
+    """Fine-tuning cells (ablation_cells, finetune part): [{label "<table>/<row>", results, seeds, date,
+    where}], one per <table>/<row>."""
+    groups = {}
+    for c, v in ablation_cells(runs, "finetune", ledger).items():
+        _, table, row, seed = c.split("/")
+        groups.setdefault(f"{table}/{row}", []).append((int(seed[1:]), v))
+    return [_row(label, found, ledger) for label, found in sorted(groups.items())]
 
 
 def headline(target, this, random):
@@ -140,22 +176,28 @@ def markdown(run, recipe, steps, this, random, dates, commands, floor_label, fig
     for row in ablation:
         res = row["results"]
         out.append(f"| {row['label']} (ablation runs) | {summary([x['probe']['top1'] for x in res])} | "
-                   f"{summary([x['probe']['top5'] for x in res])} | {summary([x['knn']['top1'] for x in res])} | "
+                   f"{summary([x['probe'].get('top5') for x in res])} | {summary([x['knn']['top1'] for x in res])} | "
                    f"{len(res)} ({', '.join(map(str, row['seeds']))}) | {row['date']} |")
     out.append("")
     if ablation:
-        out += ["Rows marked *ablation runs* are other pre-trainings, not this run: bench/ablate.py's headline cells "
-                "under `runs/ablate/headline/` (mean ± std over the seeds found, listed in brackets; dated by their "
-                "newest eval.json), made by `python bench/ablate.py --only headline`; "
-                "`python bench/ablate.py --only headline --seeds 3` completes every row to seeds 0-2.", ""]
+        out += ["Rows marked *ablation runs* are other pre-trainings, not this run, with another recipe unless this run's "
+                f"is `{ABLATE_RECIPES['pretrain']}`: bench/ablate.py's headline cells (pre-trained by that recipe, scored "
+                f"by `{ABLATE_RECIPES['frozen']}` on its own shards) "
+                "under `runs/ablate/headline/`, or where a cell's folder is not on this machine its scores as "
+                "recorded in bench/ablate.py's ledger, `docs/ablate_cells.jsonl` (mean ± std over the seeds found, "
+                "listed in brackets; dated by their newest eval.json or ledger line), made by "
+                "`python bench/ablate.py --only headline`; `python bench/ablate.py --only headline --seeds 3` "
+                "completes every row to seeds 0-2. Where each row's seeds come from: "
+                + "; ".join(f"{row['label']}: {row['where']}" for row in ablation) + ".", ""]
     else:
         out += ["No ablation runs yet (`python bench/ablate.py --only headline --seeds 3` adds their rows).", ""]
     if tuned:
-        out += ["Fine-tuning (ablation runs, mean ± std over seeds):", "",
+        out += ["Fine-tuning (ablation runs, mean ± std over seeds; `python bench/ablate.py --only headline` "
+                "fine-tunes its cells with recipes/finetune_learn_tiny.yaml):", "",
                 "| cell | fine-tuned top-1 % | top-5 % | seeds | date |", "|---|---:|---:|---:|---|"]
         out += [f"| {row['label']} | {summary([x['top1'] for x in row['results']])} | "
-                f"{summary([x['top5'] for x in row['results']])} | {len(row['results'])} | {row['date']} |" for row in tuned]
-        out.append("")
+                f"{summary([x.get('top5') for x in row['results']])} | {len(row['results'])} | {row['date']} |" for row in tuned]
+        out += ["", "Where they come from: " + "; ".join(f"{row['label']}: {row['where']}" for row in tuned) + ".", ""]
     else:
         out += ["fine-tuning rows: none run yet", ""]
     out += ["## The loss", "", "![loss](loss.png)", ""]

@@ -35,11 +35,11 @@ def common(tmp):
     return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
 
 
-def run_report(tmp):
+def run_report(tmp, ledger="null"):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "finetune.py", "report", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
-                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8"],
+                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8", "--ledger", str(ledger)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -92,6 +92,30 @@ def test_report_tables_pictures_reuse_and_ablation_rows(pretrained):
     assert cells["headline/mme_trajectory"][:3] == ["55.0", "95.0", "1"] and "none run yet" not in text
     assert [float(x) for x in cells["MME (this run)"][:3]] == [round(this["probe"]["top1"], 1),
                                                               round(this["probe"]["top5"], 1), round(this["knn"]["top1"], 1)]
+
+    # cells run on another machine: read from bench/ablate.py's ledger, only those made with its default
+    # recipes and no --override; a cell's run folder here wins over its ledger line
+    line = lambda cell, part, scores, by="recipes/probe_tiny.yaml", override={}: json.dumps({
+        "cell": cell, "part": part, "recipe": "recipes/learn_tiny.yaml", "by": by, "override": override,
+        "scores": scores, "date": "2026-11-30", "commit": "abc1234", "source": "x"})
+    frozen = lambda p1, k1: {"top1": p1, "probe": {"top1": p1}, "knn": {"top1": k1}}
+    ledger = tmp / "ledger.jsonl"
+    ledger.write_text("\n".join([
+        line("ablate/headline/pixel_videomae/s0", "frozen", frozen(9.0, 13.0)),
+        line("ablate/headline/pixel_videomae/s1", "frozen", frozen(11.0, 15.0)),
+        line("ablate/headline/pixel_videomae/s2", "frozen", frozen(50.0, 50.0), override={"epochs": "2"}),   # another recipe
+        line("ablate/headline/mme_trajectory/s0", "frozen", frozen(99.0, 99.0)),      # its folder is here: not read
+        line("ablate/headline/mme_trajectory/s2", "frozen", frozen(35.0, 37.0)),
+        line("ablate/headline/hog_maskfeat/s0", "finetune", {"top1": 12.0}, by="recipes/finetune_learn_tiny.yaml")]) + "\n")
+    run_report(tmp, ledger)
+    text = (run / "report.md").read_text()
+    cells = report.table_cells(text)
+    assert cells["pixel (VideoMAE) (ablation runs)"][:4] == ["10.0 ± 1.4", "–", "14.0 ± 1.4", "2 (0, 1)"]
+    assert cells["pixel (VideoMAE) (ablation runs)"][4] == "2026-11-30"
+    assert cells["MME (trajectory) (ablation runs)"][:4] == ["35.0 ± 5.0", "–", "35.7 ± 2.3", "3 (0, 1, 2)"]
+    assert cells["headline/hog_maskfeat"][:3] == ["12.0", "–", "1"] and cells["headline/mme_trajectory"][:3] == ["55.0", "95.0", "1"]
+    assert f"pixel (VideoMAE): 2 from {ledger} (commit abc1234)" in text
+    assert f"MME (trajectory): 2 run folder(s) here, 1 from {ledger} (commit abc1234)" in text
 
 
 def numpy_floor(batches, widths, visible):
