@@ -134,9 +134,10 @@ def setup(recipe, overrides, probe=False, need_head=False):
         models.add_probe_norm(clf)
         clf.head.requires_grad_(True)       # the head (BatchNorm + Linear) is all that trains
     clf.to(device)
-    for block in clf.blocks:
-        fully_shard(block)
-    fully_shard(clf)
+    if world > 1:                            # one process has nothing to shard (pretrain.py says why)
+        for block in clf.blocks:
+            fully_shard(block)
+        fully_shard(clf)
     return r, rank, world, device, clf
 
 
@@ -164,7 +165,8 @@ def train(mode, recipe, **overrides):
         (run / "recipe.yaml").write_text(recipes.dump(r))
         keep_metrics(run / "metrics.jsonl", step)
         progress = viz.progress(console, total_steps, step, run / "log.txt", r["log_every"], r["log_seconds"], device)
-        progress.note(f"[bold]{r['name']}[/bold] ({mode}): {world} process(es) on {device}, {total_steps} steps "
+        progress.note(f"[bold]{r['name']}[/bold] ({mode}): {world} process(es) on {device}"
+                      f"{' (FSDP2)' if world > 1 else ''}, {total_steps} steps "
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']}, peak lr {peak:.2e}"
                       + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])

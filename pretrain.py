@@ -67,14 +67,17 @@ def main(recipe, **overrides):
     except (FileNotFoundError, ValueError) as e:
         fail(rank, f"data_path {r['data_path']}: {e}")
 
-    # The model, sharded with FSDP2: every transformer block, then the rest at the root.
+    # The model, sharded with FSDP2 over the processes: every transformer block, then the rest at the root.
+    # One process has nothing to shard: there FSDP2 only adds its per-block hooks and copies (~20 % of
+    # a tiny model's CPU step, docs/benchmarks.md), so the model runs unwrapped, with the same numbers.
     net = models.PretrainModel(size=r["model"], num_frames=r["num_frames"], img_size=r["input_size"],
                                target_dim=targets.target_dim(r), decoder_depth=r["decoder_depth"],
                                decoder_embed_dim=r["decoder_embed_dim"], decoder_num_heads=r["decoder_num_heads"],
                                drop_path=r["drop_path"], depth=r["depth"]).to(device)
-    for block in [m for m in net.modules() if isinstance(m, models.Block)]:
-        fully_shard(block)
-    fully_shard(net)
+    if world > 1:
+        for block in [m for m in net.modules() if isinstance(m, models.Block)]:
+            fully_shard(block)
+        fully_shard(net)
     opt = torch.optim.AdamW(param_groups(net, r["weight_decay"]), lr=0.0, betas=tuple(r["opt_betas"]))
     peak, floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
     steps_per_epoch = len(loader) // r["accum_steps"]
@@ -90,7 +93,8 @@ def main(recipe, **overrides):
         (run / "recipe.yaml").write_text(recipes.dump(r))
         keep_metrics(run / "metrics.jsonl", step)          # drop lines a killed run logged past its checkpoint
         progress = viz.progress(console, total_steps, step, run / "log.txt", r["log_every"], r["log_seconds"], device)
-        progress.note(f"[bold]{r['name']}[/bold]: {world} process(es) on {device}, {total_steps} steps "
+        progress.note(f"[bold]{r['name']}[/bold]: {world} process(es) on {device}"
+                      f"{' (FSDP2)' if world > 1 else ''}, {total_steps} steps "
                       f"({steps_per_epoch}/epoch), batch {r['batch_size']} = {world} x {micro} x {r['accum_steps']}, "
                       f"peak lr {peak:.2e}" + (f", resuming at step {step}" if step else ""))
     amp = autocast(device, r["precision"])
