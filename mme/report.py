@@ -152,7 +152,7 @@ def markdown(run, recipe, steps, this, random, dates, commands, floor_label, fig
     name = TARGET_NAMES.get(target, target)
     knn = this["knn"]["k"]
     keys = ("target", "model", "depth", "data_path", "batch_size", "input_size", "num_frames", "mask_ratio",
-            "loss_balance", "loss_visible", "patch_norm", "seed")          # what a reader compares runs by
+            "loss_balance", "loss_visible", "patch_norm", "trajectory_density", "seed")   # what a reader compares runs by
     out = [f"# {run.name}: {headline(target, this, random)}", "",
            f"Pre-training run `{run}` ({dates['run']}): {name} target, ViT-{recipe['model']} with "
            f"{recipe['depth'] or 'its default number of'} blocks, {steps} steps of batch "

@@ -41,13 +41,15 @@ def test_recipes_load_with_exactly_the_known_keys(name):
     assert set(raw) <= set(DEFAULTS)
 
 
-def test_the_quick_start_recipe_is_learn_tiny_on_8_frames():
-    """recipes/quick_tiny.yaml (the README's quick start) is the headline's recipe but for the frames
-    and the shards holding them: a change to one that the other does not follow is a test failure."""
+def test_the_quick_start_recipe_is_learn_tiny_on_8_frames_with_one_trajectory_per_patch():
+    """recipes/quick_tiny.yaml (the README's quick start) is the headline's recipe but for the frames,
+    the shards holding them (2,000 clips) and one trajectory per patch: a change to one that the other
+    does not follow is a test failure."""
     quick, learn = load("recipes/quick_tiny.yaml"), load("recipes/learn_tiny.yaml")
     differ = {k for k in DEFAULTS if quick[k] != learn[k]}
-    assert differ == {"num_frames", "data_path", "name"}
-    assert quick["num_frames"] == 8 and quick["data_path"] == "shards/synthetic8_4k/"
+    assert differ == {"num_frames", "data_path", "name", "trajectory_density"}
+    assert quick["num_frames"] == 8 and quick["data_path"] == "shards/synthetic8_2k/"
+    assert quick["trajectory_density"] == "mean" and learn["trajectory_density"] == "dense"
 
 
 @pytest.mark.parametrize("name, stride, flip, shards", [("ssv2", 3, False, "shards/ssv2/"), ("k400", 4, True, "shards/k400/")])
