@@ -35,7 +35,7 @@ from mme import data, model, targets, viz
 from mme.train import autocast, checkpoints, load_checkpoint, verify_checkpoint
 
 TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat)"}
-# bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label)
+# bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label) (tests/test_ablate.py holds the two equal)
 HEADLINE_ROWS = (("random_encoder", "random encoder"), ("mme_trajectory", "MME (trajectory)"),
                  ("pixel_videomae", "pixel (VideoMAE)"), ("hog_maskfeat", "HOG (MaskFeat)"))
 # the recipes of bench/ablate.py's cells when it runs with its defaults (those the report reads from the ledger)

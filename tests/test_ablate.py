@@ -183,3 +183,17 @@ def test_a_fine_tuning_whose_encoder_is_lost_pre_trains_again(fake_runs):
     row = next(line for line in (root / "docs" / "results.md").read_text().splitlines() if line.startswith("| MME"))
     frozen = len("ablate/headline/mme_trajectory/s0/frozen")
     assert row == f"| MME (trajectory) | {frozen:.1f} | {frozen / 2:.1f} | {len('ablate/headline/mme_trajectory/s0/finetune'):.1f} |"
+
+
+def test_the_report_finds_the_cells_ablate_writes():
+    """mme/report.py reads bench/ablate.py's headline cells by folder name and its ledger entries by
+    recipe (finetune.py report's ablation rows): a row renamed or a default recipe changed in one and
+    not the other would drop rows from every report silently."""
+    import inspect
+
+    from mme import report
+    labels = [label for label, _ in ablate.TABLES["headline"][1]]
+    assert list(report.HEADLINE_ROWS) == [(ablate.slug(label), label) for label in labels]
+    defaults = inspect.signature(ablate.main).parameters
+    assert report.ABLATE_RECIPES == {"pretrain": defaults["recipe"].default, "frozen": defaults["eval_recipe"].default,
+                                     "finetune": defaults["tune_recipe"].default}
