@@ -68,8 +68,8 @@ def main(recipe, **overrides):
         fail(rank, f"data_path {r['data_path']}: {e}")
 
     # The model, sharded with FSDP2 over the processes: every transformer block, then the rest at the root.
-    # One process has nothing to shard: there FSDP2 only adds its per-block hooks and copies (~20 % of
-    # a tiny model's CPU step, docs/benchmarks.md), so the model runs unwrapped, with the same numbers.
+    # One process has nothing to shard: there FSDP2 only adds its per-block hooks and copies (1.3-1.5x a
+    # tiny model's in-memory CPU step, docs/benchmarks.md), so the model runs unwrapped, with the same numbers.
     net = models.PretrainModel(size=r["model"], num_frames=r["num_frames"], img_size=r["input_size"],
                                target_dim=targets.target_dim(r), decoder_depth=r["decoder_depth"],
                                decoder_embed_dim=r["decoder_embed_dim"], decoder_num_heads=r["decoder_num_heads"],
