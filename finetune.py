@@ -49,11 +49,10 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, report as report_lib, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       reached, save_checkpoint, set_lr, setup_distributed, timed)
+                       reached, save_checkpoint, set_lr, setup_distributed, shard, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -134,10 +133,8 @@ def setup(recipe, overrides, probe=False, need_head=False):
         models.add_probe_norm(clf)
         clf.head.requires_grad_(True)       # the head (BatchNorm + Linear) is all that trains
     clf.to(device)
-    if world > 1:                            # one process has nothing to shard (pretrain.py says why)
-        for block in clf.blocks:
-            fully_shard(block)
-        fully_shard(clf)
+    if world > 1:                            # one process runs unwrapped (mme.train.shard says why)
+        shard(clf)
     return r, rank, world, device, clf
 
 

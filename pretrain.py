@@ -36,11 +36,10 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 from mme import data, model as models, recipe as recipes, targets, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       reached, save_checkpoint, set_lr, setup_distributed, timed)
+                       reached, save_checkpoint, set_lr, setup_distributed, shard, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -67,17 +66,13 @@ def main(recipe, **overrides):
     except (FileNotFoundError, ValueError) as e:
         fail(rank, f"data_path {r['data_path']}: {e}")
 
-    # The model, sharded with FSDP2 over the processes: every transformer block, then the rest at the root.
-    # One process has nothing to shard: there FSDP2 only adds its per-block hooks and copies (1.3-1.5x a
-    # tiny model's in-memory CPU step, docs/benchmarks.md), so the model runs unwrapped, with the same numbers.
+    # The model, sharded with FSDP2 over the processes (mme.train.shard); one process runs it unwrapped.
     net = models.PretrainModel(size=r["model"], num_frames=r["num_frames"], img_size=r["input_size"],
                                target_dim=targets.target_dim(r), decoder_depth=r["decoder_depth"],
                                decoder_embed_dim=r["decoder_embed_dim"], decoder_num_heads=r["decoder_num_heads"],
                                drop_path=r["drop_path"], depth=r["depth"]).to(device)
     if world > 1:
-        for block in [m for m in net.modules() if isinstance(m, models.Block)]:
-            fully_shard(block)
-        fully_shard(net)
+        shard(net)
     opt = torch.optim.AdamW(param_groups(net, r["weight_decay"]), lr=0.0, betas=tuple(r["opt_betas"]))
     peak, floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
     steps_per_epoch = len(loader) // r["accum_steps"]

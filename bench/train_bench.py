@@ -19,7 +19,6 @@ Side by side in the same process, median of several steps after warm-up:
 --sizes/--frames/--img/--batch; --timm false skips the timm baseline (no timm needed).
 On a GPU, model FLOPs utilisation = 3 x forward FLOPs (mme.model.flops_per_clip) x clips/s / peak.
 """
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mme import model as models, recipe as recipes, targets  # noqa: E402
+from mme.train import setup_distributed, shard  # noqa: E402
 
 console = Console()
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 FLOP/s
@@ -68,9 +68,8 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    if fsdp and not torch.distributed.is_initialized():        # a one-process group, as pretrain.py makes one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 20000))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    if fsdp:                                                   # a one-process group, as pretrain.py makes one
+        setup_distributed("auto")
     t = Table(title=f"train step, {frames} x {img}^2, mask {mask_ratio}, batch {batch}, {name}, torch {torch.__version__}"
                     + (f", {recipe}" if recipe else "") + (", full step torch.compile'd" if compile else ""))
     for col in ("model", "ours encoder ms", "timm encoder ms", "ours / timm", "full MME step ms", "clips/s", "MFU") + \
@@ -113,9 +112,7 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
             torch.manual_seed(0)
             net = models.PretrainModel.from_recipe(r, target_dim).to(device)
             if wrap:
-                for block in [m for m in net.modules() if isinstance(m, models.Block)]:
-                    torch.distributed.fsdp.fully_shard(block)
-                torch.distributed.fsdp.fully_shard(net)
+                shard(net)                                      # as pretrain.py wraps it over several processes
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
             step_net = torch.compile(net) if compile else net       # timed() warms up twice: compilation is not timed
 
@@ -129,7 +126,8 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
 
         # plain and wrapped alternate, so that a slow spell of the machine falls on both
         plain_s, wrapped_s = [], []
-        (plain, net), wrapped = full_step(False), full_step(True)[0] if fsdp else None
+        plain, net = full_step(False)
+        wrapped = full_step(True)[0] if fsdp else None
         for _ in range(3 if fsdp else 1):
             plain_s.append(timed(plain, steps, sync))
             if fsdp:
