@@ -2,6 +2,7 @@
 checkpoints that resume exactly (pretrain.py and finetune.py share these).
 
     rank, world, device = setup_distributed("auto")       # torchrun's env, or a 1-process group
+    cpu_threads(device, num_workers)                       # on a CPU: cores less one per loader worker
     if world > 1: shard(net)                               # FSDP2: each transformer block, then the root
     lr = lr_at(step, recipe, steps_per_epoch, peak, floor)  # linear warmup, then cosine (Tables 14/15)
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
@@ -50,6 +51,16 @@ def setup_distributed(device_choice):
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
+
+def cpu_threads(device, num_workers):
+    """On a CPU, torch's threads for this process: the cores it may run on less one per loader worker
+    (each worker decodes on a core of its own), at least one. Oversubscribed cores cost more than the
+    thread saves: quick_tiny on 2 cores with 1 worker runs 1.2x faster on 1 thread than on 2
+    (docs/benchmarks.md). OMP_NUM_THREADS, when set, wins (torchrun sets it to 1 for several processes
+    per node). Returns the thread count."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - num_workers))
+    return torch.get_num_threads()
 
 
 def shard(net):

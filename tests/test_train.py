@@ -1,8 +1,11 @@
-"""Training plumbing (mme/train.py): the learning-rate schedule and the parameter groups."""
+"""Training plumbing (mme/train.py): the learning-rate schedule, the parameter groups, CPU threads."""
+import os
+
 import pytest
+import torch
 
 from mme import model as models
-from mme.train import lr_at, param_groups
+from mme.train import cpu_threads, lr_at, param_groups
 
 
 def test_layer_decay_and_no_decay_groups():
@@ -37,3 +40,22 @@ def test_autocast_follows_the_recipe_precision():
     for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
         with autocast(cpu, precision):
             assert (a @ a).dtype == dtype, precision
+
+
+@pytest.mark.parametrize("workers, env, expect", [(1, None, "cores-1"), (0, None, "cores"), (64, None, 1), (1, "3", "same")])
+def test_cpu_threads_leave_a_core_per_loader_worker(monkeypatch, workers, env, expect):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))   # a 4-core machine
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    try:
+        got = cpu_threads(torch.device("cpu"), workers)
+        want = {"cores-1": 3, "cores": 4, "same": before}.get(expect, expect)
+        assert got == torch.get_num_threads() == want
+        if expect != "same":     # a GPU process leaves torch's CPU threads alone
+            torch.set_num_threads(before)
+            assert cpu_threads(torch.device("cuda", 0), workers) == before
+    finally:
+        torch.set_num_threads(before)
