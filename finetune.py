@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, report as report_lib, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       reached, save_checkpoint, set_lr, setup_distributed, shard, timed, cpu_threads)
+                       reached, save_checkpoint, set_lr, setup_distributed, shard, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -106,14 +106,12 @@ def load_weights(model, r, rank, need_head=False):
 
 
 def start_group(r):
-    """setup_distributed (and cpu_threads), or exit 2 in one line when the recipe's device is not there."""
+    """setup_distributed, or exit 2 in one line when the recipe's device is not there."""
     try:
-        rank, world, device = setup_distributed(r["device"])
+        return setup_distributed(r["device"], r["num_workers"])
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
-    cpu_threads(device, r["num_workers"])
-    return rank, world, device
 
 
 def setup(recipe, overrides, probe=False, need_head=False):

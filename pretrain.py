@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mme import data, model as models, recipe as recipes, targets, viz
 from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
-                       reached, save_checkpoint, set_lr, cpu_threads, setup_distributed, shard, timed)
+                       reached, save_checkpoint, set_lr, setup_distributed, shard, timed)
 
 console = Console(stderr=True, soft_wrap=True)
 # The decoder head returns a view of its matmul; FSDP2 warns in case someone modifies it in place.
@@ -52,8 +52,7 @@ def main(recipe, **overrides):
     (every key, its default and the paper table it mirrors: mme/recipe.py DEFAULTS)."""
     try:
         r = recipes.load(recipe, **overrides)
-        rank, world, device = setup_distributed(r["device"])
-        cpu_threads(device, r["num_workers"])
+        rank, world, device = setup_distributed(r["device"], r["num_workers"])
     except (ValueError, FileNotFoundError) as e:           # a RecipeError, or a device that is not there
         console.print(f"[red]error:[/red] {e}")
         sys.exit(2)

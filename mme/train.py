@@ -1,8 +1,7 @@
 """Running a training job: the process group, the learning-rate schedule, parameter groups, and
 checkpoints that resume exactly (pretrain.py and finetune.py share these).
 
-    rank, world, device = setup_distributed("auto")       # torchrun's env, or a 1-process group
-    cpu_threads(device, num_workers)                       # on a CPU: cores less one per loader worker
+    rank, world, device = setup_distributed("auto", num_workers)   # torchrun's env, or a 1-process group
     if world > 1: shard(net)                               # FSDP2: each transformer block, then the root
     lr = lr_at(step, recipe, steps_per_epoch, peak, floor)  # linear warmup, then cosine (Tables 14/15)
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
@@ -34,8 +33,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 log = logging.getLogger(__name__)
 
 
-def setup_distributed(device_choice):
-    """torchrun's environment, or a one-process group when run with plain python (FSDP2 needs one).
+def setup_distributed(device_choice, num_workers=0):
+    """torchrun's environment, or a one-process group when run with plain python (FSDP2 needs one);
+    on a CPU, torch's threads leave a core to each of the loader's num_workers (cpu_threads).
     Raises ValueError when the device asked for is not there."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -49,17 +49,18 @@ def setup_distributed(device_choice):
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    cpu_threads(device, num_workers)
     return rank, world, device
 
 
 def cpu_threads(device, num_workers):
-    """On a CPU, torch's threads for this process: the cores it may run on less one per loader worker
-    (each worker decodes on a core of its own), at least one. Oversubscribed cores cost more than the
-    thread saves: quick_tiny on 2 cores with 1 worker runs 1.2x faster on 1 thread than on 2
-    (docs/benchmarks.md). OMP_NUM_THREADS, when set, wins (torchrun sets it to 1 for several processes
-    per node). Returns the thread count."""
+    """On a CPU, torch's threads for this process: its default, but no more than the cores it may run on
+    less one per loader worker (each worker decodes on a core of its own), and at least one. On 2 cores
+    with 1 worker, quick_tiny ran 1.06x faster through pretrain.py on 1 thread than on 2, learn_tiny
+    0.95x (within the noise; docs/benchmarks.md). OMP_NUM_THREADS, when set, wins (torchrun sets it to
+    1 for several processes per node). Returns the thread count."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - num_workers))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)) - num_workers)))
     return torch.get_num_threads()
 
 
@@ -72,6 +73,7 @@ def shard(net):
         fully_shard(block)
     fully_shard(net)
     return net
+
 
 def lr_at(step, r, steps_per_epoch, peak, floor):
     """Linear warmup to `peak` over warmup_epochs, then cosine decay to `floor` (Table 14)."""
