@@ -42,7 +42,6 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -51,7 +50,7 @@ from rich.table import Table
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from mme import augment, data, frozen as frozen_lib, model as models, recipe as recipes, report as report_lib, viz
-from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
+from mme.train import (ResumeError, autocast, command_line, fail, keep_metrics, lr_at, optimizer_step, param_groups, resume,
                        reached, save_checkpoint, set_lr, setup_distributed, shard, timed)
 
 console = Console(stderr=True, soft_wrap=True)
@@ -535,12 +534,6 @@ def gather_features(enc, urls, r, rank, world, device):
             "labels": torch.tensor([label for _, _, ls in gathered for label in ls])[order]}
 
 
-def fail(rank, msg):
-    if rank == 0:
-        console.print(f"[red]error:[/red] {msg}")
-    sys.exit(2)
-
-
 COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen, "report": report}
 
 
@@ -566,13 +559,4 @@ def usage(command=None):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or {"-h", "--help"} & set(args):                # ours, not fire's: the recipe keys are the flags
-        print(usage(args[0] if args and args[0] in COMMANDS else None))
-        sys.exit(0)
-    try:
-        fire.Fire(COMMANDS)
-    except KeyboardInterrupt:                                  # Ctrl-C: one line, not a traceback per frame
-        fail(int(os.environ.get("RANK", 0)), interrupted())
-    except data.stream.S3Error as e:                           # credentials refused, or S3 gone past the patience
-        fail(int(os.environ.get("RANK", 0)), str(e))
+    command_line(COMMANDS, lambda args: usage(args[0] if args and args[0] in COMMANDS else None))

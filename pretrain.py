@@ -31,14 +31,13 @@ import time
 import warnings
 from pathlib import Path
 
-import fire
 import torch
 import torch.distributed as dist
 from rich.console import Console
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from mme import data, model as models, recipe as recipes, targets, viz
-from mme.train import (ResumeError, autocast, interrupted, keep_metrics, lr_at, optimizer_step, param_groups, resume,
+from mme.train import (ResumeError, autocast, command_line, fail, keep_metrics, lr_at, optimizer_step, param_groups, resume,
                        reached, save_checkpoint, set_lr, setup_distributed, shard, timed)
 
 console = Console(stderr=True, soft_wrap=True)
@@ -153,12 +152,6 @@ def main(recipe, **overrides):
     dist.destroy_process_group()
 
 
-def fail(rank, msg):
-    if rank == 0:
-        console.print(f"[red]error:[/red] {msg}")
-    sys.exit(2)
-
-
 def usage():
     """--help: what the script does, and every recipe key with its type, default and paper table."""
     return (f"{__doc__.strip()}\n\nusage: python pretrain.py --recipe FILE [--key value ...]\n\n"
@@ -167,12 +160,4 @@ def usage():
 
 
 if __name__ == "__main__":
-    if {"-h", "--help"} & set(sys.argv[1:]):                    # ours, not fire's: the recipe keys are the flags
-        print(usage())
-        sys.exit(0)
-    try:
-        fire.Fire(main)
-    except KeyboardInterrupt:                                  # Ctrl-C: one line, not a traceback per frame
-        fail(int(os.environ.get("RANK", 0)), interrupted())
-    except data.stream.S3Error as e:                           # credentials refused, or S3 gone past the patience
-        fail(int(os.environ.get("RANK", 0)), str(e))
+    command_line(main, lambda args: usage())

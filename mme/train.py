@@ -10,6 +10,8 @@ checkpoints that resume exactly (pretrain.py and finetune.py share these).
     for b, waited in timed(loader): ...                          # each batch with the seconds spent waiting for it
     path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state, checksummed
     step, path = resume(run, recipe, net, opt, loader, rank)     # the newest checkpoint that verifies, same recipe
+    fail(rank, "batch_size 12 must divide by world size 8")     # one red line on rank 0, exit status 2
+    command_line(main, usage)                                    # a stage script's __main__ (fire; --help; Ctrl-C)
 
 The run folder must not be writable by anyone you do not trust: the checksums in a checkpoint's done
 marker catch damage and files replaced after the save, but someone who can write there can also write
@@ -21,7 +23,10 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
+
+import fire
 
 import torch
 import yaml
@@ -29,6 +34,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from rich.console import Console
+
+from mme.stream import S3Error
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +163,30 @@ def interrupted():
         return f"interrupted{at} before the first checkpoint: rerunning the same command starts from the beginning"
     step = last_checkpoint.name.removeprefix("step_")
     return f"interrupted{at}: rerun the same command to resume from step {step} ({last_checkpoint})"
+
+
+def fail(rank, msg):
+    """Stop on an error the user can act on: one red line from rank 0 (every rank exits with status 2),
+    never a traceback."""
+    if rank == 0:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {msg}")
+    sys.exit(2)
+
+
+def command_line(commands, usage):
+    """A stage script's __main__: -h/--help (or no arguments, for a script of several commands) prints
+    usage(args), ours rather than fire's, since the recipe keys are the flags; otherwise fire runs
+    `commands` (a function, or a dict of them). Ctrl-C and an S3 error end in one line (fail)."""
+    args = sys.argv[1:]
+    if {"-h", "--help"} & set(args) or (not args and isinstance(commands, dict)):
+        print(usage(args))
+        sys.exit(0)
+    try:
+        fire.Fire(commands)
+    except KeyboardInterrupt:
+        fail(int(os.environ.get("RANK", 0)), interrupted())
+    except S3Error as e:                           # credentials refused, or S3 gone past the patience
+        fail(int(os.environ.get("RANK", 0)), str(e))
 
 
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):

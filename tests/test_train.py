@@ -1,11 +1,14 @@
-"""Training plumbing (mme/train.py): the learning-rate schedule, the parameter groups, CPU threads."""
+"""Training plumbing (mme/train.py): the learning-rate schedule, the parameter groups, CPU threads, the
+stage scripts' command line."""
 import os
 
 import pytest
 import torch
 
 from mme import model as models
-from mme.train import cpu_threads, lr_at, param_groups
+from mme import train
+from mme.stream import S3Error
+from mme.train import command_line, cpu_threads, lr_at, param_groups
 
 
 def test_layer_decay_and_no_decay_groups():
@@ -59,3 +62,33 @@ def test_cpu_threads_leave_a_core_per_loader_worker(monkeypatch, workers, env, w
         assert cpu_threads(torch.device("cpu"), 0) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_command_line_help_and_one_line_errors(monkeypatch, capsys):
+    """The stage scripts' __main__: --help prints our usage (exit 0); Ctrl-C and an S3 error end in one
+    red line (exit 2) naming where to resume / what S3 said, never a traceback; other errors propagate."""
+    def run(argv, fn):
+        monkeypatch.setattr("sys.argv", ["script.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            command_line(fn, lambda args: f"usage for {args}")
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    def boom(kind):
+        raise {"ctrl-c": KeyboardInterrupt(), "s3": S3Error("s3://bucket/x.tar: AccessDenied (check AWS_ACCESS_KEY_ID)")}[kind]
+
+    code, out, err = run(["--recipe", "r.yaml", "--help"], boom)
+    assert code == 0 and out == "usage for ['--recipe', 'r.yaml', '--help']\n" and err == ""
+    code, out, _ = run([], {"probe": boom})                                  # a script of commands, no arguments
+    assert code == 0 and out.startswith("usage for []")
+    monkeypatch.setattr(train, "last_step", 12)
+    monkeypatch.setattr(train, "last_checkpoint", None)
+    code, _, err = run(["--kind", "ctrl-c"], boom)
+    assert code == 2 and err.strip() == "error: interrupted at step 12 before the first checkpoint: rerunning the same command starts from the beginning"
+    code, _, err = run(["--kind", "s3"], boom)
+    assert code == 2 and err.strip() == "error: s3://bucket/x.tar: AccessDenied (check AWS_ACCESS_KEY_ID)"
+    monkeypatch.setenv("RANK", "1")                                          # other ranks exit without a word
+    assert run(["--kind", "s3"], boom)[1:] == ("", "")
+    monkeypatch.setattr("sys.argv", ["script.py", "--kind", "other"])
+    with pytest.raises(KeyError):                                            # a bug is not an error line
+        command_line(boom, lambda args: "")
