@@ -3,6 +3,7 @@
     python bench/loader_bench.py                       # 1 core and all cores, median of 3
     python bench/loader_bench.py --videos 48 --batches 4 --repeats 1     # a quick look
     python bench/loader_bench.py --repeated_aug 1,2    # the repeated_aug values of the second table
+    python bench/loader_bench.py --core_counts 1,8     # the core counts measured (default: 1 and all)
     git worktree add /tmp/v1 6ed959a && python bench/loader_bench.py --v1_extract /tmp/v1/extract.py
                                                        # + ours on the same videos in shard schema version 1
 
@@ -15,6 +16,8 @@ side in the same run, each in a fresh process pinned to the cores:
     to its last frame), MultiScaleCrop + resize + normalise in NumPy/OpenCV, the trajectory arrays
     read from .npy files and cropped/resized likewise, the same target code; in a DataLoader with
     the same number of workers;
+    (without DALI installed its mode is left out, said in a line, and its columns read "-";
+    on a GPU "ours" normalises and builds targets on the GPU, and DALI decodes with nvJPEG there);
   - jpeg floor: reading and JPEG decoding alone, the bound on a loader making one clip per sample:
     each training sample read from the shards as ours reads it (mme.stream) and its 16 frames
     decoded as ours decodes them (mme.data.decode_frames), nothing else, in a DataLoader with ours'
@@ -151,18 +154,27 @@ def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores, repeate
     print(n / (time.perf_counter() - t))
 
 
+def ints(value):
+    """fire hands "--x 1,2,4" over as a tuple, "--x 2" as an int, and a string stays a string."""
+    return [int(k) for k in (value.split(",") if isinstance(value, str) else np.atleast_1d(value))]
+
+
 def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, repeated_aug="1,2,4", v1_extract=None,
-         _worker=None, shard_dir=None, videos_dir=None, traj_dir=None, cores=None):
+         core_counts=None, _worker=None, shard_dir=None, videos_dir=None, traj_dir=None, cores=None):
     # the worker's arguments by name, not **kw: fire would take --help for one and run the benchmark
     if _worker:
         return worker(_worker, shard_dir, videos_dir, traj_dir, batches, batch, cores, int(repeated_aug))
-    # fire hands "--repeated_aug 1,2,4" over as a tuple, "--repeated_aug 2" as an int
-    ks = [int(k) for k in (repeated_aug.split(",") if isinstance(repeated_aug, str) else np.atleast_1d(repeated_aug))]
+    ks = ints(repeated_aug)
     if any(batch % k for k in ks):
         raise SystemExit(f"batch {batch} must divide by every repeated_aug in {ks}")
+    counts = sorted(set(ints(core_counts))) if core_counts is not None else sorted({1, os.cpu_count()})
+    if counts[0] < 1 or counts[-1] > len(os.sched_getaffinity(0)):
+        raise SystemExit(f"core_counts {counts}: this process may use 1 to {len(os.sched_getaffinity(0))} cores")
+    modes = [m for m in MODES if m != "ours dali" or data.dali_installed()]
+    if len(modes) < len(MODES):
+        console.print("NVIDIA DALI is not installed: the 'ours dali' mode is left out (pip install -r requirements-gpu.txt)")
     # k = 1 is the "ours" mode itself; the others run as more modes, interleaved with the rest
-    runs = [(mode, 1) for mode in MODES] + [("ours", k) for k in ks if k != 1] + ([("ours v1", 1)] if v1_extract else [])
-    cores = os.cpu_count()
+    runs = [(mode, 1) for mode in modes] + [("ours", k) for k in ks if k != 1] + ([("ours v1", 1)] if v1_extract else [])
     env = os.environ | {"THP_MEM_ALLOC_ENABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -192,7 +204,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
                             shards.npy_bytes(a.view(np.uint8) if a.dtype == np.int8 else a))
         schema, sample_bytes = shard_stats(tmp / "shards")
         results = {}
-        for c in sorted({1, cores}):
+        for c in counts:
             for _ in range(repeats):
                 for mode, k in runs:                     # interleaved: the machine's load hits every mode alike
                     shard_dir = tmp / ("shards_v1" if mode == "ours v1" else "shards")
@@ -207,18 +219,19 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
     t = Table(title=f"loader: 16 x 224^2 clips with MME targets from 336x256 sources, clips/s (median of {repeats})")
     for col in ("cores", *MODES, "ours per core", "ours / mp4v", "ours / vp9", "dali / mp4v", "ours / floor"):
         t.add_column(col, justify="right")
-    for c in sorted({1, cores}):
-        m = {mode: statistics.median(results[(c, mode, 1)]) for mode in MODES}
-        t.add_row(str(c), *(f"{m[mode]:.1f}" for mode in MODES), f"{m['ours'] / c:.1f}",
-                  f"{m['ours'] / m['baseline mp4v']:.2f}x", f"{m['ours'] / m['baseline vp9']:.2f}x",
-                  f"{m['ours dali'] / m['baseline mp4v']:.2f}x", f"{m['ours'] / m['jpeg floor']:.2f}x")
+    for c in counts:
+        m = {mode: statistics.median(results[(c, mode, 1)]) if (c, mode, 1) in results else None for mode in MODES}
+        ratio = lambda a, b: "-" if m[a] is None else f"{m[a] / m[b]:.2f}x"
+        t.add_row(str(c), *("-" if m[mode] is None else f"{m[mode]:.1f}" for mode in MODES), f"{m['ours'] / c:.1f}",
+                  ratio("ours", "baseline mp4v"), ratio("ours", "baseline vp9"), ratio("ours dali", "baseline mp4v"),
+                  ratio("ours", "jpeg floor"))
     console.print(t)
     console.print(f"shard schema version {schema}: {sample_bytes / 1e3:.1f} KB per sample on average (train shards' "
                   "bytes over their samples)")
     t = Table(title=f"ours with repeated_aug k: clips/s (median of {repeats}), shard bytes read per clip")
     for col in ("cores", "repeated_aug k", "clips/s", "KB read per clip"):
         t.add_column(col, justify="right")
-    for c in sorted({1, cores}):
+    for c in counts:
         for k in ks:
             t.add_row(str(c), str(k), f"{statistics.median(results[(c, 'ours', k)]):.1f}", f"{sample_bytes / k / 1e3:.1f}")
     console.print(t)
@@ -227,7 +240,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
                         f"({sample_bytes / 1e3:.1f} KB), the same videos and loader code, clips/s (median of {repeats})")
         for col in ("cores", f"version {v1[0]}", f"version {schema}", "ratio"):
             t.add_column(col, justify="right")
-        for c in sorted({1, cores}):
+        for c in counts:
             old, new = (statistics.median(results[(c, mode, 1)]) for mode in ("ours v1", "ours"))
             t.add_row(str(c), f"{old:.1f}", f"{new:.1f}", f"{new / old:.2f}x")
         console.print(t)
