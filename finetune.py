@@ -63,8 +63,7 @@ def load_recipe(recipe, overrides):
         if r["num_classes"] is None:
             raise recipes.RecipeError(f"{recipe}: num_classes is required for finetune.py")
     except (recipes.RecipeError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        sys.exit(2)
+        fail(None, e)
     return r
 
 
@@ -109,8 +108,7 @@ def start_group(r):
     try:
         return setup_distributed(r["device"], r["num_workers"])
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        sys.exit(2)
+        fail(None, e)
 
 
 def setup(recipe, overrides, probe=False, need_head=False):

@@ -26,7 +26,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -53,8 +52,7 @@ def main(recipe, **overrides):
         r = recipes.load(recipe, **overrides)
         rank, world, device = setup_distributed(r["device"], r["num_workers"])
     except (ValueError, FileNotFoundError) as e:           # a RecipeError, or a device that is not there
-        console.print(f"[red]error:[/red] {e}")
-        sys.exit(2)
+        fail(None, e)
     torch.manual_seed(r["seed"] + rank)
     run = Path(r["output_dir"]) / r["name"]
     micro = r["batch_size"] // (world * r["accum_steps"])

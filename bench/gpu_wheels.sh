@@ -5,7 +5,7 @@
 # what the toolkit needs beyond that image goes into two git-ignored folders that travel with a device call:
 #
 #   bash bench/gpu_wheels.sh            # .whl/: webdataset, braceexpand, fire, termcolor, zstandard (~6 MB)
-#   bash bench/gpu_wheels.sh --dali     # and .dali/: DALI for CUDA 13 with its libraries (~270 MB), as
+#   bash bench/gpu_wheels.sh --dali     # and .dali/: DALI for CUDA 13 with its libraries (~260 MB), as
 #                                       # part-00, part-01, ... of at most 56 MiB and SHA256SUMS
 #
 # A device call carries at most 64 MiB, so DALI travels over several calls made back to back (the machine

@@ -27,7 +27,6 @@ import sys
 import time
 
 import fire
-
 import torch
 import yaml
 import torch.distributed as dist
@@ -167,8 +166,8 @@ def interrupted():
 
 def fail(rank, msg):
     """Stop on an error the user can act on: one red line from rank 0 (every rank exits with status 2),
-    never a traceback."""
-    if rank == 0:
+    never a traceback. rank None: torchrun's RANK (before the process group exists), else 0."""
+    if (int(os.environ.get("RANK", 0)) if rank is None else rank) == 0:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {msg}")
     sys.exit(2)
 
@@ -184,9 +183,9 @@ def command_line(commands, usage):
     try:
         fire.Fire(commands)
     except KeyboardInterrupt:
-        fail(int(os.environ.get("RANK", 0)), interrupted())
+        fail(None, interrupted())
     except S3Error as e:                           # credentials refused, or S3 gone past the patience
-        fail(int(os.environ.get("RANK", 0)), str(e))
+        fail(None, str(e))
 
 
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
