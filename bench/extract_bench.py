@@ -27,8 +27,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mme import clips, flow, hog, shards, sources, synthetic, trajectory, video  # noqa: E402
+from mme.offline import clips, flow, hog, sources, synthetic, trajectory, video
+from mme.offline import writer as shard_writer
 
 console = Console()
 
@@ -107,7 +107,8 @@ def stages(paths, size, p, repeats):
             flow.camera_homography(flows[t], feats[t], feats[t + 1], method=cv2.RANSAC) for t in range(n)],
         "HOG: gradients and orientation bins": lambda: [hog.gradient_bins(g) for g in gray[:n]],
         "tracking + HOG at the tracked points": track,
-        "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, p.quality]) for f in frames[:n:p.stride]],
+        "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, p.quality])
+                                                       for f in frames[:n:p.stride]],
     }
     return {name: timed(fn, repeats) / n for name, fn in rows.items()}
 
@@ -122,7 +123,7 @@ def end_to_end(paths, p, repeats):
     def run():
         decoded, sizes = 0, {}
         with tempfile.TemporaryDirectory() as tmp:
-            writer = shards.ShardWriter(tmp, "bench", max_samples=10 ** 6)
+            writer = shard_writer.ShardWriter(tmp, "bench", max_samples=10 ** 6)
             for v in videos:
                 samples, _, n = clips.video_samples(v, p)
                 decoded += n

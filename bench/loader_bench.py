@@ -48,11 +48,10 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mme import data, recipe, shards, stream, targets, transforms  # noqa: E402
+from extract_bench import write_videos
 
-sys.path.insert(0, str(ROOT / "bench"))
-from extract_bench import write_videos  # noqa: E402
+from mme import recipe, shards
+from mme.online import data, stream, targets, transforms
 
 console = Console(width=None if sys.stdout.isatty() else 160)     # a log gets every column whole
 MODES = ("baseline mp4v", "baseline vp9", "ours", "ours dali", "jpeg floor")
@@ -161,7 +160,10 @@ def ints(value):
 
 def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, repeated_aug="1,2,4", v1_extract=None,
          core_counts=None, _worker=None, shard_dir=None, videos_dir=None, traj_dir=None, cores=None):
-    # the worker's arguments by name, not **kw: fire would take --help for one and run the benchmark
+    # Prints the tables; returns the measurements as data (for tests; a comment, not a docstring, which fire
+    # would show as --help): per core count, mode measured (one left out has none) and repeated_aug k,
+    # {"cores", "mode", "repeated_aug", "clips_per_s" (the median), "runs" (each repeat's clips/s)}.
+    # The worker's arguments by name, not **kw: fire would take --help for one and run the benchmark.
     if _worker:
         return worker(_worker, shard_dir, videos_dir, traj_dir, batches, batch, cores, int(repeated_aug))
     ks = ints(repeated_aug)
@@ -246,7 +248,9 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
         console.print(t)
     console.print("runs:", {f"{c} {mode}" + (f" k={k}" if k != 1 else ""): [round(x, 1) for x in v]
                             for (c, mode, k), v in results.items()})
+    return [{"cores": c, "mode": mode, "repeated_aug": k, "clips_per_s": statistics.median(v), "runs": v}
+            for (c, mode, k), v in results.items()]
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(main, serialize=lambda rows: None)      # the tables are printed; fire would print the rows again

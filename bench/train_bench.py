@@ -20,9 +20,7 @@ Side by side in the same process, median of several steps after warm-up:
 On a GPU, model FLOPs utilisation = 3 x forward FLOPs (mme.model.flops_per_clip) x clips/s / peak.
 """
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import fire
 import numpy as np
@@ -30,9 +28,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mme import model as models, recipe as recipes, targets  # noqa: E402
-from mme.train import setup_distributed, shard  # noqa: E402
+from mme import model as models
+from mme import recipe as recipes
+from mme.online import targets
+from mme.train import setup_distributed, shard
 
 console = Console()
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}      # dense bf16 FLOP/s
@@ -52,6 +51,10 @@ def timed(fn, steps, sync):
 
 def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=5, compile=False, recipe=None,
          fsdp=False, timm=True):
+    # Prints the table; returns its rows as data (for tests; a comment, not a docstring, which fire would show
+    # as --help), one dict per model size: {"model", "ours_encoder_ms", "timm_encoder_ms" (None without timm),
+    # "full_step_ms", "clips_per_s", "mfu" (a fraction; None on a CPU or an unknown GPU), and with fsdp
+    # "wrapped_step_ms", "wrapped_over_plain"}; times are medians.
     TimmBlock = None
     if str(timm).lower() not in ("false", "0", "no"):
         try:
@@ -75,6 +78,7 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
     for col in ("model", "ours encoder ms", "timm encoder ms", "ours / timm", "full MME step ms", "clips/s", "MFU") + \
                (("FSDP2-wrapped step ms", "wrapped / plain") if fsdp else ()):
         t.add_column(col, justify="right")
+    rows = []
     for size in (sizes.split(",") if isinstance(sizes, str) else sizes):
         dim, heads = models.SIZES[size][0], models.SIZES[size][2]
         depth = r["depth"] if recipe and r["depth"] else models.SIZES[size][1]
@@ -134,22 +138,27 @@ def main(sizes="tiny,small", batch=2, frames=16, img=224, mask_ratio=0.7, steps=
                 wrapped_s.append(timed(wrapped, steps, sync))
         full_s = statistics.median(plain_s)
         clips = batch / full_s
-        mfu = "-"
+        mfu = None
         if cuda:
             peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
             flops = 3 * models.flops_per_clip(net, frames, img, mask_ratio)
-            mfu = f"{flops * clips / peak:.0%}" if peak else "?"
+            mfu = flops * clips / peak if peak else None
+        rows.append({"model": size, "ours_encoder_ms": ours_ms, "timm_encoder_ms": timm_ms, "full_step_ms": full_s * 1e3,
+                     "clips_per_s": clips, "mfu": mfu})
         row = [size, f"{ours_ms:.1f}", "-" if timm_ms is None else f"{timm_ms:.1f}",
-               "-" if timm_ms is None else f"{ours_ms / timm_ms:.2f}", f"{full_s * 1e3:.0f}", f"{clips:.1f}", mfu]
+               "-" if timm_ms is None else f"{ours_ms / timm_ms:.2f}", f"{full_s * 1e3:.0f}", f"{clips:.1f}",
+               f"{mfu:.0%}" if mfu is not None else "?" if cuda else "-"]
         if fsdp:
             w = statistics.median(wrapped_s)
+            rows[-1] |= {"wrapped_step_ms": w * 1e3, "wrapped_over_plain": w / full_s}
             row += [f"{w * 1e3:.0f} ({', '.join(f'{v * 1e3:.0f}' for v in wrapped_s)})", f"{w / full_s:.2f}"]
             row[4] += f" ({', '.join(f'{v * 1e3:.0f}' for v in plain_s)})"
         t.add_row(*row)
     console.print(t)
     if fsdp:
         torch.distributed.destroy_process_group()
+    return rows
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(main, serialize=lambda rows: None)      # the table is printed; fire would print the rows again

@@ -6,9 +6,10 @@ features, fitted in seconds and deterministically (finetune.py frozen wires it t
     probe = fit_logreg(train_x, train_y, groups, num_classes, seed=0)    # train_x [n, C], train_y [n],
     p = probe.scores(test_x)                #   groups [n] (the video of each row) -> Probe; p [m, classes]
     s = knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07) # [m, classes], each row sums to 1
-    names, score, truth = video_scores(videos, p, labels)   # [m] rows (views) -> [V] videos: scores averaged
-    top1, top5, predicted = accuracy(score, truth)           # % over videos, predicted [V]
-    result, truth, predicted = evaluate(train, test, num_classes)    # all of it: what eval.json holds
+    result, truth, predicted = evaluate_features(train, test, num_classes)   # all of it: what eval.json holds
+    result = run(recipe, folder, rank, world, device)   # finetune.py frozen: features of shards, cached, -> eval.json
+    head = fit_attentive(train_tokens, train_y, num_classes, seed=0)  # train_tokens [n, N, C] -> AttentiveProbe
+    p = attentive_scores(head, test_tokens)  # [m, classes]; evaluate_features runs it when both hold "tokens"
     save_features(path, source, splits); splits = load_features(path, source)   # the cache (None if stale)
 
 The probe: features standardised with the training mean/std, then softmax regression (weights W
@@ -22,19 +23,34 @@ The k-NN (DINO's weighted k-NN, as V-JEPA reports it): features centred with the
 L2-normalised; the k most cosine-similar training clips vote for their class with weight
 exp(sim / T); a row's votes are normalised to sum to 1.
 
-Both score every view of an evaluation video and average the scores per video, then rank classes
+The attentive probe (V-JEPA's frozen evaluation): a learned query cross-attends to every frozen token
+of a clip (one block: cross-attention, then an MLP, both residual), then LayerNorm and a Linear head;
+trained with AdamW on the cached tokens, from a seed, on one thread, so the same tokens give the same
+probe. A mean over tokens cancels a rotation's curl and an expansion's divergence and drops time order;
+the attentive probe can weigh tokens by where and when they are, so it reads what the encoder holds
+beyond its mean.
+
+All three score every view of an evaluation video and average the scores per video, then rank classes
 per video: the protocol of finetune.py's multi-view evaluation.
 """
 import contextlib
+import hashlib
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from mme import evaluate
+from mme import model as models
+from mme.evaluate import accuracy, class_recall, video_of, video_scores
+from mme.online import data
 
 L2_GRID = tuple(10.0 ** e for e in range(-5, 2))      # 1e-5 ... 1e1, the probe's penalties to choose from
 HELD_OUT = 0.2                                          # share of training videos that chooses l2
@@ -45,9 +61,76 @@ def clip_features(enc, video):
     return enc(video).float().mean(1)                                        # [B, N, C] -> [B, C]
 
 
-def video_of(key):
-    """'<video>_w<window>' (a sample key) -> '<video>'."""
-    return key.rsplit("_w", 1)[0]
+def frozen_encoder(r, device):
+    """The encoder in the pre-training layout (final per-token norm), loaded from r["finetune"] or randomly
+    initialised from r["seed"] (the same on every rank); frozen, eval mode. WeightsError for a bad file."""
+    torch.manual_seed(r["seed"])
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=0)
+    if r["finetune"]:
+        models.load_weights(enc, r["finetune"])
+    return enc.requires_grad_(False).eval().to(device)
+
+
+def run(r, folder, rank, world, device, knn_k=10, knn_T=0.07, attentive=True, reuse=False, say=print):
+    """The frozen evaluation of r["finetune"] (None: a random encoder) into `folder`: tokens of every training
+    clip (centre view) and every evaluation view, cached in features.pt while the weights, shards and
+    feature-related keys stay the same; the probe, the k-NN and (attentive) the attentive probe; eval.json and
+    confusion.png. Every rank calls it. reuse: an eval.json fitted from the same weights (unchanged since),
+    shards, keys and fit is read back. Returns eval.json's dict on rank 0, None elsewhere. Raises
+    FileNotFoundError / ValueError (data, labels) and WeightsError."""
+    where = r["eval_data_path"] or r["data_path"]
+    train_urls, eval_urls = data.shard_urls(r["data_path"], "train"), data.shard_urls(where, "val")
+    source = feature_source(r, train_urls, eval_urls, device) | {"tokens": bool(attentive)}
+    shards = hashlib.sha256(json.dumps([source["train"], source["eval"]]).encode()).hexdigest()   # thousands of them
+    fitted = json.loads(json.dumps({**{k: v for k, v in source.items() if k not in ("train", "eval")}, "shards": shards,
+                                    "seed": r["seed"], "num_classes": r["num_classes"], "knn_k": knn_k,
+                                    "knn_T": knn_T, "attentive": ATTENTIVE if attentive else None}))   # as eval.json reads back
+    done = [rank == 0 and reuse and same_fit(folder / "eval.json", fitted, r["finetune"])]
+    dist.broadcast_object_list(done)                        # rank 0 decides: every rank computes, or none
+    if done[0]:
+        if rank == 0:
+            say(f"{folder / 'eval.json'}: reused (the same weights, data and recipe keys)")
+        return json.loads((folder / "eval.json").read_text()) if rank == 0 else None
+    cache = folder / "features.pt"
+    splits = load_features(cache, source) if rank == 0 else None
+    cached = [splits is not None]
+    dist.broadcast_object_list(cached)
+    if cached[0]:
+        say(f"features: {cache} (cached)") if rank == 0 else None
+    else:
+        enc = frozen_encoder(r, device)
+        tick = time.perf_counter()
+        fn = (lambda video: enc(video).float()) if attentive else (lambda video: clip_features(enc, video))
+        splits = {"train": evaluate.views(fn, train_urls, dict(r, test_num_crop=1, test_num_segment=None), rank, world, device),
+                  "eval": evaluate.views(fn, eval_urls, r, rank, world, device)}   # train: centre view; eval: every view
+        if rank == 0:
+            for s in splits.values():
+                out = s.pop("outputs")
+                s["features"] = out.float().mean(1) if attentive else out
+                if attentive:
+                    s["tokens"] = out.half()
+            folder.mkdir(parents=True, exist_ok=True)
+            save_features(cache, source, splits)
+            say(f"features: {len(splits['train']['keys'])} train clips, {len(splits['eval']['keys'])} eval views in "
+                f"{time.perf_counter() - tick:.0f} s -> {cache}")
+    if rank:
+        return None
+    result, truth, predicted = evaluate_features(splits["train"], splits["eval"], r["num_classes"], r["seed"], knn_k, knn_T, device)
+    result = {"protocol": "frozen", **result, "top1": result["probe"]["top1"], "top5": result["probe"]["top5"],
+              "weights": r["finetune"], "data": str(where), "fitted_from": fitted}
+    evaluate.write(folder, result, truth, predicted, r["num_classes"], evaluate.class_names(r))
+    return result
+
+
+def same_fit(path, fitted, weights):
+    """Whether the eval.json at `path` was fitted from `fitted` (weights, shards, recipe keys, fit) and
+    is newer than the weights file."""
+    try:
+        done = json.loads(path.read_text())
+        newer = not weights or path.stat().st_mtime_ns > Path(weights).stat().st_mtime_ns
+    except (OSError, ValueError):
+        return False
+    return newer and done.get("fitted_from") == fitted
 
 
 # --- the logistic-regression probe --------------------------------------------------------------
@@ -149,6 +232,71 @@ def _fit_logreg(x, train_y, groups, num_classes, seed, grid):
     return Probe(mean, std, w, b, l2, held_out)
 
 
+# --- the attentive probe -----------------------------------------------------------------------
+
+class AttentiveProbe(torch.nn.Module):
+    """tokens [B, N, C] -> logits [B, classes]: a learned query cross-attends to the (layer-normed) tokens,
+    then an MLP, then LayerNorm + Linear (V-JEPA's AttentiveClassifier, one block). The tokens are not
+    standardised per channel (the logistic probe's way): an encoder's tokens come out of its final LayerNorm,
+    and per-channel standardisation raises its quiet channels to the level of the informative ones (measured:
+    40 against 49 % top-1 on the quick start's encoder)."""
+
+    def __init__(self, dim, num_classes, heads):
+        super().__init__()
+        self.heads = heads
+        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.norm3 = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, tokens):
+        B, N, C = tokens.shape
+        x = self.norm1(tokens.float())
+        k, v = self.kv(x).view(B, N, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)   # [B, h, N, C/h] each
+        q = self.q(self.query).view(1, 1, self.heads, C // self.heads).transpose(1, 2).expand(B, -1, -1, -1)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, C)
+        y = self.query + self.proj(y)                                          # [B, 1, C]
+        y = y + self.mlp(self.norm2(y))
+        return self.head(self.norm3(y[:, 0]))
+
+
+ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100, "version": 2}   # fixed, not tuned per run
+
+
+def fit_attentive(train_tokens, train_y, num_classes, seed=0, steps=ATTENTIVE["steps"], batch=ATTENTIVE["batch"],
+                  lr=ATTENTIVE["lr"], weight_decay=ATTENTIVE["weight_decay"], warmup=ATTENTIVE["warmup"], device=None):
+    """train_tokens [n, N, C] (a clip view per row), train_y [n] -> AttentiveProbe in eval mode: AdamW,
+    linear warm-up then cosine to 0, batches drawn from the seed; one thread on a CPU (deterministic)."""
+    x = train_tokens.to(device or "cpu")
+    y = torch.as_tensor(train_y, dtype=torch.long, device=x.device)
+    C = x.shape[-1]
+    with one_thread() if x.device.type == "cpu" else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = AttentiveProbe(C, num_classes, max(1, C // 64)).to(x.device)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        order = np.random.default_rng([seed, 9])
+        for step in range(steps):
+            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            idx = torch.from_numpy(order.choice(len(y), min(batch, len(y)), replace=False)).to(x.device)
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def attentive_scores(head, tokens, chunk=256):
+    """tokens [m, N, C] -> softmax probabilities [m, classes], float64."""
+    device = head.query.device
+    return torch.cat([torch.softmax(head(part.to(device)).double(), -1) for part in tokens.split(chunk)])
+
+
 # --- k-NN ---------------------------------------------------------------------------------------
 
 def knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07):
@@ -171,31 +319,12 @@ def knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07):
 
 # --- per video ----------------------------------------------------------------------------------
 
-def video_scores(videos, scores, labels):
-    """videos [m] (the video of each row, e.g. video_of(key)), scores [m, classes], labels [m] ->
-    (names [V] sorted, score [V, classes] = the mean over a video's rows, truth [V] long)."""
-    names = sorted(set(videos))
-    row_of = {name: i for i, name in enumerate(names)}
-    index = torch.tensor([row_of[v] for v in videos], dtype=torch.long)     # [m]
-    scores = scores.double().cpu()
-    total = torch.zeros(len(names), scores.shape[1], dtype=torch.float64).index_add_(0, index, scores)
-    count = torch.bincount(index, minlength=len(names))                     # views per video [V]
-    truth = torch.zeros(len(names), dtype=torch.long)
-    truth[index] = torch.as_tensor(labels, dtype=torch.long).cpu()
-    return names, total / count[:, None], truth
-
-
-def accuracy(score, truth):
-    """score [V, classes], truth [V] -> (top-1 %, top-5 %, predicted class [V])."""
-    top = score.topk(min(5, score.shape[1]), dim=1).indices                  # [V, 5]
-    hit = top == truth[:, None]
-    return hit[:, 0].double().mean().item() * 100, hit.any(1).double().mean().item() * 100, top[:, 0]
-
-
-def evaluate(train, test, num_classes, seed=0, k=10, T=0.07, device=None):
+def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=None):
     """train: {"keys" [n] clip keys, "features" [n, C], "labels" [n]} (a view per clip), test: the same
     for every view of the evaluation videos -> (result, truth [V], the probe's predicted class [V]);
-    result: {"videos", "views", "probe": {"top1", "top5", "l2"}, "knn": {"top1", "top5", "k"}}."""
+    result: {"videos", "views", "probe": {"top1", "top5", "l2", "recall"}, "knn": {..., "k"}}, and
+    "attentive": {"top1", "top5", "recall", "steps"} when both hold "tokens" [n, N, C]; "recall" is each
+    class's recall % over its videos (None for a class with no evaluation video)."""
     train_y = torch.as_tensor(train["labels"], dtype=torch.long)
     if len(train_y) == 0 or bool((train_y < 0).any()) or bool((train_y >= num_classes).any()):
         raise ValueError(f"training labels must be in [0, {num_classes}) (shards without labels give -1)")
@@ -206,11 +335,14 @@ def evaluate(train, test, num_classes, seed=0, k=10, T=0.07, device=None):
     result = {"videos": len(set(videos)), "views": len(videos)}
     methods = {"probe": (probe.scores(test_x), {"l2": probe.l2}),                       # scores [m, classes]
                "knn": (knn_scores(train_x, train_y, test_x, num_classes, k, T), {"k": k})}
+    if "tokens" in train and "tokens" in test:
+        head = fit_attentive(train["tokens"], train_y, num_classes, seed, device=device)
+        methods["attentive"] = (attentive_scores(head, test["tokens"]), {"steps": ATTENTIVE["steps"]})
     predicted = {}
     for name, (scores, extra) in methods.items():
         _, score, truth = video_scores(videos, scores, test["labels"])
         top1, top5, predicted[name] = accuracy(score, truth)
-        result[name] = {"top1": top1, "top5": top5, **extra}
+        result[name] = {"top1": top1, "top5": top5, **extra, "recall": class_recall(truth, predicted[name], num_classes)}
     return result, truth, predicted["probe"]
 
 
@@ -238,7 +370,8 @@ def save_features(path, source, splits):
     tmp = Path(f"{path}.{os.getpid()}.tmp")                                 # a killed run leaves no half a cache
     torch.save({"source": json.dumps(source, sort_keys=True),
                 **{name: {"keys": list(s["keys"]), "features": s["features"].float().cpu(),
-                          "labels": torch.as_tensor(s["labels"], dtype=torch.long)} for name, s in splits.items()}},
+                          "labels": torch.as_tensor(s["labels"], dtype=torch.long),
+                          **({"tokens": s["tokens"].half().cpu()} if "tokens" in s else {})} for name, s in splits.items()}},
                tmp)
     os.replace(tmp, path)
 

@@ -21,13 +21,13 @@ checkpoint layout we keep exactly so released VideoMAE/MME weights load and ours
     flops = flops_per_clip(model, 16, 224, mask_ratio=0.7)     # analytic forward FLOPs, for MFU
 
 Tokens. A token is a tubelet of 2 frames x 16 x 16 pixels, embedded by a Conv3d with stride = kernel;
-tokens are ordered (t, h, w), N = T/2 * (S/16)^2 (as mme/targets.py). Positions are VideoMAE's fixed
+tokens are ordered (t, h, w), N = T/2 * (S/16)^2 (as mme/online/targets.py). Positions are VideoMAE's fixed
 1-D sinusoid table over that flattened order (no learned position, no cls token), so it is a
 non-persistent buffer and never appears in a state_dict.
 
 Masking (§3, "follow MAE to only feed the unmasked patches"): the encoder embeds the visible tubelets
 only (the Conv3d's weights as a Linear on them: the same numbers, a tenth of the work at ratio 0.9;
-every sample of a batch must mask the same count, as mme.targets.tube_mask guarantees) and runs its
+every sample of a batch must mask the same count, as mme.online.targets.tube_mask guarantees) and runs its
 blocks on them only. The decoder gets the projected visible features followed by one mask token per
 masked token, each with its decoder position, and predicts the masked tokens only.
 
@@ -280,7 +280,7 @@ class PretrainModel(nn.Module):
     Decoder: the paper's best is one joint decoder of depth 1 (Table 12: 1 block beats 2 blocks and
     two separate decoders); width 192 and 6 heads are the authors' code. The authors' code ends it with
     two heads (HOG through a sigmoid, trajectory through a tanh) and averages two MSEs; we use one
-    Linear head on the patch-normalised target (mme.targets: position part then shape part), whose
+    Linear head on the patch-normalised target (mme.online.targets: position part then shape part), whose
     values are unbounded, so no squashing. state_dict: encoder.*, encoder_to_decoder.weight,
     mask_token, decoder.{blocks, norm, head}.* (VideoMAE's names)."""
 
@@ -337,7 +337,7 @@ def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0):
     batch, so tokens with weight 0 neither count nor dilute. (Eq. 7 as printed divides by the number
     of patches N_p instead.) All weights 0 gives 0 (with a graph, so backward works).
 
-    widths: None, or the target's part widths (mme.targets.mme_parts: position, shape; the recipe's
+    widths: None, or the target's part widths (mme.online.targets.mme_parts: position, shape; the recipe's
       loss_balance): each part of the target is divided by its rms over the batch (part_rms), so the
       model predicts it in those units, and a token's error is the mean of the parts' MSEs (the
       authors' code averages the two parts' MSEs). Without patch norm raw HOG is ~30x smaller than
@@ -473,6 +473,42 @@ def load_backbone(model, checkpoint):
     return skipped
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be used for what was asked: one line, naming the file and what to do."""
+
+
+CLASSIFIER = "a classifier checkpoint (model.pth of finetune.py probe or full, or a released fine-tuned one)"
+
+
+def check_weights(path, need_head=False):
+    """Before any work: WeightsError if `path` (not None) is not a file, saying where weights come from."""
+    if path and not Path(path).is_file():
+        what = "is a folder, not a weights file" if Path(path).is_dir() else "does not exist"
+        if need_head:
+            raise WeightsError(f"finetune {path} {what}: eval needs {CLASSIFIER}")
+        raise WeightsError(f"finetune {path} {what}: run pretrain.py first (python pretrain.py --recipe recipes/tiny.yaml "
+                           f"writes runs/tiny/encoder.pth), point --finetune at a pre-trained encoder, or use "
+                           f"--finetune null for a random one (the baseline)")
+
+
+def load_weights(model, path, need_head=False):
+    """load_backbone(model, path) with one-line WeightsErrors: an unreadable file, a mismatched backbone, or
+    (need_head: eval) a checkpoint without a head of this model's classes. Returns the keys not loaded."""
+    import pickle
+    before = {k: v.clone() for k, v in model.head.state_dict().items()} if need_head else {}
+    try:
+        skipped = load_backbone(model, path)
+    except pickle.UnpicklingError:
+        raise WeightsError(f"finetune {path}: not a checkpoint of tensors that torch.load(weights_only=True) reads") from None
+    except (OSError, KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
+        raise WeightsError(f"finetune {path}: {' '.join(str(e).split())[:300]}") from None
+    if need_head and all(torch.equal(v, model.head.state_dict()[k]) for k, v in before.items()):
+        why = "its head has another number of classes" if any("head." in k for k in skipped) else \
+            "it has no head (an encoder such as pretrain.py's encoder.pth?)"
+        raise WeightsError(f"finetune {path}: {why}; eval needs {CLASSIFIER} for num_classes {model.num_classes}")
+    return skipped
+
+
 def _strip(key):
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
@@ -507,7 +543,7 @@ def flops_per_clip(model, num_frames=None, img_size=None, mask_ratio=0.0, mask_t
 
     Counts the matmuls and attention, which are all but ~1% of the work; LayerNorm, softmax, GELU,
     residual adds and the position add are left out. With N = T/2 * (S/16)^2 tokens of which N_v
-    are visible (tube masking: round(ratio * h * w) masked per time step, as mme.targets.tube_mask;
+    are visible (tube masking: round(ratio * h * w) masked per time step, as mme.online.targets.tube_mask;
     'random': round(ratio * N)), encoder width C and depth L:
       patch embedding (the N_v visible tokens)     2 * N_v * (3*2*16*16) * C
       encoder blocks                                L * [(8 + 4*4) N_v C^2 + 4 N_v^2 C]

@@ -8,6 +8,7 @@ Overrides, later wins:   DEFAULTS  <-  the YAML file (recipes/*.yaml)  <-  keywo
 
     r = load("recipes/ssv2.yaml")                      # the paper's SSv2 pre-training (Table 14)
     r = load("recipes/tiny.yaml", epochs=1)             # what `pretrain.py --recipe ... --epochs 1` does
+    r, note = with_min_steps(r, steps_per_epoch)        # epochs raised to reach min_steps on a small dataset
     peak = lr(r, world_batch=r["batch_size"])           # base_lr * batch / 256 (Appendix D)
     (run_dir / "recipe.yaml").write_text(dump(r))       # load() reads it back to the same dict
 
@@ -38,8 +39,8 @@ DEFAULTS = {
     "target": "mme",              # Table 5: 'mme' (trajectories, ours), 'pixel' (VideoMAE), 'hog' (MaskFeat) baselines; 'none' for fine-tuning (labels only)
     "trajectory_length": 6,       # L raw frames tracked (Table 7: 6 best; the authors' script uses 4); must match the shards
     "interpolation": True,        # Table 6: predict the trajectory at every raw frame (True) or only at the input stride (False)
-    "trajectory_density": "dense",  # Table 9: all K=4 trajectories of a patch ('dense'), or merged into one by 'mean' or 'max'
-    "patch_norm": True,           # Table 8: standardise targets over the K trajectories of each patch (+2.0)
+    "trajectory_density": "dense",  # Table 9: all K=4 trajectories of a patch ('dense'), merged into one by 'mean' or 'max', or 'mean+relative': the mean path and the K paths relative to it, two balanced parts (mme/online/targets.py)
+    "patch_norm": "paper",        # Table 8: 'paper' standardises each target part over the K trajectories of a patch (+2.0); 'authors' their code's PatchStd (per step and coordinate across the K: the common motion removed); 'none' raw (true/false read as paper/none)
     "shape_target": True,         # Table 5: predict trajectory-aligned HOG (eq. 5) too; False = "Traj. w/o shape" (-0.6)
     "loss_balance": False,        # loss: each target part's MSE over its mean square in the batch, parts averaged (the authors' code averages the two parts' MSEs); False = eq. 1 as implemented, the MSE over all D values
     "loss_visible": 0.0,          # loss: weight of the same loss on the visible tokens (0 = the paper: masked tokens only); docs/results.md, "what makes it learn"
@@ -59,6 +60,7 @@ DEFAULTS = {
     # --- optimisation (Table 14; AdamW, cosine decay after a linear warmup) ---
     "epochs": 800,                # Table 1/2: 800-epoch pre-training (Appendix D: 400 for the UCF101/HMDB51 transfer)
     "warmup_epochs": 40.0,        # Table 14 (a fraction of an epoch is fine: short runs)
+    "min_steps": 0,               # at least this many optimizer steps: on a smaller dataset epochs (and warmup_epochs with them) are raised to reach it, said at the start; 0: epochs decide (not in the paper)
     "base_lr": 1.5e-4,            # Table 14; the peak lr is base_lr * batch_size / 256 (Appendix D), see lr()
     "min_lr": 1e-5,               # end of the cosine decay, scaled by batch_size / 256 like base_lr, as VideoMAE does: lr(r, b, "min_lr")
     "weight_decay": 0.05,         # Table 14
@@ -108,7 +110,8 @@ MODELS = ("tiny", "small", "base", "large")    # ViT-T/S/B/L: widths 192/384/768
 CHOICES = {
     "mask_type": ("tube", "random"),
     "target": ("mme", "pixel", "hog", "none"),
-    "trajectory_density": ("dense", "mean", "max"),
+    "trajectory_density": ("dense", "mean", "max", "mean+relative"),
+    "patch_norm": ("paper", "authors", "none"),
     "model": MODELS,
     "precision": ("auto", "fp32", "bf16"),
 }
@@ -195,6 +198,21 @@ def _show(literal):
 def dump(recipe):
     """YAML text of a recipe (saved next to a run's metrics); load() of it gives the recipe back."""
     return yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=None, width=1000)
+
+
+def with_min_steps(recipe, steps_per_epoch):
+    """(recipe, note): the recipe with epochs raised so that the schedule has at least min_steps optimizer
+    steps (warmup_epochs scaled by the same factor, so the warm-up keeps its share), and the line that says
+    so (None when epochs already reach it). A copy; the argument is left as it is."""
+    r = dict(recipe)
+    planned = r["epochs"] * steps_per_epoch
+    if not r["min_steps"] or planned >= r["min_steps"]:
+        return r, None
+    epochs = -(-r["min_steps"] // steps_per_epoch)                      # ceil: whole epochs
+    r["warmup_epochs"] = r["warmup_epochs"] * epochs / r["epochs"]
+    r["epochs"] = epochs
+    return r, (f"{steps_per_epoch} steps an epoch: epochs raised from {recipe['epochs']} to {epochs} "
+               f"({epochs * steps_per_epoch} steps) to reach min_steps {r['min_steps']}, warm-up {r['warmup_epochs']:g} epochs")
 
 
 def lr(recipe, world_batch, key="base_lr"):
@@ -302,6 +320,10 @@ def _convert(value, spec, cli):
 
 
 def _typed(source, key, value, cli):
+    if key == "patch_norm" and isinstance(value, bool):          # recipes written before 'authors' existed
+        return "paper" if value else "none"
+    if key == "patch_norm" and cli and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return "paper" if value.strip().lower() == "true" else "none"
     nullable = DEFAULTS[key] is None
     if nullable and (value is None or (cli and isinstance(value, str) and value.strip().lower() in ("none", "null", "~"))):
         return None
@@ -351,6 +373,9 @@ def _check(r, where, home):
         bad("test_num_segment", "test_num_segment must be a positive number of clip windows (or none: every one)")
     if r["depth"] is not None and r["depth"] < 1:
         bad("depth", "depth must be a positive number of blocks (or none: the model size's)")
+    if r["patch_norm"] == "authors" and r["target"] == "mme" and r["trajectory_density"] != "dense":
+        bad("patch_norm trajectory_density", "patch_norm 'authors' standardises across the K trajectories of a patch, "
+            "so it needs trajectory_density 'dense' (one merged trajectory would be all zeros)")
     if r["loss_visible"] < 0:
         bad("loss_visible", "loss_visible must be >= 0 (0: the loss on masked tokens only, as the paper)")
     for key in positive.split():
@@ -368,6 +393,8 @@ def _check(r, where, home):
         bad("log_seconds", "log_seconds must be positive")
     if r["num_workers"] < 0:
         bad("num_workers", "num_workers must be >= 0")
+    if r["min_steps"] < 0:
+        bad("min_steps", "min_steps must be >= 0 (0: the epochs decide the number of steps)")
     if not 0 <= r["warmup_epochs"] <= r["epochs"]:
         bad("warmup_epochs epochs", "warmup_epochs must be in [0, epochs]")
     if r["batch_size"] % r["accum_steps"]:

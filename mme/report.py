@@ -1,15 +1,14 @@
-"""The report of a pre-training run (finetune.py report wires it): what a predict-the-mean model's loss
-is, which ablation runs exist beside it, and report.md, the page a newcomer reads.
+"""The report of a pre-training run (finetune.py report wires it): report.md, the page a newcomer reads,
+with this run against a random encoder of its architecture first, and what a predict-the-mean model's
+loss would be.
 
-    floor = mean_loss(batches, widths, visible)   # batches: loader dicts (target [B, N, D], mask, weight
-                                                  #   [B, N]) -> the loss of predicting the mean target
-    floor, label = loss_floor(run, recipe, samples)   # the same over a run's first training clips, cached
-    name = trajectory_figure(run, recipe, rank, world, device)   # Fig. 4 on validation clips -> its file name
-    rows = ablation_rows(runs, ledger)           # runs/ablate/headline/<row>/s<seed>/frozen/eval.json, else
-                                                 #   the ledger (docs/ablate_cells.jsonl) -> rows
-    tuned = finetune_rows(runs, ledger)          # runs/ablate/**/s<seed>/finetune/eval.json (or ledger) -> rows
-    text = markdown(run, recipe, this, random, ...)   # report.md
-    cells = table_cells(text)                    # {row label: [cell, ...]} of report.md's accuracy table
+    write(run, pre, r, this, random, floor_samples, rank, world, device)   # -> runs/<run>/report.md (+ figures)
+    floor, label = loss_floor(run, recipe, samples)   # the loss of predicting the mean target, cached
+    floor = mean_loss(batches, widths, visible)        # batches: loader dicts -> (loss, mean target [N, D])
+    text = markdown(run, pre, steps, this, random, ...)  # report.md's text
+    others = same_recipe_runs(run, pre)                # other pre-trainings of this recipe (seeds) with a frozen eval
+    cells = table_cells(text)                          # {row label: [cell, ...]} of report.md's tables
+    print_frozen(result, name)                          # a frozen evaluation's table on the console
 
 The loss floor: for each token position n, the mean over the samples of the target as the loss sees
 it (each part divided by its rms over the batch with loss_balance, mme.model.part_rms; weighted by the
@@ -17,30 +16,29 @@ loader's 0/1 token weights), predicted for every clip; its mme.model.mme_loss pe
 plus loss_visible x the visible ones), averaged over the batches. A model that has learnt nothing about
 the clip it sees cannot do better per position; the training loss below that line is learnt motion.
 
-An ablation row is the mean ± std over the seeds found (bench/ablate.py's cells, each its own pre-training
-and frozen evaluation), dated by its newest eval.json: they are other runs than the reported one. A cell
-whose folder is not on this machine is read from bench/ablate.py's ledger (docs/ablate_cells.jsonl, kept
-in git), where made with ablate.py's default recipes; the report says which seeds come from where.
+Other runs of the same recipe (the run folders beside this one whose recipe.yaml differs only in name,
+seed or output_dir, and that have their own frozen/eval.json) go in a separate, labelled table: they are
+other pre-trainings, shown with the seeds found, never mixed into this run's row.
 """
 import json
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.table import Table
 
-from mme import data, model, targets, viz
+from mme import evaluate, figures, model
+from mme import recipe as recipes
+from mme.online import data, targets
+from mme.progress import console
 from mme.train import autocast, checkpoints, load_checkpoint, verify_checkpoint
 
 TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat)"}
-# bench/ablate.py's headline rows: (folder, label); a folder is ablate.slug(label) (tests/test_ablate.py holds the two equal)
-HEADLINE_ROWS = (("random_encoder", "random encoder"), ("mme_trajectory", "MME (trajectory)"),
-                 ("pixel_videomae", "pixel (VideoMAE)"), ("hog_maskfeat", "HOG (MaskFeat)"))
-# the recipes of bench/ablate.py's cells when it runs with its defaults (those the report reads from the ledger)
-ABLATE_RECIPES = {"pretrain": "recipes/learn_tiny.yaml", "frozen": "recipes/probe_tiny.yaml",
-                  "finetune": "recipes/finetune_learn_tiny.yaml"}
+ARCHITECTURE = ("model", "depth", "num_frames", "input_size")    # what the frozen evaluations take from the run
+SEED_LIKE = ("name", "seed", "output_dir", "resume", "wandb", "log_every", "log_seconds", "save_every", "num_workers", "device")
+READOUTS = (("probe", "linear probe (mean token)"), ("knn", "k-NN (mean token)"), ("attentive", "attentive probe (all tokens)"))
 
 
 def balanced(target, weight, widths):
@@ -73,8 +71,7 @@ def mean_loss(batches, widths=None, visible=0.0):
 
 
 def summary(values):
-    """'35.0' for one value, '35.0 ± 2.1' (sample std) for more; '–' where a value is missing (the
-    ledger keeps top-5 only for cells recorded from their eval.json)."""
+    """'35.0' for one value, '35.0 ± 2.1' (sample std) for more; '–' where a value is missing."""
     if not values or any(v is None for v in values):
         return "–"
     mean = statistics.fmean(values)
@@ -85,72 +82,70 @@ def day(seconds):
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
 
 
-def ablation_cells(runs, part, ledger=None):
-    """{"ablate/<table>/<row>/s<seed>": (scores, date, source)} of bench/ablate.py's finished `part`
-    ("frozen" or "finetune") evaluations: runs/ablate/<table>/<row>/s<seed>/<part>/eval.json, else the
-    line of `ledger` (docs/ablate_cells.jsonl: the scores of cells run on other machines) for the same
-    cell made with ablate.py's default recipes and no --override. source: "run" or the ledger's commit."""
-    cells = {}
-    if ledger is not None and Path(ledger).exists():
-        for line in Path(ledger).read_text().splitlines():
-            e = json.loads(line) if line.strip() else {}
-            if e.get("part") == part and e["recipe"] == ABLATE_RECIPES["pretrain"] and e["by"] == ABLATE_RECIPES[part] \
-                    and not e["override"]:
-                cells[e["cell"]] = (e["scores"], e["date"], e["commit"])
-    for p in sorted((runs / "ablate").glob(f"*/*/s*/{part}/eval.json")):
-        if re.fullmatch(r"s\d+", p.parent.parent.name):
-            cells["/".join(("ablate", *p.parts[-5:-2]))] = (json.loads(p.read_text()), day(p.stat().st_mtime), "run")
-    return cells
-
-
-def _row(label, found, ledger):
-    """One table row from [(seed, (scores, date, source))]: its results, seeds, newest date, and where
-    the scores come from."""
-    found = sorted(found)
-    commits = sorted({src for _, (_, _, src) in found if src != "run"})
-    here = sum(src == "run" for _, (_, _, src) in found)
-    where = (f"{here} run folder(s) here" if here else "") + (", " if here and commits else "") + \
-        (f"{len(found) - here} from {ledger} (commit {', '.join(commits)})" if commits else "")
-    return {"label": label, "results": [s for _, (s, _, _) in found], "seeds": [k for k, _ in found],
-            "date": max(d for _, (_, d, _) in found), "where": where}
-
-
-def ablation_rows(runs, ledger=None):
-    """The headline rows bench/ablate.py has finished (ablation_cells, frozen part; runs/ablate/headline
-    or the ledger): [{label, results (eval.json dicts, by seed), seeds, date, where}]; rows without a
-    finished seed are left out."""
-    cells, rows = ablation_cells(runs, "frozen", ledger), []
-    for folder, label in HEADLINE_ROWS:
-        found = [(int(m[1]), v) for c, v in cells.items() if (m := re.fullmatch(rf"ablate/headline/{folder}/s(\d+)", c))]
-        if found:
-            rows.append(_row(label, found, ledger))
-    return rows
-
-
-def finetune_rows(runs, ledger=None):
-    """Fine-tuning cells (ablation_cells, finetune part): [{label "<table>/<row>", results, seeds, date,
-    where}], one per <table>/<row>."""
-    groups = {}
-    for c, v in ablation_cells(runs, "finetune", ledger).items():
-        _, table, row, seed = c.split("/")
-        groups.setdefault(f"{table}/{row}", []).append((int(seed[1:]), v))
-    return [_row(label, found, ledger) for label, found in sorted(groups.items())]
-
-
 def headline(target, this, random):
     """'MME 35.0 % vs random 6.0 % top-1 (frozen probe, 100 videos)'."""
     return (f"{TARGET_NAMES.get(target, target)} {this['probe']['top1']:.1f} % vs random {random['probe']['top1']:.1f} % "
             f"top-1 (frozen probe, {this['videos']} videos)")
 
 
-def markdown(run, recipe, steps, this, random, dates, commands, floor_label, figure, ablation, tuned, num_classes):
-    """report.md. run: the run folder; recipe: its recipe.yaml; steps: how many it ran; this / random:
-    the frozen evaluations' eval.json; dates: {"run", "this", "random"} strings; commands: {"report"};
-    floor_label: what the loss curve's dashed line is (None: no line); figure: the Fig. 4 file name, or
-    why there is none; ablation / tuned: ablation_rows / finetune_rows."""
+def same_recipe_runs(run, pre):
+    """[(run folder, eval.json of its frozen/)] of the other pre-training runs beside `run` whose recipe equals
+    `pre` but for SEED_LIKE keys, and which have a frozen evaluation of their encoder."""
+    found = []
+    for other in sorted(Path(run).parent.iterdir()):
+        if other.resolve() == Path(run).resolve() or not (other / "recipe.yaml").is_file():
+            continue
+        try:
+            theirs = recipes.load(str(other / "recipe.yaml"))
+            result = json.loads((other / "frozen" / "eval.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if all(theirs[k] == pre[k] for k in pre if k not in SEED_LIKE):
+            found.append((other, result))
+    return found
+
+
+def readout_rows(label, results, seeds, date):
+    """Table rows (one per read-out present) of frozen evaluations: mean ± std over `results`."""
+    rows = []
+    for key, name in READOUTS:
+        if all(key in x for x in results):
+            rows.append(f"| {label} | {name} | {summary([x[key]['top1'] for x in results])} | "
+                        f"{summary([x[key].get('top5') for x in results])} | {seeds} | {date} |")
+    return rows
+
+
+def recall_table(this, random, names):
+    """Per-class recall % of each read-out, this run and the random encoder (and per family for the built-in
+    synthetic classes)."""
+    from mme.offline import synthetic
+    keys = [k for k, _ in READOUTS if k in this and "recall" in this[k]]
+    if not keys or not names:
+        return []
+    head = "| class | " + " | ".join(f"{dict(READOUTS)[k].split(' (')[0]} (this run) | random" for k in keys) + " |"
+    out = ["## Recall per class", "", head, "|---|" + "---:|---:|" * len(keys)]
+    for c, name in enumerate(names):
+        cells = [f"{this[k]['recall'][c]:.0f} | {random[k]['recall'][c]:.0f}" if this[k]["recall"][c] is not None else "– | –"
+                 for k in keys]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if list(names) == list(synthetic.CLASSES):
+        out += ["", "Mean recall per motion family of the built-in classes:", "",
+                "| family | " + " | ".join(f"{dict(READOUTS)[k].split(' (')[0]} (this run) | random" for k in keys) + " |",
+                "|---|" + "---:|---:|" * len(keys)]
+        for family, members in synthetic.FAMILIES.items():
+            idx = [synthetic.CLASSES.index(m) for m in members]
+            mean = lambda res, k: statistics.fmean(res[k]["recall"][i] for i in idx)
+            out.append(f"| {family} | " + " | ".join(f"{mean(this, k):.0f} | {mean(random, k):.0f}" for k in keys) + " |")
+    return out + [""]
+
+
+def markdown(run, recipe, steps, this, random, dates, command, floor_label, figure, others, num_classes, names=None):
+    """report.md. run: the run folder; recipe: its recipe.yaml; steps: how many it ran; this / random: the frozen
+    evaluations' eval.json; dates: {"run", "this", "random"}; command: the report's command line; floor_label:
+    what the loss curve's dashed line is (None: no line); figure: the Fig. 4 file name, or why there is none;
+    others: same_recipe_runs(run, recipe); names: class names."""
     target = recipe["target"]
     name = TARGET_NAMES.get(target, target)
-    knn = this["knn"]["k"]
     keys = ("target", "model", "depth", "data_path", "batch_size", "input_size", "num_frames", "mask_ratio",
             "loss_balance", "loss_visible", "patch_norm", "trajectory_density", "seed")   # what a reader compares runs by
     out = [f"# {run.name}: {headline(target, this, random)}", "",
@@ -161,45 +156,26 @@ def markdown(run, recipe, steps, this, random, dates, commands, floor_label, fig
            "| " + " | ".join(str(recipe.get(k)) for k in keys) + " |", "",
            "Reproduce it:", "", "```bash",
            f"python pretrain.py --recipe {run / 'recipe.yaml'}   # the recipe as run (on another machine, or with --name NEW)",
-           commands["report"], "```", "",
+           command, "```", "",
            "## Does the encoder know the motion classes?", "",
-           f"Frozen features of the validation videos ({this['videos']} videos, {this['views']} views, `{this['data']}`): "
-           f"a logistic-regression probe and a {knn}-NN on the encoder's mean token, the encoder untouched "
-           f"(`finetune.py frozen`, mme/frozen.py). The random encoder is the same architecture, untrained "
-           f"(seed {random.get('fitted_from', {}).get('weights', {}).get('seed', '?')}). Chance is {100 / num_classes:.0f} %.", "",
-           f"| encoder | frozen probe top-1 % | frozen probe top-5 % | {knn}-NN top-1 % | seeds | date |",
-           "|---|---:|---:|---:|---:|---|",
-           f"| {name} (this run) | {this['probe']['top1']:.1f} | {this['probe']['top5']:.1f} | {this['knn']['top1']:.1f} "
-           f"| 1 | {dates['this']} |",
-           f"| random encoder | {random['probe']['top1']:.1f} | {random['probe']['top5']:.1f} | {random['knn']['top1']:.1f} "
-           f"| 1 | {dates['random']} |"]
-    for row in ablation:
-        res = row["results"]
-        out.append(f"| {row['label']} (ablation runs) | {summary([x['probe']['top1'] for x in res])} | "
-                   f"{summary([x['probe'].get('top5') for x in res])} | {summary([x['knn']['top1'] for x in res])} | "
-                   f"{len(res)} ({', '.join(map(str, row['seeds']))}) | {row['date']} |")
+           f"Frozen features of the validation videos ({this['videos']} videos, {this['views']} views, `{this['data']}`), "
+           f"the encoder untouched (`finetune.py frozen`, mme/frozen.py): a logistic-regression probe and a "
+           f"{this['knn']['k']}-NN on the mean token, and an attentive probe (a learned query attending to every token) "
+           f"where it ran. The random encoder is the same architecture, untrained. Chance is {100 / num_classes:.0f} %.", "",
+           "| encoder | read-out | top-1 % | top-5 % | seeds | date |", "|---|---|---:|---:|---|---|"]
+    out += readout_rows(f"{name} (this run)", [this], str(recipe["seed"]), dates["this"])
+    out += readout_rows("random encoder", [random], "–", dates["random"])
     out.append("")
-    if ablation:
-        out += ["Rows marked *ablation runs* are other pre-trainings, not this run, with another recipe unless this run's "
-                f"is `{ABLATE_RECIPES['pretrain']}`: bench/ablate.py's headline cells (pre-trained by that recipe, scored "
-                f"by `{ABLATE_RECIPES['frozen']}` on its own shards) "
-                "under `runs/ablate/headline/`, or where a cell's folder is not on this machine its scores as "
-                "recorded in bench/ablate.py's ledger, `docs/ablate_cells.jsonl` (mean ± std over the seeds found, "
-                "listed in brackets; dated by their newest eval.json or ledger line), made by "
-                "`python bench/ablate.py --only headline`; `python bench/ablate.py --only headline --seeds 3` "
-                "completes every row to seeds 0-2. Where each row's seeds come from: "
-                + "; ".join(f"{row['label']}: {row['where']}" for row in ablation) + ".", ""]
-    else:
-        out += ["No ablation runs yet (`python bench/ablate.py --only headline --seeds 3` adds their rows).", ""]
-    if tuned:
-        out += ["Fine-tuning (ablation runs, mean ± std over seeds; `python bench/ablate.py --only headline` "
-                "fine-tunes its cells with recipes/finetune_learn_tiny.yaml):", "",
-                "| cell | fine-tuned top-1 % | top-5 % | seeds | date |", "|---|---:|---:|---:|---|"]
-        out += [f"| {row['label']} | {summary([x['top1'] for x in row['results']])} | "
-                f"{summary([x.get('top5') for x in row['results']])} | {len(row['results'])} | {row['date']} |" for row in tuned]
-        out += ["", "Where they come from: " + "; ".join(f"{row['label']}: {row['where']}" for row in tuned) + ".", ""]
-    else:
-        out += ["fine-tuning rows: none run yet", ""]
+    if others:
+        seeds = ", ".join(str(recipes.load(str(o / "recipe.yaml"))["seed"]) for o, _ in others)
+        out += ["### Other pre-trainings of this recipe", "",
+                f"Not this run: the run folders beside it with the same recipe but for the seed ({', '.join(o.name for o, _ in others)}), "
+                "each with its own frozen evaluation; mean ± std over them.", "",
+                "| encoder | read-out | top-1 % | top-5 % | seeds | date |", "|---|---|---:|---:|---|---|"]
+        out += readout_rows(f"{name} (other runs)", [r for _, r in others], seeds,
+                            max(day((o / "frozen" / "eval.json").stat().st_mtime) for o, _ in others))
+        out.append("")
+    out += recall_table(this, random, names)
     out += ["## The loss", "", "![loss](loss.png)", ""]
     if floor_label:
         out += [f"The dashed line: {floor_label}.", ""]
@@ -245,26 +221,71 @@ def loss_floor(run, pre, samples, note=print):
 
 
 def trajectory_figure(run, pre, rank, world, device, note=print):
-    """Fig. 4 of the run for validation clips (mme.viz.run_figure): its trajectories.png if pretrain.py drew
-    them, else redrawn there from the run's newest good checkpoint (every rank loads it). Returns the file's
-    name, or a line saying why there is none."""
+    """Fig. 4 of the run for validation clips: its trajectories.png if pretrain.py drew them, else redrawn there
+    from the run's newest good checkpoint (every rank loads it). Returns the file's name, or a line saying why
+    there is none."""
     name = TARGET_NAMES.get(pre["target"], pre["target"])
     if pre["target"] != "mme":
         return f"No Fig. 4: this run's target is {name}; trajectories are drawn for the MME target only."
     path = run / "trajectories.png"
     found = [None]
-    if rank == 0 and not (viz.figure_note(path) or "").startswith("validation clips"):
+    if rank == 0 and not (figures.figure_note(path) or "").startswith("validation clips"):
         found = [next((str(p) for p in checkpoints(run) if verify_checkpoint(p) is None), "none")]
     dist.broadcast_object_list(found)                       # rank 0 decides: every rank loads, or none
     if found[0] == "none":
-        return f"No Fig. 4 for validation clips: {path.name} shows training clips and {run / 'checkpoints'} holds no good checkpoint to redraw from."
+        return (f"No Fig. 4 for validation clips: {path.name} shows training clips and {run / 'checkpoints'} holds no "
+                "good checkpoint to redraw from.")
     if found[0]:
         net = model.PretrainModel.from_recipe(pre, targets.target_dim(pre)).to(device)
         load_checkpoint(Path(found[0]), net, rank=rank)   # the model alone
-        viz.run_figure(path, net, pre, rank, world, device, autocast(device, pre["precision"]))
+        fig = evaluate.trajectories(net, pre, rank, world, device, autocast(device, pre["precision"]))
         if rank == 0:
+            figures.trajectory_figure(path, **fig)
             note(f"Fig. 4 for validation clips, from {found[0]} -> {path}")
     return path.name
+
+
+def write(run, pre, r, this, random, floor_samples, rank, world, device, say=print):
+    """report.md of the pre-training run folder `run` (recipe `pre`), from the frozen evaluations of its encoder
+    (`this`) and of a random one (`random`) under the evaluation recipe `r`; the loss curve with the loss floor
+    and Fig. 4 beside it. Every rank calls it (Fig. 4 may run the model); rank 0 writes and prints the headline."""
+    import shlex
+    import sys
+    figure = trajectory_figure(run, pre, rank, world, device, note=say)
+    if rank:
+        return
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (run / "metrics.jsonl").exists() else []
+    try:
+        floor, floor_label = loss_floor(run, pre, floor_samples, note=say)
+    except (FileNotFoundError, ValueError) as e:          # the run's training shards are not here
+        say(f"no loss floor: data_path {pre['data_path']}: {e}")
+        floor, floor_label = None, None
+    if rows:
+        figures.loss_curve(run / "metrics.jsonl", run / "loss.png", label="training loss",
+                           title=f"{run.name}: {TARGET_NAMES.get(pre['target'], pre['target'])} pre-training",
+                           floor=floor, floor_label=floor_label and f"predicting the mean target: {floor:.3f}")
+    when = lambda path: day(path.stat().st_mtime)
+    text = markdown(run, pre, rows[-1]["step"] if rows else "?", this, random,
+                    {"run": when(Path(r["finetune"])), "this": when(run / "frozen" / "eval.json"),
+                     "random": when(run / "frozen_random" / "eval.json")},
+                    "python finetune.py " + shlex.join(sys.argv[1:]), floor_label, figure, same_recipe_runs(run, pre),
+                    r["num_classes"], evaluate.class_names(r))
+    (run / "report.md").write_text(text)
+    print(run / "report.md")
+    print(headline(pre["target"], this, random))
+
+
+def print_frozen(result, name):
+    """A frozen evaluation's scores as a table on the console."""
+    table = Table(title=f"{name} (frozen): {result['videos']} videos, {result['views']} views")
+    for col in ("", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right")
+    for key, label in READOUTS:
+        if key in result:
+            extra = {"probe": f" (l2 {result['probe'].get('l2', 0):g})", "knn": f" (k {result['knn'].get('k')})"}.get(key, "")
+            table.add_row(label + extra, f"{result[key]['top1']:.1f}", f"{result[key]['top5']:.1f}")
+    console.print(table)
 
 
 def table_cells(text):

@@ -15,16 +15,13 @@ disp.npy, 8-bit hog.npy, plain .npy members) are still read (READABLE); anything
 
     sample = encode(key, frames, traj, label, meta)   # -> dict for webdataset.TarWriter
     clip = decode(sample)                             # -> dict of numpy arrays (the reference decoder)
+    clip = decode_sample(sample)                      # the same, after parse's checks: for plain WebDataset,
+                                                      # webdataset.WebDataset(urls).map(mme.shards.decode_sample)
 
-ShardWriter writes shards atomically (a tar appears under its final name only once complete) and
-keeps a journal so an interrupted extraction resumes without duplicates; manifests summarise a run.
+Writing shards to disk (atomically, resumably) and their manifests: mme.offline.writer.
 """
 import io
 import json
-import os
-import tarfile
-from collections import Counter
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -130,7 +127,11 @@ TRACKS = {1: ("disp.npy", "hog.npy", "valid.npy"), 2: ("disp.npy.zst", "hog.npy.
 
 def encode(key, frames, disp, hog, valid, label, meta, quality=JPEG_QUALITY):
     """One sample (of meta["schema"], SCHEMA_VERSION unless a test writes version 1). frames uint8
-    [T, H, W, 3] RGB; disp/hog/valid as trajectories() returns them for the T/2 tubelet starts (float)."""
+    [T, H, W, 3] RGB; disp/hog/valid as trajectories() returns them for the T/2 tubelet starts (float).
+    Raises ValueError for an object array (shards hold numbers, never pickles)."""
+    for name, a in (("frames", frames), ("disp", disp), ("hog", hog), ("valid", valid)):
+        if np.asarray(a).dtype.hasobject:
+            raise ValueError(f"{name}: an object array; a shard stores numeric arrays only (np.save would pickle it)")
     T, H, W, _ = frames.shape
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frames.reshape(T * H, W, 3), cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
@@ -168,15 +169,40 @@ def decode(sample):
     if version not in READABLE:
         raise ValueError(f"sample {sample.get('__key__')}: {refusal(version)}")
     disp, hog, valid = (npy_load(unzst(sample[n], 1 << 30) if n.endswith(".zst") else sample[n]) for n in TRACKS[version])
-    disp_table, hog_table = tables(version)
+    return _decoded(sample, meta, int(sample["cls"]), disp, hog, valid)
+
+
+def decode_sample(sample):
+    """One raw sample as plain WebDataset yields it (keys __key__, __url__, frames.jpg, disp.npy.zst or
+    schema 1's disp.npy, hog..., valid..., cls, json; values bytes) -> the arrays decode gives, after
+    parse's checks: a sample that breaks the schema raises ValueError naming the sample and the component
+    (bounded decompression, no pickles). Reading our shards without this package's loader:
+
+        webdataset.WebDataset(urls).map(mme.shards.decode_sample)
+
+    (WebDataset's map adds "__key__", the same as "key", to each dict; handler=webdataset.warn_and_continue
+    skips bad samples.)
+    """
+    try:
+        meta, label, disp, hog, valid = parse(sample)
+    except ValueError as e:
+        raise ValueError(f"sample {sample.get('__key__')}: {e}") from None
+    return _decoded(sample, meta, label, disp, hog, valid)
+
+
+def _decoded(sample, meta, label, disp, hog, valid):
+    """decode's dict from a sample's checked parts: the JPEG decoded, the stored codes looked up."""
+    disp_table, hog_table = tables(meta["schema"])
     tile = cv2.imdecode(np.frombuffer(sample["frames.jpg"], np.uint8), cv2.IMREAD_COLOR)
     T = meta["num_frames"]
+    if tile is None or tile.shape[0] % T:
+        raise ValueError(f"sample {sample['__key__']}: frames.jpg does not decode to {T} stacked frames")
     frames = cv2.cvtColor(tile, cv2.COLOR_BGR2RGB).reshape(T, tile.shape[0] // T, tile.shape[1], 3)
     return {
         "key": sample["__key__"], "frames": frames,
         "disp": disp.astype(np.float32) if disp_table is None else decode_disp(disp),
         "hog": hog_table[hog], "valid": valid,
-        "label": int(sample["cls"]), "meta": meta,
+        "label": label, "meta": meta,
     }
 
 
@@ -239,165 +265,3 @@ def _array(sample, name, dtype, shape):
     if a.dtype != dtype or a.shape != shape:
         raise ValueError(f"{name}: {a.dtype} {list(a.shape)}, the schema says {np.dtype(dtype)} {list(shape)}")
     return a
-
-
-def write_sample(tar, sample):
-    """Add one sample's components to an open tarfile as `<key>.<component>` members (WebDataset's
-    convention), with fixed metadata so identical samples give identical bytes."""
-    for name, data in sample.items():
-        if name.startswith("__"):
-            continue
-        info = tarfile.TarInfo(f"{sample['__key__']}.{name}")
-        info.size, info.mode, info.mtime = len(data), 0o444, 0
-        tar.addfile(info, io.BytesIO(data))
-
-
-class ShardWriter:
-    """Writes `{prefix}-{seq:06d}.tar` shards into `out`, rotating between videos after `max_samples`.
-
-    A shard is written as `.tmp` and renamed when complete; then a journal line records which videos
-    it holds. `done()` tells a resumed run which videos are already in finished shards.
-    """
-
-    def __init__(self, out, prefix, max_samples=256):
-        self.out, self.prefix, self.max_samples = Path(out), prefix, max_samples
-        self.journal = self.out / ".extract" / f"{prefix}.jsonl"
-        self.journal.parent.mkdir(parents=True, exist_ok=True)
-        for tmp in self.out.glob(f"{prefix}-*.tar.tmp"):        # a killed run's unfinished shard
-            tmp.unlink()
-        self.entries = self._recover()
-        self.seq = 1 + max((int(e["shard"][len(prefix) + 1:-4]) for e in self.entries if "shard" in e), default=-1)
-        self.tar = None
-
-    def _recover(self):
-        entries = []
-        if self.journal.exists():
-            for line in self.journal.read_text().splitlines():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError:                     # a line torn by a crash mid-write: that
-                    pass                                         # shard is re-read below, a skip redone
-        known = {e["shard"] for e in entries if "shard" in e}
-        for path in sorted(self.out.glob(f"{self.prefix}-*.tar")):
-            if path.name not in known:                          # renamed, but killed before the journal line
-                entry = shard_entry(path)
-                self._append(entry)
-                entries.append(entry)
-        return entries
-
-    def _append(self, entry):
-        with open(self.journal, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def done(self):
-        """Video keys already handled: in a finished shard, or skipped for a reason that lasts (a skip
-        marked retry, such as a worker killed for memory, is tried again by the next run)."""
-        return {v for e in self.entries for v in e.get("videos", [])} | \
-            {e["skipped"] for e in self.entries if "skipped" in e and not e.get("retry")}
-
-    def write_video(self, video_key, samples, label_name):
-        """Write all samples of one video (never split across shards)."""
-        if self.tar is not None and self.count + len(samples) > self.max_samples and self.count > 0:
-            self.close()
-        if self.tar is None:
-            self.name = f"{self.prefix}-{self.seq:06d}.tar"
-            self.tar = tarfile.open(self.out / (self.name + ".tmp"), "w")
-            self.count, self.videos, self.classes = 0, [], Counter()
-        for s in samples:
-            write_sample(self.tar, s)
-        self.count += len(samples)
-        self.videos.append(video_key)
-        self.classes[label_name] += len(samples)
-
-    def skip(self, video_key, path, reason, retry=False):
-        entry = {"skipped": video_key, "video": str(path), "reason": reason} | ({"retry": True} if retry else {})
-        self._append(entry)
-        self.entries.append(entry)
-
-    def warn(self, video_key, path, reason):
-        entry = {"warning": video_key, "video": str(path), "reason": reason}
-        self._append(entry)
-        self.entries.append(entry)
-
-    def close(self):
-        if self.tar is None:
-            return
-        self.tar.close()
-        with open(self.out / (self.name + ".tmp"), "rb") as f:
-            os.fsync(f.fileno())                                # on disk before its name says it is finished
-        os.replace(self.out / (self.name + ".tmp"), self.out / self.name)
-        entry = {"shard": self.name, "videos": self.videos, "samples": self.count, "classes": dict(self.classes)}
-        self._append(entry)
-        self.entries.append(entry)
-        self.tar, self.seq = None, self.seq + 1
-
-
-def shard_entry(path):
-    """A journal entry rebuilt from a finished shard itself: its videos, samples and classes."""
-    videos, classes = set(), Counter()
-    with tarfile.open(path) as tar:
-        for m in tar:
-            if m.name.endswith(".json"):
-                meta = json.loads(tar.extractfile(m).read())
-                videos.add(meta["video_key"])
-                classes[meta["label_name"]] += 1
-    return {"shard": Path(path).name, "videos": sorted(videos), "samples": sum(classes.values()), "classes": dict(classes)}
-
-
-def write_json(path, obj):
-    """Write JSON atomically (a unique temporary name, then rename): parts finishing together never
-    see each other's half-written files."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def part_manifest(entries, split, params, part, total_videos):
-    """Summary of one part's journal entries."""
-    shards = [e for e in entries if "shard" in e]
-    stored = {v for e in shards for v in e["videos"]}
-    classes = Counter()
-    for e in shards:
-        classes.update(e.get("classes", {}))
-    return {
-        "schema": SCHEMA_VERSION, "params": params, "part": part,
-        "splits": {split: {
-            "videos": sum(len(e["videos"]) for e in shards),
-            "samples": sum(e["samples"] for e in shards),
-            "classes": dict(sorted(classes.items())),
-            "shards": {e["shard"]: e["samples"] for e in shards},
-            "listed": total_videos,
-        }},
-        # dict.fromkeys: a resumed run may have noted the same thing twice; a retried skip that worked is gone
-        "skipped": [dict(video=v, reason=r) for v, r in dict.fromkeys(
-            (e["video"], e["reason"]) for e in entries if "skipped" in e and e["skipped"] not in stored)],
-        "warnings": [dict(video=v, reason=r) for v, r in dict.fromkeys((e["video"], e["reason"]) for e in entries if "warning" in e)],
-    }
-
-
-def merge_manifests(out):
-    """Merge every `manifest-*.json` part manifest in `out` into `out/manifest.json` (atomically)."""
-    out = Path(out)
-    parts = [json.loads(p.read_text()) for p in sorted(out.glob("manifest-*.json"))]
-    merged = {"schema": SCHEMA_VERSION, "videos": 0, "samples": 0, "splits": {}, "skipped": [], "warnings": [],
-              "params": parts[0]["params"] if parts else {}, "parts": []}
-    for m in parts:
-        merged["parts"].append(m["part"])
-        merged["skipped"] += m["skipped"]
-        merged["warnings"] += m["warnings"]
-        for split, s in m["splits"].items():
-            d = merged["splits"].setdefault(split, {"videos": 0, "samples": 0, "classes": {}, "shards": {}})
-            d["videos"] += s["videos"]
-            d["samples"] += s["samples"]
-            for c, n in s["classes"].items():
-                d["classes"][c] = d["classes"].get(c, 0) + n
-            d["shards"].update(s["shards"])
-    for d in merged["splits"].values():
-        merged["videos"] += d["videos"]
-        merged["samples"] += d["samples"]
-        d["classes"] = dict(sorted(d["classes"].items()))
-        d["shards"] = dict(sorted(d["shards"].items()))
-    write_json(out / "manifest.json", merged)
-    return merged

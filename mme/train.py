@@ -7,10 +7,8 @@ checkpoints that resume exactly (pretrain.py and finetune.py share these).
     groups = param_groups(net, weight_decay, layer_decay=None)   # no decay on 1-D params; layer-wise lr scale
     set_lr(opt, lr); loss = optimizer_step(net, opt, loss, clip_grad, world)   # after backward
     with autocast(device, recipe["precision"]): ...             # bf16 on GPUs (auto), or as the recipe says
-    for b, waited in timed(loader): ...                          # each batch with the seconds spent waiting for it
     path = save_checkpoint(run, step, net, opt, loader, rank)    # DCP shards + each rank's loader/RNG state, checksummed
     step, path = resume(run, recipe, net, opt, loader, rank)     # the newest checkpoint that verifies, same recipe
-    fail(rank, "batch_size 12 must divide by world size 8")     # one red line on rank 0, exit status 2
     command_line(main, usage)                                    # a stage script's __main__ (fire; --help; Ctrl-C)
 
 The run folder must not be writable by anyone you do not trust: the checksums in a checkpoint's done
@@ -24,18 +22,17 @@ import math
 import os
 import shutil
 import sys
-import time
 
 import fire
 import torch
-import yaml
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.fsdp import fully_shard
+import yaml
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
-from rich.console import Console
+from torch.distributed.fsdp import fully_shard
 
-from mme.stream import S3Error
+from mme.online.s3 import S3Error
+from mme.progress import fail
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +130,6 @@ def optimizer_step(net, opt, loss, clip_grad, world):
     return reduced.item() / world
 
 
-def timed(batches):
-    """Yield (batch, seconds spent waiting for it): the loader's share of a step (the data wait)."""
-    it = iter(batches)
-    while True:
-        tick = time.perf_counter()
-        try:
-            b = next(it)
-        except StopIteration:
-            return
-        yield b, time.perf_counter() - tick
-
-
 last_checkpoint = None      # the newest checkpoint this process saved or resumed from (for interrupted())
 last_step = None            # the last optimizer step done (reached())
 
@@ -164,14 +149,6 @@ def interrupted():
     return f"interrupted{at}: rerun the same command to resume from step {step} ({last_checkpoint})"
 
 
-def fail(rank, msg):
-    """Stop on an error the user can act on: one red line from rank 0 (every rank exits with status 2),
-    never a traceback. rank None: torchrun's RANK (before the process group exists), else 0."""
-    if (int(os.environ.get("RANK", 0)) if rank is None else rank) == 0:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {msg}")
-    sys.exit(2)
-
-
 def command_line(commands, usage):
     """A stage script's __main__: -h/--help (or no arguments, for a script of several commands) prints
     usage(args), ours rather than fire's, since the recipe keys are the flags; otherwise fire runs
@@ -183,9 +160,9 @@ def command_line(commands, usage):
     try:
         fire.Fire(commands)
     except KeyboardInterrupt:
-        fail(None, interrupted())
+        fail(interrupted())
     except S3Error as e:                           # credentials refused, or S3 gone past the patience
-        fail(None, str(e))
+        fail(str(e))
 
 
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):

@@ -1,15 +1,10 @@
-"""bench/ablate.py: the commands of each cell, resuming from finished cells, the tables it writes."""
-import importlib.util
+"""experiments/ablate.py: the commands of each cell, resuming from finished cells, the tables it writes."""
 import json
 import shutil
 import statistics
-from pathlib import Path
 
+import ablate
 import pytest
-
-spec = importlib.util.spec_from_file_location("ablate", Path(__file__).resolve().parents[1] / "bench" / "ablate.py")
-ablate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ablate)
 
 
 @pytest.fixture
@@ -56,23 +51,23 @@ def test_cells_run_once_and_tables_hold_mean_and_std(fake_runs):
     # the random encoder is not pre-trained
     assert len(pretrain) == (1 + 3) * 2 and len(frozen) == (1 + 4) * 2
     assert all("--epochs=2" in c for c in pretrain)
-    assert ["--patch_norm=False"] == [a for a in pretrain[0] if a.startswith("--patch_norm")]
+    assert ["--patch_norm=none"] == [a for a in pretrain[0] if a.startswith("--patch_norm")]
     assert pretrain[0][pretrain[0].index("--output_dir") + 1] == "runs/ablate/headline/mme_trajectory"
     random_rows = [c for c in frozen if "random_encoder" in c[c.index("--output_dir") + 1]]
     assert len(random_rows) == 2 and all(c[c.index("--finetune") + 1] == "null" for c in random_rows)
-    text = (root / "docs" / "results.md").read_text()
+    text = (root / "experiments" / "tables.md").read_text()
     name = "ablate/headline/mme_trajectory/s{}/frozen"
     scores = [len(name.format(s)) + s for s in (0, 1)]
     row = next(line for line in text.splitlines() if line.startswith("| w/o patch norm"))
     assert row == (f"| w/o patch norm | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} | "
                    f"{statistics.fmean(scores) / 2:.1f} ± {statistics.stdev(scores) / 2:.1f} |")
     assert text.count("<!-- ablate:table8 -->") == 1 and "<!-- /ablate:headline -->" in text
-    assert "`python bench/ablate.py --only table8 --seeds 2 --override epochs=2`" in text
+    assert "`python experiments/ablate.py --only table8 --seeds 2 --override epochs=2`" in text
 
     calls.clear()                                  # rerun: every cell is read back, nothing runs again
     ablate.main(only="table8", seeds=2)
     assert calls == []
-    assert (root / "docs" / "results.md").read_text().count("<!-- ablate:table8 -->") == 1
+    assert (root / "experiments" / "tables.md").read_text().count("<!-- ablate:table8 -->") == 1
 
 
 def test_headline_cells_are_fine_tuned_too_with_one_budget(fake_runs):
@@ -83,7 +78,7 @@ def test_headline_cells_are_fine_tuned_too_with_one_budget(fake_runs):
         "null", "runs/ablate/headline/mme_trajectory/s0/encoder.pth", "null", "runs/ablate/headline/mme_trajectory/s1/encoder.pth"]
     assert all(c[c.index("--recipe") + 1] == "recipes/finetune_learn_tiny.yaml" and c[c.index("--name") + 1] == "finetune"
                for c in tuned)
-    row = next(line for line in (root / "docs" / "results.md").read_text().splitlines() if line.startswith("| MME"))
+    row = next(line for line in (root / "experiments" / "tables.md").read_text().splitlines() if line.startswith("| MME"))
     scores = [len(f"ablate/headline/mme_trajectory/s{s}/finetune") + s for s in (0, 1)]
     assert row.endswith(f" | {statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f} |")
 
@@ -105,7 +100,7 @@ def test_a_row_equal_to_another_tables_row_is_one_cell(fake_runs):
     assert cells == ["runs/ablate/headline/pixel_videomae/s0", "runs/ablate/fig3/pixel_shuffled_frames/s0",
                      "runs/ablate/headline/mme_trajectory/s0", "runs/ablate/fig3/mme_shuffled_frames/s0",
                      "runs/ablate/headline/hog_maskfeat/s0", "runs/ablate/table5/trajectory_w_o_shape/s0"]
-    text = (root / "docs" / "results.md").read_text()
+    text = (root / "experiments" / "tables.md").read_text()
     score = len("ablate/headline/mme_trajectory/s0/frozen")
     assert f"| MME | {score:.1f} |" in text and f"| trajectory | {score:.1f} |" in text
 
@@ -123,7 +118,7 @@ def test_an_interrupted_table_continues_with_the_missing_cells(fake_runs):
 def test_dry_run_runs_nothing_and_unknown_tables_are_refused(fake_runs, capsys):
     root, calls = fake_runs
     ablate.main(only="table7", seeds=1, dry_run=True)
-    assert not (root / "docs" / "results.md").exists() and not (root / "runs" / "ablate").exists()
+    assert not (root / "experiments" / "tables.md").exists() and not (root / "runs" / "ablate").exists()
     extract = [c for c in calls if c[0] == "extract.py"]
     assert extract and "--length" in extract[0] and "8" in extract[0]       # L = 8 needs its own shards
     l8 = [c for c in calls if c[0] != "extract.py" and "table7/l_8" in " ".join(c)]
@@ -139,13 +134,13 @@ def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs
     cells = [c[c.index("--output_dir") + 1] for c in calls if c[:2] == ["finetune.py", "frozen"]]
     assert cells == [f"runs/ablate/headline/{row}/s{s}" for s in (0, 1) for row in ("random_encoder", "mme_trajectory")]
     assert all(c[-1] == "--depth=4" for c in calls if c[0] == "finetune.py")   # learn_tiny's 4 blocks, random rows too
-    text = (root / "docs" / "results.md").read_text()
+    text = (root / "experiments" / "tables.md").read_text()
     assert "| pixel (VideoMAE) | – | – | – |" in text                                 # not run, not made up
     ablate.main(only="headline", seeds=3, rows="pixel")                         # pixel alone, for seeds 0-2
-    text = (root / "docs" / "results.md").read_text()
+    text = (root / "experiments" / "tables.md").read_text()
     assert "(2 of 3 seeds)" in next(l for l in text.splitlines() if l.startswith("| MME"))
     assert "seeds)" not in next(l for l in text.splitlines() if l.startswith("| pixel"))
-    assert "; `python bench/ablate.py --only headline --seeds 3`)" in text         # the whole table's command
+    assert "; `python experiments/ablate.py --only headline --seeds 3`)" in text         # the whole table's command
     calls.clear()
     ablate.main(only="table11", seeds=1, rows=(0.4, 0.9))                       # as fire parses --rows 0.4,0.9
     assert [c[c.index("--output_dir") + 1] for c in calls if c[0] == "pretrain.py"] == [
@@ -158,7 +153,7 @@ def test_rows_run_seed_by_seed_and_the_table_keeps_every_finished_cell(fake_runs
 def test_the_ledger_keeps_the_tables_when_runs_are_lost(fake_runs):
     root, calls = fake_runs
     ablate.main(only="table9", seeds=2, override="epochs=2")
-    table = (root / "docs" / "results.md").read_text()
+    table = (root / "experiments" / "tables.md").read_text()
     entries = [json.loads(line) for line in (root / ablate.LEDGER).read_text().splitlines()]
     assert len(entries) == 4 and {e["part"] for e in entries} == {"frozen"}
     mean = next(e for e in entries if e["cell"] == "ablate/table9/one_mean_of_the_k/s1")
@@ -167,7 +162,7 @@ def test_the_ledger_keeps_the_tables_when_runs_are_lost(fake_runs):
     shutil.rmtree(root / "runs")                       # a new machine: the runs are gone, the ledger is in git
     calls.clear()
     ablate.main(only="table9", seeds=2, override="epochs=2")
-    assert calls == [] and (root / "docs" / "results.md").read_text() == table
+    assert calls == [] and (root / "experiments" / "tables.md").read_text() == table
     assert len((root / ablate.LEDGER).read_text().splitlines()) == 4            # nothing recorded twice
     ablate.main(only="table9", seeds=1)                # other overrides are other cells: they run
     assert [c[0] for c in calls] == ["pretrain.py", "finetune.py"] * 2
@@ -180,20 +175,6 @@ def test_a_fine_tuning_whose_encoder_is_lost_pre_trains_again(fake_runs):
     calls.clear()
     ablate.main(only="headline", seeds=1, rows="mme")                              # now fine-tuned too
     assert [c[:2] for c in calls] == [["pretrain.py", "--recipe"], ["finetune.py", "full"]]
-    row = next(line for line in (root / "docs" / "results.md").read_text().splitlines() if line.startswith("| MME"))
+    row = next(line for line in (root / "experiments" / "tables.md").read_text().splitlines() if line.startswith("| MME"))
     frozen = len("ablate/headline/mme_trajectory/s0/frozen")
     assert row == f"| MME (trajectory) | {frozen:.1f} | {frozen / 2:.1f} | {len('ablate/headline/mme_trajectory/s0/finetune'):.1f} |"
-
-
-def test_the_report_finds_the_cells_ablate_writes():
-    """mme/report.py reads bench/ablate.py's headline cells by folder name and its ledger entries by
-    recipe (finetune.py report's ablation rows): a row renamed or a default recipe changed in one and
-    not the other would drop rows from every report silently."""
-    import inspect
-
-    from mme import report
-    labels = [label for label, _ in ablate.TABLES["headline"][1]]
-    assert list(report.HEADLINE_ROWS) == [(ablate.slug(label), label) for label in labels]
-    defaults = inspect.signature(ablate.main).parameters
-    assert report.ABLATE_RECIPES == {"pretrain": defaults["recipe"].default, "frozen": defaults["eval_recipe"].default,
-                                     "finetune": defaults["tune_recipe"].default}

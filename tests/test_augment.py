@@ -1,4 +1,4 @@
-"""Fine-tuning augmentation (mme/augment.py): every RandAugment op against PIL frame by frame, one draw
+"""Fine-tuning augmentation (mme/online/augment.py): every RandAugment op against PIL frame by frame, one draw
 of ops and values per clip, and mixup/cutmix/label smoothing against timm's definitions worked out here."""
 import cv2
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from mme import augment
+from mme.online import augment
 
 FILL = (128, 128, 128)
 

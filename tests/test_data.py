@@ -6,17 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_shard
 
-from mme import clips, data, recipe, shards, sources, synthetic
+from mme import recipe, shards
+from mme.offline import clips, sources, synthetic
+from mme.online import data
 
 T, S = 8, 64                                      # small clips: 8 frames, 64 px crops
-
-
-def write_shard(path, samples):
-    import tarfile
-    with tarfile.open(path, "w") as tar:
-        for s in samples:
-            shards.write_sample(tar, s)
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +53,24 @@ def test_dali_equals_reference(synth, patch_norm):
     assert a["video"].is_contiguous(memory_format=torch.channels_last_3d) and b["video"].shape == (2, 3, T, S, S)
 
 
+def write_known_motion(path, step, schema=shards.SCHEMA_VERSION):
+    """A shard of 4 samples (label 3) of one 80 x 96 clip whose every trajectory moves by `step` (dx, dy) px
+    per step, HOG bins = 0.01 * (1..9), all valid (stride 2, L 4). Returns the path as a str."""
+    h, w, L = 80, 96, 4
+    frames = np.stack([synthetic.texture(np.random.default_rng(i), h, w) for i in range(T)])
+    disp = np.broadcast_to(np.float32(step), (T // 2, h // 8, w // 8, L, 2))
+    hog = np.broadcast_to(np.arange(1, 10, dtype=np.float32) * 0.01, (T // 2, h // 8, w // 8, L, 9))
+    valid = np.ones((T // 2, h // 8, w // 8), bool)
+    meta = {"schema": schema, "num_frames": T, "size": [w, h], "video_key": "k",
+            "params": {"stride": 2, "length": L, "grid": 8}}
+    write_shard(path, [shards.encode(f"k_w{i:02d}", frames, disp, hog, valid, 3, meta) for i in range(4)])
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def known_motion(tmp_path_factory):
     """One clip whose every trajectory moves by (1.25, -0.5) px per step, HOG bins = 0.01 * (1..9)."""
-    h, w, L = 80, 96, 4
-    frames = np.stack([synthetic.texture(np.random.default_rng(i), h, w) for i in range(T)])
-    disp = np.broadcast_to(np.float32([1.25, -0.5]), (T // 2, h // 8, w // 8, L, 2))
-    hog = np.broadcast_to(np.arange(1, 10, dtype=np.float32) * 0.01, (T // 2, h // 8, w // 8, L, 9))
-    valid = np.ones((T // 2, h // 8, w // 8), bool)
-    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T, "size": [w, h], "video_key": "k",
-            "params": {"stride": 2, "length": L, "grid": 8}}
-    path = tmp_path_factory.mktemp("known") / "train-000-000000.tar"
-    write_shard(path, [shards.encode(f"k_w{i:02d}", frames, disp, hog, valid, 3, meta) for i in range(4)])
-    return str(path)
+    return write_known_motion(tmp_path_factory.mktemp("known") / "train-000-000000.tar", (1.25, -0.5))
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -178,10 +179,10 @@ def test_undecodable_frames_are_skipped_with_a_warning(known_motion, tmp_path, b
             info = tarfile.TarInfo(m.name)
             info.size = len(data_)
             tar.addfile(info, __import__("io").BytesIO(data_))
-    with caplog.at_level("WARNING", logger="mme.data"):
+    with caplog.at_level("WARNING", logger="mme.online.data"):
         b = next(iter(data.build_loader(str(out), make_recipe(batch_size=4, flip=False), backend=backend)))
     assert b["video"].shape[0] == 3 and torch.all(b["label"] == 3)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mme.data"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mme.online.data"]
     assert len(lines) == 1 and "k_w01" in lines[0] and str(out) in lines[0]
 
 
@@ -232,14 +233,8 @@ def test_repeated_aug_in_pretraining_reads_and_decodes_once(synth, monkeypatch, 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_version_1_shards_are_still_read(tmp_path, backend):
     """Shards extracted before schema version 2 (float16 disp.npy, 8-bit hog.npy) need no re-extraction."""
-    h, w, L = 80, 96, 4
-    frames = np.stack([synthetic.texture(np.random.default_rng(i), h, w) for i in range(T)])
-    disp = np.broadcast_to(np.float32([1.3, -0.45]), (T // 2, h // 8, w // 8, L, 2))       # not on v2's 1/16 px steps
-    hog = np.broadcast_to(np.arange(1, 10, dtype=np.float32) * 0.01, (T // 2, h // 8, w // 8, L, 9))
-    valid = np.ones((T // 2, h // 8, w // 8), bool)
-    meta = {"schema": 1, "num_frames": T, "size": [w, h], "video_key": "k", "params": {"stride": 2, "length": L, "grid": 8}}
-    write_shard(tmp_path / "train-000-000000.tar", [shards.encode(f"k_w{i:02d}", frames, disp, hog, valid, 3, meta) for i in range(4)])
-    b = next(iter(data.build_loader(str(tmp_path / "train-000-000000.tar"), make_recipe(patch_norm=False, batch_size=4), backend=backend)))
+    url = write_known_motion(tmp_path / "train-000-000000.tar", (1.3, -0.45), schema=1)     # not on v2's 1/16 px steps
+    b = next(iter(data.build_loader(url, make_recipe(patch_norm=False, batch_size=4), backend=backend)))
     for i in range(4):
         x0, y0, cw, ch = b["box"][i].tolist()
         pos = b["target"][i, :, :4 * 4 * 2].reshape(-1, 4, 4, 2)
@@ -309,10 +304,10 @@ def test_malformed_sample_is_skipped_with_one_line(synth, tmp_path, caplog, how)
     samples[1] = samples[1] | MALFORMED[how](samples[1])
     url = str(tmp_path / "train-000-000000.tar")
     write_shard(url, samples)
-    with caplog.at_level("WARNING", logger="mme.data"):
+    with caplog.at_level("WARNING", logger="mme.online.data"):
         seen = [k for b in data.build_loader(url, make_recipe(test_num_crop=1), train=False, backend="torch") for k in b["key"]]
     assert sorted(set(seen)) == ["v0_w00", "v2_w00"], seen                   # (evaluation pads with copies)
-    lines = [r.getMessage() for r in caplog.records if r.name == "mme.data"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mme.online.data"]
     assert len(lines) == 1 and url in lines[0] and "v1_w00" in lines[0] and "\n" not in lines[0], lines
     # training, in a worker process, goes on past it too
     assert len(list(data.build_loader(url, make_recipe(num_workers=1), backend="torch"))) == 1
@@ -323,7 +318,7 @@ def test_dali_is_optional(synth, monkeypatch):
     torch backend, and asking for DALI says how to install it."""
     import subprocess
     import sys
-    code = ("import sys; from mme import data, recipe; "
+    code = ("import sys; from mme import recipe; from mme.online import data; "
             "r = recipe.load(None, data_path='x', num_frames=8, sampling_rate=2, trajectory_length=4, input_size=64, "
             f"batch_size=2, num_workers=0, model='tiny'); l = data.build_loader({synth!r}, r); next(iter(l)); "
             "assert l.backend == 'torch'; print(sorted(m for m in sys.modules if m.startswith('nvidia')))")

@@ -1,8 +1,9 @@
 """End-to-end tests of extract.py: run as a subprocess (real exit codes and logs), read the shards back.
 
 Every input video is generated here (tests/videos.py); sizes are tiny (--short_side 64) so the
-module runs in well under a minute on 2 cores. Expensive runs are shared by module-scoped fixtures;
-independent runs are started side by side.
+module runs in well under a minute on 2 cores. Expensive runs are shared by module-scoped fixtures (the
+synthetic dataset's by conftest.py's session-scoped synthetic_shards, with other test files); independent
+runs are started side by side.
 """
 import ast
 import hashlib
@@ -22,19 +23,13 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
-from mme import shards as shardlib  # noqa: E402
-from videos import truncate, write_mjpeg_avi, write_video  # noqa: E402
+from helpers import clean_env  # what a batch job sees (no terminal width, not in a SLURM array or torchrun group)
+from videos import truncate, write_mjpeg_avi, write_video
+
+from mme import shards as shardlib
+from mme.offline import writer
 
 SMALL = ["--short_side", "64"]
-# what a batch job sees: no terminal width, not part of a SLURM array or a torchrun group
-_DROP = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in _DROP and not k.startswith("SLURM_")}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def start(*args, env=None):
@@ -129,16 +124,10 @@ def assert_windows_in_one_shard(by_shard):
 
 # --- 1. the built-in synthetic dataset ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic") / "out"
-    r = extract("--src", "synthetic", "--out", out, "--split", "train,val", "--limit", 6, *SMALL,
-                "--shard_samples", 4, "--workers", 2)
-    return out, r
+# synthetic_shards (conftest.py): --split train,val --limit 6 --short_side 64 --shard_samples 4 --workers 2
 
-
-def test_synthetic_manifest(synthetic_run):
-    out, r = synthetic_run
+def test_synthetic_manifest(synthetic_shards):
+    out, r = synthetic_shards
     ok(r)
     m = manifest(out)
     assert m["schema"] == shardlib.SCHEMA_VERSION
@@ -159,16 +148,16 @@ def test_synthetic_manifest(synthetic_run):
     assert_clean(out)
 
 
-def test_progress_lines_when_stderr_is_a_file(synthetic_run):
+def test_progress_lines_when_stderr_is_a_file(synthetic_shards):
     """A batch job's log gets plain progress lines (the first and the last video of each split at least)."""
-    out, r = synthetic_run
+    out, r = synthetic_shards
     lines = [x for x in ok(r).stderr.splitlines() if x.startswith("videos ")]
     assert [x.split()[1] for x in lines] == ["1/6", "6/6", "1/6", "6/6"], r.stderr
     assert all(w in lines[-1] for w in ("frames/s", "0 skipped", "ETA 0s")), lines[-1]
 
 
-def test_synthetic_samples_decode(synthetic_run):
-    out, r = synthetic_run
+def test_synthetic_samples_decode(synthetic_shards):
+    out, r = synthetic_shards
     ok(r)
     by_shard = decoded(out)
     samples = [s for ss in by_shard.values() for s in ss]
@@ -655,23 +644,23 @@ def _dies_on_bad(video):
 
 
 def test_worker_killed_by_one_video_reports_it_and_goes_on(monkeypatch):
-    import extract
-    monkeypatch.setattr(extract, "_extract", _dies_on_bad)
+    from mme.offline import pipeline
+    monkeypatch.setattr(pipeline, "_extract", _dies_on_bad)
     todo = ["a", "b", "bad", "c", "d", "e"]
-    results = {video: error for video, _, _, _, error in extract.extract_all(todo, None, 0, 2)}
+    results = {video: error for video, _, _, _, error in pipeline.extract_all(todo, None, 0, 2)}
     assert sorted(results) == sorted(todo)                # each once
-    assert results.pop("bad") == extract.WORKER_DIED and set(results.values()) == {None}
+    assert results.pop("bad") == pipeline.WORKER_DIED and set(results.values()) == {None}
 
 
 def test_skip_for_a_passing_reason_is_retried(tmp_path):
-    w = shardlib.ShardWriter(tmp_path, "train-000")
+    w = writer.ShardWriter(tmp_path, "train-000")
     w.skip("v1", "a.mp4", "died", retry=True)
     w.skip("v2", "b.mp4", "cannot open", retry=False)
-    assert shardlib.ShardWriter(tmp_path, "train-000").done() == {"v2"}
-    w = shardlib.ShardWriter(tmp_path, "train-000")
+    assert writer.ShardWriter(tmp_path, "train-000").done() == {"v2"}
+    w = writer.ShardWriter(tmp_path, "train-000")
     w.write_video("v1", [], "cats")
     w.close()
-    m = shardlib.part_manifest(shardlib.ShardWriter(tmp_path, "train-000").entries, "train", {}, "train-0/1", 2)
+    m = writer.part_manifest(writer.ShardWriter(tmp_path, "train-000").entries, "train", {}, "train-0/1", 2)
     assert [e["video"] for e in m["skipped"]] == ["b.mp4"]
 
 
@@ -702,7 +691,7 @@ def test_evaluation_views_follow_the_protocols():
     """Kinetics (VideoMAE: 5 clips, the authors' code: 7) on a 10-s video at 30 fps, stride 4; SSv2 (2 clips)
     on 3-s and 6-s videos at 12 fps, stride 3: exactly that many windows over the whole video, overlapping
     where it is short; training windows stay at most --windows, never overlapping."""
-    from mme.clips import Params, window_starts
+    from mme.offline.clips import Params, window_starts
     k400 = Params(stride=4, views=5)
     span = k400.span()                                                    # 63 raw frames
     starts = window_starts(300, k400)
@@ -751,10 +740,10 @@ def test_refuses_to_resume_into_an_older_schema(tmp_path):
     assert not list(tmp_path.glob("*.tar"))
 
 
-def test_show_draws_samples_with_their_tracks(synthetic_run, tmp_path):
+def test_show_draws_samples_with_their_tracks(synthetic_shards, tmp_path):
     """extract.py show: a PNG of the first samples, and per sample the moving / invalid tracks it drew,
     counted here again from the decoded arrays (every tubelet of a 4-frame clip is one column)."""
-    out, _ = synthetic_run
+    out, _ = synthetic_shards
     png = tmp_path / "show.png"
     r = ok(subprocess.run([sys.executable, "extract.py", "show", out, "--n", "2", "--split", "val", "--out", png],
                           cwd=REPO, env=clean_env(), capture_output=True, text=True))

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_when
 
 from mme import model as models
-
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import kill_when  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mme import data, frozen, model as models, recipe as recipes
+from mme import frozen
+from mme import model as models
+from mme import recipe as recipes
+from mme.online import data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +53,36 @@ def test_logreg_finds_nothing_in_random_labels():
     probe = frozen.fit_logreg(x, y, [str(i) for i in range(400)], 5, seed=0)
     top1 = (probe.scores(test_x).argmax(1) == test_y).double().mean().item()
     assert abs(top1 - 0.2) < 0.04                                             # chance: 20% (+-0.9% std)
+
+
+def order_tokens(n, seed=0, N=16, C=8):
+    """Clips of N tokens whose mean is the same for both classes: class 1 has the marked token in the first
+    half of the clip (an early event), class 0 in the second half (the time-reversed clip). A position code
+    in the last channels says where a token is, as a ViT's tokens carry their position."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, N, C, generator=g) * 0.1
+    x[..., -2] = torch.linspace(-1, 1, N)                                 # where in the clip a token is
+    at = torch.randint(0, N // 2, (n,), generator=g) + (y == 0).long() * (N // 2)
+    x[torch.arange(n), at, 0] += 3.0                                      # the event
+    return x, y
+
+
+def test_attentive_probe_reads_what_the_mean_cancels_deterministically():
+    """The two classes differ only in *where* the event is: the mean over tokens is the same, so the linear probe
+    of the mean is at chance, and the attentive probe (a query attending to every token) reads it."""
+    x, y = order_tokens(400)
+    test_x, test_y = order_tokens(400, seed=1)
+    linear = frozen.fit_logreg(x.mean(1), y, [str(i) for i in range(400)], 2)
+    assert abs((linear.scores(test_x.mean(1)).argmax(1) == test_y).double().mean().item() - 0.5) < 0.1
+    head = frozen.fit_attentive(x, y, 2, seed=0)
+    scores = frozen.attentive_scores(head, test_x)
+    assert (scores.argmax(1) == test_y).double().mean().item() > 0.9
+    torch.testing.assert_close(scores.sum(1), torch.ones(len(scores), dtype=torch.float64))
+    again = frozen.attentive_scores(frozen.fit_attentive(x, y, 2, seed=0), test_x)
+    assert torch.equal(again, scores)                                      # the same tokens, the same probe
+    shuffled = frozen.fit_attentive(x, y[torch.randperm(400, generator=torch.Generator().manual_seed(0))], 2, seed=0)
+    assert (frozen.attentive_scores(shuffled, test_x).argmax(1) == test_y).double().mean().item() < 0.7   # labels it cannot read
 
 
 def test_held_out_split_is_by_video():
@@ -162,7 +195,7 @@ def test_frozen_command_scores_caches_and_recomputes(shards):
         by_hand = frozen.clip_features(enc.eval(), b["video"])
     rows = [cached["train"]["keys"].index(k) for k in b["key"]]
     torch.testing.assert_close(cached["train"]["features"][rows], by_hand, atol=1e-5, rtol=1e-5)
-    again, _, _ = frozen.evaluate(cached["train"], cached["eval"], 10, seed=0, k=10)
+    again, _, _ = frozen.evaluate_features(cached["train"], cached["eval"], 10, seed=0, k=10)
     assert again == {k: result[k] for k in again}                            # eval.json is what mme.frozen computes
     stamp = (run / "features.pt").stat().st_mtime_ns
 
@@ -188,4 +221,5 @@ def test_frozen_command_on_two_ranks_and_random_weights(shards):
         assert one[split]["keys"] == two[split]["keys"] and torch.equal(one[split]["labels"], two[split]["labels"])
         torch.testing.assert_close(one[split]["features"], two[split]["features"], atol=1e-5, rtol=1e-5)
     a, b = (json.loads((tmp / name / "eval.json").read_text()) for name in ("one", "two"))
-    assert a["weights"] is None and {k: a[k] for k in ("videos", "views", "probe", "knn")} == {k: b[k] for k in ("videos", "views", "probe", "knn")}
+    same = ("videos", "views", "probe", "knn")
+    assert a["weights"] is None and {k: a[k] for k in same} == {k: b[k] for k in same}

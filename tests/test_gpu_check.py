@@ -18,7 +18,8 @@ def test_dry_run_writes_the_table(tmp_path):
     r = run("--dry-run", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     table = (tmp_path / "out/gpu_check.md").read_text()
-    for step in ("carried wheels", "install a CUDA build of torch", "torch used", "install DALI", "DALI GPU backend", "loader_bench", "train_bench ViT-B bf16, eager",
+    for step in ("carried wheels", "install a CUDA build of torch", "torch used", "install DALI", "DALI GPU backend", "loader_bench",
+                 "train_bench ViT-B bf16, eager",
                  "torch.compile", "pretrain.py, 30 steps, torchrun"):
         assert step in table, (step, table)
     assert table.count("| dry run |") >= 8 and "--compile" in table and "--nproc_per_node=1" in table

@@ -1,8 +1,8 @@
-"""HOG at sub-pixel points (mme/hog.py) against an independent per-pixel reference and known orientations."""
+"""HOG at sub-pixel points (mme/offline/hog.py) against an independent per-pixel reference and known orientations."""
 import numpy as np
 import pytest
 
-from mme import hog
+from mme.offline import hog
 
 
 def reference_hog(gray, x, y, cell):

@@ -13,7 +13,7 @@ from einops import repeat
 from torch.utils.flop_counter import FlopCounterMode
 
 from mme import model as M
-from mme.targets import tube_mask
+from mme.online.targets import tube_mask
 
 T, S = 4, 32                       # tiny clips: 2 x 2 x 2 = 8 tokens
 GRID = (T // 2, S // 16, S // 16)

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_when
 
 from mme import model as models
 from mme.train import checkpoints
-
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import kill_when  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
 """finetune.py report (mme/report.py): a tiny pre-training's report.md holds the numbers of its two frozen
-evaluations, its pictures, the ablation rows that exist (mean ± std, dated); a rerun reads the evaluations
-back; the loss floor it draws is the loss of predicting the mean target, computed independently here."""
+evaluations (every read-out), recall per class, its pictures, and other runs of the same recipe in a table of
+their own (mean ± std); a rerun reads the evaluations back; the loss floor it draws is the loss of predicting
+the mean target, computed independently here."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mme import report, viz
+from mme import figures, recipe, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,23 +36,23 @@ def common(tmp):
     return [x for k, v in kw.items() for x in (f"--{k}", str(v))]
 
 
-def run_report(tmp, ledger="null"):
+def run_report(tmp):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "finetune.py", "report", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
-                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8", "--ledger", str(ledger)],
+                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def fake_eval(path, probe1, probe5, knn1):
+def fake_eval(path, probe1, probe5, knn1, attentive1):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"probe": {"top1": probe1, "top5": probe5}, "knn": {"top1": knn1}, "top1": probe1,
-                                "top5": probe5}))
+    path.write_text(json.dumps({"probe": {"top1": probe1, "top5": probe5}, "knn": {"top1": knn1, "top5": 0.0},
+                                "attentive": {"top1": attentive1, "top5": 0.0}, "top1": probe1, "top5": probe5}))
 
 
-def test_report_tables_pictures_reuse_and_ablation_rows(pretrained):
+def test_report_tables_pictures_reuse_and_other_runs(pretrained):
     tmp = pretrained
     run = tmp / "pre"
     (run / "trajectories.png").unlink()                       # as a run that drew none: redrawn from its checkpoint
@@ -62,60 +63,37 @@ def test_report_tables_pictures_reuse_and_ablation_rows(pretrained):
     assert r.stdout.splitlines() == [str(run / "report.md"), f"MME {this['probe']['top1']:.1f} % vs random "
                                      f"{random['probe']['top1']:.1f} % top-1 (frozen probe, {this['videos']} videos)"]
     text = (run / "report.md").read_text()
-    cells = report.table_cells(text)
-    for label, res in (("MME (this run)", this), ("random encoder", random)):
-        assert [float(x) for x in cells[label][:3]] == [round(res["probe"]["top1"], 1), round(res["probe"]["top5"], 1),
-                                                        round(res["knn"]["top1"], 1)]
-    assert "fine-tuning rows: none run yet" in text and "(ablation runs)" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| MME (this run) |") or line.startswith("| random encoder |")]
+    for res, kind in ((this, "MME (this run)"), (random, "random encoder")):
+        for key, label in report.READOUTS:
+            row = next(x for x in rows if x.startswith(f"| {kind} | {label} |"))
+            assert f"| {res[key]['top1']:.1f} | {res[key]['top5']:.1f} |" in row
+    assert "Other pre-trainings of this recipe" not in text
+    assert "## Recall per class" in text and "| moving left |" in text and "| translation |" in text
     for png in ("loss.png", "trajectories.png", "frozen/confusion.png", "frozen_random/confusion.png"):
         assert (run / png).stat().st_size > 1000 and f"({png})" in text
-    assert viz.figure_note(run / "trajectories.png").startswith("validation clips")
+    assert figures.figure_note(run / "trajectories.png").startswith("validation clips")
     floor = json.loads((run / "loss_floor.json").read_text())["loss"]
     assert f"{floor:.3f}, the loss of predicting" in text
     stamps = {p: p.stat().st_mtime_ns for d in ("frozen", "frozen_random") for p in (run / d).iterdir()}
     stamps[run / "trajectories.png"] = (run / "trajectories.png").stat().st_mtime_ns
 
-    # ablation runs beside it (bench/ablate.py's layout), then the same report again
-    headline = tmp / "ablate" / "headline"
-    fake_eval(headline / "mme_trajectory" / "s0" / "frozen" / "eval.json", 30.0, 80.0, 33.0)
-    fake_eval(headline / "mme_trajectory" / "s1" / "frozen" / "eval.json", 40.0, 90.0, 37.0)
-    fake_eval(headline / "random_encoder" / "s0" / "frozen" / "eval.json", 6.0, 50.0, 10.0)
-    fake_eval(tmp / "ablate" / "headline" / "mme_trajectory" / "s0" / "finetune" / "eval.json", 55.0, 95.0, 0.0)
+    # other run folders beside it: the same recipe with other seeds (a table of their own), and another recipe (left out)
+    for name, seed, lr, scores in (("pre_s1", 1, None, (30.0, 80.0, 33.0, 50.0)), ("pre_s2", 2, None, (40.0, 90.0, 37.0, 60.0)),
+                                   ("other", 3, 1e-5, (99.0, 99.0, 99.0, 99.0))):
+        (tmp / name).mkdir()
+        pre = recipe.load(str(run / "recipe.yaml"), name=name, seed=seed, **({"base_lr": lr} if lr else {}))
+        (tmp / name / "recipe.yaml").write_text(recipe.dump(pre))
+        fake_eval(tmp / name / "frozen" / "eval.json", *scores)
     r = run_report(tmp)
     assert r.stderr.count("reused") == 2 and "features:" not in r.stderr and "Fig. 4" not in r.stderr
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps                # nothing recomputed, nothing redrawn
     text = (run / "report.md").read_text()
-    cells = report.table_cells(text)
-    assert cells["MME (trajectory) (ablation runs)"][:4] == ["35.0 ± 7.1", "85.0 ± 7.1", "35.0 ± 2.8", "2 (0, 1)"]
-    assert cells["random encoder (ablation runs)"][:4] == ["6.0", "50.0", "10.0", "1 (0)"]
-    assert "made by `python bench/ablate.py --only headline`" in text           # not a command guessed from the seeds
-    assert cells["headline/mme_trajectory"][:3] == ["55.0", "95.0", "1"] and "none run yet" not in text
-    assert [float(x) for x in cells["MME (this run)"][:3]] == [round(this["probe"]["top1"], 1),
-                                                              round(this["probe"]["top5"], 1), round(this["knn"]["top1"], 1)]
-
-    # cells run on another machine: read from bench/ablate.py's ledger, only those made with its default
-    # recipes and no --override; a cell's run folder here wins over its ledger line
-    line = lambda cell, part, scores, by="recipes/probe_tiny.yaml", override={}: json.dumps({
-        "cell": cell, "part": part, "recipe": "recipes/learn_tiny.yaml", "by": by, "override": override,
-        "scores": scores, "date": "2026-11-30", "commit": "abc1234", "source": "x"})
-    frozen = lambda p1, k1: {"top1": p1, "probe": {"top1": p1}, "knn": {"top1": k1}}
-    ledger = tmp / "ledger.jsonl"
-    ledger.write_text("\n".join([
-        line("ablate/headline/pixel_videomae/s0", "frozen", frozen(9.0, 13.0)),
-        line("ablate/headline/pixel_videomae/s1", "frozen", frozen(11.0, 15.0)),
-        line("ablate/headline/pixel_videomae/s2", "frozen", frozen(50.0, 50.0), override={"epochs": "2"}),   # another recipe
-        line("ablate/headline/mme_trajectory/s0", "frozen", frozen(99.0, 99.0)),      # its folder is here: not read
-        line("ablate/headline/mme_trajectory/s2", "frozen", frozen(35.0, 37.0)),
-        line("ablate/headline/hog_maskfeat/s0", "finetune", {"top1": 12.0}, by="recipes/finetune_learn_tiny.yaml")]) + "\n")
-    run_report(tmp, ledger)
-    text = (run / "report.md").read_text()
-    cells = report.table_cells(text)
-    assert cells["pixel (VideoMAE) (ablation runs)"][:4] == ["10.0 ± 1.4", "–", "14.0 ± 1.4", "2 (0, 1)"]
-    assert cells["pixel (VideoMAE) (ablation runs)"][4] == "2026-11-30"
-    assert cells["MME (trajectory) (ablation runs)"][:4] == ["35.0 ± 5.0", "–", "35.7 ± 2.3", "3 (0, 1, 2)"]
-    assert cells["headline/hog_maskfeat"][:3] == ["12.0", "–", "1"] and cells["headline/mme_trajectory"][:3] == ["55.0", "95.0", "1"]
-    assert f"pixel (VideoMAE): 2 from {ledger} (commit abc1234)" in text
-    assert f"MME (trajectory): 2 run folder(s) here, 1 from {ledger} (commit abc1234)" in text
+    others = text[text.index("### Other pre-trainings of this recipe"):text.index("## Recall per class")]
+    assert "pre_s1, pre_s2" in others and "other" not in others.split("(")[1].split(")")[0]
+    assert "| MME (other runs) | linear probe (mean token) | 35.0 ± 7.1 | 85.0 ± 7.1 | 1, 2 |" in others
+    assert "| MME (other runs) | attentive probe (all tokens) | 55.0 ± 7.1 |" in others
+    assert "99.0" not in text
 
 
 def numpy_floor(batches, widths, visible):

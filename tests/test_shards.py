@@ -1,18 +1,18 @@
 """The shard schema: encode/decode round trip, quantisation, errors, clip windows."""
+import io
+
 import numpy as np
 import pytest
+from helpers import fake_clip
 
-from mme import clips, shards, synthetic
+from mme import shards
+from mme.offline import clips
 
 
-def fake(T=4, H=32, W=48, L=3, g=8, seed=0):
-    rng = np.random.default_rng(seed)
-    frames = np.stack([synthetic.texture(rng, H, W) for _ in range(T)])
-    disp = rng.normal(0, 3, (T // 2, H // g, W // g, L, 2)).astype(np.float32)
-    hog = np.exp(rng.uniform(np.log(1e-3), np.log(0.25), (T // 2, H // g, W // g, L, 9))).astype(np.float32)
-    valid = rng.random((T // 2, H // g, W // g)) > 0.3
-    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T}
-    return frames, disp, hog, valid, meta
+def fake(T=4):
+    """A T-frame 32 x 48 clip's arrays (grid 8, L 3) and its metadata (what parse requires of it)."""
+    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T, "size": [48, 32], "params": {"grid": 8, "length": 3, "stride": 2}}
+    return (*fake_clip(T=T, H=32, W=48, L=3), meta)
 
 
 def test_round_trip():
@@ -43,7 +43,7 @@ def test_version_1_is_still_read():
 def test_displacement_code():
     """int8 fixed point: 1/16 px to 3.75 px, 1/4 px to 20.5 px, so every displacement the tracker makes
     (clipped at mme.flow.MAX_FLOW) is stored without saturating; beyond 20.5 px the code saturates."""
-    from mme.flow import MAX_FLOW
+    from mme.offline.flow import MAX_FLOW
     d = np.linspace(-MAX_FLOW, MAX_FLOW, 200001, dtype=np.float32)
     q = shards.encode_disp(d)
     assert q.dtype == np.int8 and np.all(np.diff(q.astype(int)) >= 0)      # monotone
@@ -62,11 +62,36 @@ def test_hog_code_is_monotone_and_clips():
     assert shards.decode_hog(np.uint8([255]))[0] == pytest.approx(shards.HOG_MAX)          # a damaged code: the top
 
 
+def _header_dtype(npy):
+    """The dtype a .npy file's header declares (object for a pickle), read without loading the file."""
+    f = io.BytesIO(npy)
+    major, _ = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)[2]
+
+
 def test_no_pickle_in_arrays():
+    """Shards hold plain .npy members, never pickles: the encoder refuses object arrays (which np.save would
+    pickle), and a pickled member (a hostile or foreign shard) is refused by every reader, not unpickled."""
     frames, disp, hog, valid, meta = fake()
+    for version, names in shards.TRACKS.items():
+        s = shards.encode("k", frames, disp, hog, valid, 0, dict(meta, schema=version))
+        for name in names:
+            npy = shards.unzst(s[name], 10 ** 6) if name.endswith(".zst") else s[name]
+            assert not _header_dtype(npy).hasobject, name
+    for i, name in enumerate(("frames", "disp", "hog", "valid")):
+        arrays = [frames, disp, hog, valid]
+        arrays[i] = arrays[i].astype(object)              # the same numbers, as Python objects
+        with pytest.raises(ValueError, match=f"^{name}: an object array"):
+            shards.encode("k", *arrays, 0, meta)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        shards.npy_load(pickled.getvalue())
     s = shards.encode("k", frames, disp, hog, valid, 0, meta)
-    for name in ("disp.npy.zst", "hog.npy.zst", "valid.npy.zst"):
-        shards.npy_load(shards.unzst(s[name], 10 ** 6))       # allow_pickle=False inside: would raise on an object array
+    bad = s | {"hog.npy.zst": shards.zst(pickled.getvalue())}
+    for decoder in (shards.decode, shards.decode_sample):
+        with pytest.raises(ValueError, match="allow_pickle=False"):
+            decoder(bad)
 
 
 def test_decode_errors_name_the_sample():

@@ -1,12 +1,12 @@
-"""Tests for mme.sources: tiny fake dataset trees with empty placeholder video files."""
+"""Tests for mme.offline.sources: tiny fake dataset trees with empty placeholder video files."""
 import hashlib
 import json
 import re
 
 import pytest
 
-from mme import sources
-from mme.sources import SourceError, Video, class_names, list_videos
+from mme.offline import sources
+from mme.offline.sources import SourceError, Video, class_names, list_videos
 
 
 def touch(path, text=""):

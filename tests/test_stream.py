@@ -16,29 +16,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import fake_clip, write_shard
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mme import shards, stream  # noqa: E402
+from mme import shards
+from mme.offline import writer
+from mme.online import stream
 
 SIZES = {"train-000000.tar": 3, "train-000001.tar": 7, "train-000002.tar": 5}   # + val-000000.tar: 4
 
 
 def make_sample(key, seed, schema=shards.SCHEMA_VERSION):
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-    disp = rng.normal(0, 1, (1, 2, 2, 6, 2)).astype(np.float32)
-    hog = rng.uniform(0, 0.1, (1, 2, 2, 6, 9)).astype(np.float32)
-    valid = rng.random((1, 2, 2)) > 0.5
+    """A raw sample of a 2-frame 16 x 16 clip (one tubelet, 2 x 2 trajectories of 6 steps)."""
     meta = {"schema": schema, "video_key": key, "num_frames": 2}
-    return shards.encode(key, frames, disp, hog, valid, seed % 5, meta)
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for s in samples:
-            shards.write_sample(tar, s)
+    return shards.encode(key, *fake_clip(T=2, H=16, W=16, L=6, seed=seed), seed % 5, meta)
 
 
 def strip(s):
@@ -60,9 +51,9 @@ def data(tmp_path_factory):
         for i in range(n):
             samples.append(make_sample(f"{name[:-4]}_v{i}_w0", seed))
             seed += 1
-        write_tar(d / name, samples)
+        write_shard(d / name, samples)
         content[str(d / name)] = samples
-    shards.write_json(d / "manifest.json", {"schema": 1, "splits": {
+    writer.write_json(d / "manifest.json", {"schema": 1, "splits": {
         "train": {"shards": SIZES}, "val": {"shards": {"val-000000.tar": 4}}}})
     return d, content
 
@@ -73,7 +64,7 @@ def train(data):
 
 
 def warnings_of(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "mme.stream" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "mme.online.stream" and r.levelno == logging.WARNING]
 
 # -----------------------------------------------------------------------------
 # finding shards
@@ -104,8 +95,9 @@ def test_expand_globs_braces_dirs_manifest(data, tmp_path):
 def test_schema_check(data, tmp_path):
     tr = train(data)
     assert stream.check_schema(tr[1])["video_key"] == "train-000001_v0_w0"
-    write_tar(tmp_path / "old.tar", [make_sample("a_w0", 0, schema=99)])
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}/old.tar: shard schema 99, this code reads 1 and 2: re-extract with extract.py$"):
+    write_shard(tmp_path / "old.tar", [make_sample("a_w0", 0, schema=99)])
+    said = "shard schema 99, this code reads 1 and 2: re-extract with extract.py"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}/old.tar: {said}$"):
         stream.check_schema(str(tmp_path / "old.tar"))
 
 
@@ -114,10 +106,11 @@ def test_every_shard_s_schema_is_checked(data, tmp_path, caplog):
     """Issue #10 point 3: only the first URL's version was checked; now every shard's, as it is opened."""
     d, content = data
     tr = train(data)
-    write_tar(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=3) for i in range(4)])
+    write_shard(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=3) for i in range(4)])
     urls = [tr[0], str(tmp_path / "old.tar"), tr[2]]
     assert [strip(s) for s in stream.samples(urls, resampled=False)] == content[tr[0]] + content[tr[2]]
-    assert warnings_of(caplog) == [f"{tmp_path}/old.tar: shard schema 3, this code reads 1 and 2: re-extract with extract.py; shard skipped"]
+    said = "shard schema 3, this code reads 1 and 2: re-extract with extract.py; shard skipped"
+    assert warnings_of(caplog) == [f"{tmp_path}/old.tar: {said}"]
     parts = run(urls, world_size=1, num_workers=3, resampled=False)           # every worker refuses it, none drifts
     assert sorted(keys(parts[0, 0] + parts[0, 1] + parts[0, 2])) == sorted(keys(content[tr[0]] + content[tr[2]]))
     assert not [k for k in keys(stream.samples(urls, epoch_samples=40)) if k.startswith("old")]     # training
@@ -201,7 +194,7 @@ def test_epoch_length(data, tmp_path):
         folder.mkdir()
         for n in SIZES:
             shutil.copy(d / n, folder / n)
-    shards.write_json(lying / "manifest.json", {"splits": {"train": {"shards": {n: 100 for n in SIZES}}}})
+    writer.write_json(lying / "manifest.json", {"splits": {"train": {"shards": {n: 100 for n in SIZES}}}})
     assert stream.epoch_length(f"{lying}/train-*.tar", 2, 1, 2) == 300 // 4 * 2   # the manifest is what counts
     assert stream.epoch_length(f"{bare}/train-*.tar", 2, 1, 2) == 15 // 4 * 2     # no manifest: counted
 
@@ -260,7 +253,7 @@ def test_missing_component(data, tmp_path, caplog):
     d, content = data
     samples = [make_sample(f"m{i}_w0", 100 + i) for i in range(4)]
     del samples[1]["hog.npy.zst"], samples[3]["cls"]                              # in the middle and at the end
-    write_tar(tmp_path / "m.tar", samples)
+    write_shard(tmp_path / "m.tar", samples)
     got = list(stream.samples([str(tmp_path / "m.tar")], resampled=False))
     assert [strip(s) for s in got] == [samples[0], samples[2]]
     assert warnings_of(caplog) == [f"{tmp_path}/m.tar: sample m1_w0 lacks hog.npy.zst; skipped",
@@ -274,7 +267,7 @@ def test_bad_and_empty_shards_warn_once_each(data, tmp_path, caplog):
     """Issue #10, smaller points: an empty tar passed without a word; evaluation warned twice per bad
     shard (once when counting samples, once when reading them)."""
     tr = train(data)
-    write_tar(tmp_path / "empty.tar", [])
+    write_shard(tmp_path / "empty.tar", [])
     (tmp_path / "cut.tar").write_bytes(Path(tr[1]).read_bytes()[:5000])
     urls = [tr[0], str(tmp_path / "cut.tar"), str(tmp_path / "empty.tar")]
     assert stream.epoch_length(urls, 1, 1, 1) >= 3 and warnings_of(caplog) == []       # counting says nothing

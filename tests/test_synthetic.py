@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mme import synthetic
+from mme.offline import synthetic
 
 
 def test_deterministic_and_distinct():

@@ -1,10 +1,10 @@
-"""Targets and masks (mme/targets.py): layout, normalisation, weights, and the baselines' targets."""
+"""Targets and masks (mme/online/targets.py): layout, normalisation, weights, and the baselines' targets."""
 import numpy as np
 import pytest
 import torch
 
-from mme import hog as hoglib
-from mme import targets
+from mme.offline import hog as hoglib
+from mme.online import targets
 
 
 def maps(B=2, T2=2, g=4, L=3, seed=0):
@@ -120,3 +120,60 @@ def test_unnormalize_inverts_patch_norm():
     widths = targets.mme_parts(r)
     assert widths == {"position": 24, "shape": 108} and targets.target_dim(r | {"target": "mme"}) == 132
     torch.testing.assert_close(targets.unnormalize(normed, raw, widths.values()), raw, atol=1e-4, rtol=1e-4)
+
+
+def test_authors_patch_std_on_a_known_patch():
+    """The authors' PatchStd: per step and coordinate, (x/20 - mean over the 4) / (unbiased std + 1e-6)."""
+    disp = torch.zeros(1, 1, 2, 2, 1, 2)                                    # one patch, L = 1
+    disp[0, 0, :, :, 0, 0] = torch.tensor([[1.0, 3.0], [5.0, 7.0]])        # dx of trajectories k = 0..3
+    disp[0, 0, :, :, 0, 1] = 4.0                                           # dy: the same for all four
+    t, _ = targets.mme_target(disp, torch.rand(1, 1, 2, 2, 1, 9), torch.ones(1, 1, 2, 2, dtype=torch.bool),
+                              patch_norm="authors", shape=False)
+    dx = torch.tensor([1.0, 3.0, 5.0, 7.0]) / 20
+    expect = (dx - dx.mean()) / (dx.std(unbiased=True) + 1e-6)             # [-1.16, -0.39, 0.39, 1.16]
+    torch.testing.assert_close(t[0, 0, 0::2], expect)
+    torch.testing.assert_close(t[0, 0, 1::2], torch.zeros(4))              # common motion removed entirely
+    # a rigid translation (every trajectory alike) keeps nothing; the paper's norm keeps its direction
+    rigid = torch.zeros(1, 1, 2, 2, 3, 2)
+    rigid[..., 0] = 2.0
+    t, _ = targets.mme_target(rigid, torch.rand(1, 1, 2, 2, 3, 9), torch.ones(1, 1, 2, 2, dtype=torch.bool),
+                              patch_norm="authors", shape=False)
+    assert torch.all(t == 0)
+
+
+def test_mean_plus_relative_parts():
+    disp, hog, valid = maps(L=3)
+    t, _ = targets.mme_target(disp, hog, valid, patch_norm="none", density="mean+relative")
+    r = {"trajectory_density": "mean+relative", "trajectory_length": 3, "interpolation": True, "sampling_rate": 2,
+         "shape_target": True}
+    assert targets.mme_parts(r) == {"position": 6, "relative": 24, "shape": 108} and t.shape[-1] == 138
+    mean = disp[0, 0, :2, :2].mean((0, 1))                                  # token 0: the patch's mean path [L, 2]
+    torch.testing.assert_close(t[0, 0, :6], mean.flatten())
+    torch.testing.assert_close(t[0, 0, 6:12], (disp[0, 0, 0, 0] - mean).flatten())   # trajectory 0 relative to it
+    normed, _ = targets.mme_target(disp, hog, valid, patch_norm="paper", density="mean+relative")
+    for a, b in ((0, 6), (6, 30), (30, 138)):                               # each part standardised on its own
+        torch.testing.assert_close(normed[..., a:b].mean(-1), torch.zeros(normed.shape[:2]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("norm,density", [("paper", "dense"), ("paper", "mean"), ("paper", "mean+relative"),
+                                          ("none", "dense"), ("none", "mean"), ("none", "mean+relative"),
+                                          ("authors", "dense")])
+@pytest.mark.parametrize("balance", [False, True])
+def test_paths_undo_every_target_space(norm, density, balance):
+    """A perfect prediction in the recipe's target space comes back as the true trajectories in px."""
+    from mme import model
+
+    disp, hog, valid = maps(L=3, seed=1)
+    r = {"trajectory_density": density, "trajectory_length": 3, "interpolation": True, "sampling_rate": 2,
+         "shape_target": True, "patch_norm": norm, "loss_balance": balance}
+    raw, weight = targets.mme_target(disp, hog, valid, patch_norm="none", density=density)
+    normed, _ = targets.mme_target(disp, hog, valid, patch_norm=norm, density=density)
+    if balance:                                                             # the model predicts in part-rms units
+        widths = list(targets.mme_parts(r).values())
+        normed = torch.cat([p / s for p, s in zip(normed.split(widths, -1), model.part_rms(normed, weight, widths))], -1)
+    true, pred = targets.paths(normed, raw, weight, r)
+    K = 1 if density == "mean" else 4
+    assert true.shape == (2, 8, K, 3, 2)
+    first = disp[:, 0, :2, :2].reshape(2, 4, 3, 2)                           # token 0: the patch at (0, 0) of t = 0
+    torch.testing.assert_close(true[:, 0], first if K == 4 else first.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred, true, atol=1e-3, rtol=1e-3)

@@ -1,10 +1,10 @@
-"""Trajectories (mme/trajectory.py) against the synthetic dataset's ground truth motion."""
+"""Trajectories (mme/offline/trajectory.py) against the synthetic dataset's ground truth motion."""
 import cv2
 import numpy as np
 import pytest
 
-from mme import synthetic
-from mme.trajectory import grid_points, trajectories
+from mme.offline import synthetic
+from mme.offline.trajectory import grid_points, trajectories
 
 SIZE, T, L, GRID = (192, 240), 20, 6, 8
 STARTS = np.arange(0, T - L, 4)

@@ -1,11 +1,14 @@
-"""The reference augmentation (mme/transforms.py): crop/resize/flip of frames and trajectories agree,
-and trajectories come out in output pixels: true motion x scale, dx sign following the flip."""
+"""The augmentation (mme/online/transforms.py) as the loader applies it (mme.online.data.prepare): crop/resize/
+flip of frames and trajectories agree, and trajectories come out in output pixels: true motion x scale, dx sign
+following the flip."""
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from mme import shards, synthetic, trajectory, transforms
+from mme import recipe, shards
+from mme.offline import synthetic, trajectory
+from mme.online import data, transforms
 
 SIZE, GRID = 112, 8
 
@@ -60,8 +63,9 @@ def test_finish_tracks_units():
 
 @pytest.fixture(scope="module")
 def translating():
-    """A shard sample of an object translating at a known sub-pixel velocity under no camera motion,
-    whose trajectory arrays are the ground truth itself (so only the loader's transform is tested)."""
+    """A raw shard sample (160 x 128, 8 frames, stride 2, L 4) of an object translating at a known sub-pixel
+    velocity under no camera motion, whose trajectory arrays are the ground truth itself (so only the
+    loader's transform is tested); with its clip and the velocity per frame."""
     T, s, L = 8, 2, 4
     clip = synthetic.clip(0, size=(128, 160), num_frames=T * s + L, camera_prob=0.0, label=0)
     gx, gy = trajectory.grid_points(128, 160, GRID)
@@ -72,25 +76,43 @@ def translating():
         disp.append(d.reshape(16, 20, L, 2))
         valid.append(((pos[..., 0] >= 0) & (pos[..., 0] <= 159) & (pos[..., 1] >= 0) & (pos[..., 1] <= 127)).all(1).reshape(16, 20))
     frame_indices = s * np.arange(T)
-    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T, "frame_indices": frame_indices.tolist()}
+    meta = {"schema": shards.SCHEMA_VERSION, "num_frames": T, "frame_indices": frame_indices.tolist(), "size": [160, 128],
+            "params": {"grid": GRID, "length": L, "stride": s}}
     hog = np.random.default_rng(0).random((T // 2, 16, 20, L, 9)) * 0.1
     raw = shards.encode("t_w00", clip.frames[frame_indices], np.stack(disp), hog, np.stack(valid), 0, meta)
     velocity = clip.b[1] - clip.b[0]                                  # world motion per frame
-    return shards.decode(raw), clip, velocity
+    return raw, clip, velocity
+
+
+def loader_recipe(**kw):
+    """What the loader needs to take the translating sample (its frames, stride, L), at SIZE, with flips."""
+    return recipe.load(None, **{**dict(data_path="x", num_frames=8, sampling_rate=2, trajectory_length=4, input_size=SIZE,
+                                       model="tiny", flip=True), **kw})
 
 
 def test_trajectories_follow_frames_scale_and_flip(translating):
-    sample, clip, v = translating
+    """Training draws (a MultiScaleCrop box and a flip): on the object, the trajectories the loader gives
+    are its velocity in output pixels (x size/cw, y size/ch, dx negated if flipped), where the frames it
+    gives show the object; off it, zero."""
+    raw, clip, v = translating
     v = shards.decode_disp(shards.encode_disp(v))                   # as stored (1/16 px steps): the transform is tested
+    frames = shards.decode(raw)["frames"]
+    indices = shards.decode(raw)["meta"]["frame_indices"]
     rng = np.random.default_rng(1)
-    checked = 0
+    r = loader_recipe()
+    checked, draws = 0, set()
     for trial in range(12):
-        out = transforms.augment(sample, SIZE, GRID, rng=rng, flip_prob=0.5)
-        x0, y0, cw, ch = out["box"]
-        scale = np.array([SIZE / cw, SIZE / ch]) * ([-1, 1] if out["flip"] else [1, 1])
-        # where the object is in the *output frames*: the rendered alpha through crop_frames
-        alpha = clip.alpha[sample["meta"]["frame_indices"]][..., None].repeat(3, -1) * 255
-        alpha_out = transforms.crop_frames(alpha.astype(np.uint8), out["box"], SIZE, out["flip"])[..., 0]   # [T, S, S]
+        (out,) = data.prepare(raw, rng, r, train=True, decode=True)
+        box, flip = tuple(out["box"].tolist()), bool(out["flip"])
+        draws.add((box[2:], flip))
+        x0, y0, cw, ch = box
+        scale = np.array([SIZE / cw, SIZE / ch]) * ([-1, 1] if flip else [1, 1])
+        # the frames given are the decoded ones through this box and flip; so the object is where the
+        # rendered alpha lands through the same crop_frames
+        assert torch.equal(out["video"], transforms.crop_frames(frames, box, SIZE, flip))
+        alpha = clip.alpha[indices][..., None].repeat(3, -1) * 255
+        alpha_out = transforms.crop_frames(alpha.astype(np.uint8), box, SIZE, flip)[..., 0]   # [T, S, S]
+        assert out["disp"].shape == (4, SIZE // GRID, SIZE // GRID, 4, 2)
         for j in range(out["disp"].shape[0]):
             a = alpha_out[2 * j].numpy() / 255
             # bilinear resampling mixes source points up to a grid step (8 px, 11 px here) away
@@ -103,15 +125,19 @@ def test_trajectories_follow_frames_scale_and_flip(translating):
             if on_obj.sum():
                 np.testing.assert_allclose(d[on_obj], np.broadcast_to(v * scale, d[on_obj].shape), atol=0.02)
                 checked += 1
-            assert np.abs(d[on_bg]).max() < 0.02
+            assert on_bg.sum() and np.abs(d[on_bg]).max() < 0.02
     assert checked >= 10
+    assert {f for _, f in draws} == {False, True} and len({size for size, _ in draws}) > 2    # flips and scales drawn
 
 
-def test_centre_crop_without_rng(translating):
-    sample = translating[0]
-    out = transforms.augment(sample, SIZE, GRID)
-    assert out["box"] == (16, 0, 128, 128) and out["flip"] is False
+def test_centre_crop_in_evaluation(translating):
+    """Evaluation (one crop): the centre square of the short side, never flipped, whatever the recipe's flip
+    and without a random generator."""
+    raw = translating[0]
+    (out,) = data.prepare(raw, None, loader_recipe(test_num_crop=1), train=False, decode=True)
+    assert tuple(out["box"].tolist()) == (16, 0, 128, 128) and not out["flip"]
     assert out["video"].shape == (8, SIZE, SIZE, 3) and out["video"].dtype == torch.uint8
+    assert torch.equal(out["video"], transforms.crop_frames(shards.decode(raw)["frames"], (16, 0, 128, 128), SIZE))
     assert out["disp"].shape == (4, 14, 14, 4, 2)
     assert out["hog"].shape == (4, 14, 14, 4, 9) and out["valid"].dtype == torch.bool
 
@@ -123,3 +149,12 @@ def test_normalize_is_imagenet_standardisation_in_channels_last_order():
     expect = ((clip.float() / 255 - mean) / std).permute(0, 4, 1, 2, 3)                  # [B, 3, T, H, W]
     assert out.shape == (2, 3, 4, 8, 12) and out.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=0)
+
+
+def test_to_uint8_inverts_normalize():
+    import torch
+
+    from mme.online import transforms
+    v = torch.randint(0, 256, (2, 4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = transforms.normalize(v)
+    assert x.shape == (2, 3, 4, 16, 16) and torch.equal(transforms.to_uint8(x), v)

@@ -13,7 +13,7 @@ Grid point (i, j) starts at pixel (x, y) = (grid*j + grid//2, grid*i + grid//2) 
 Tracking (eq. 6): the point's image position q follows the 3x3-median-filtered flow w_t, sampled
 bilinearly at the sub-pixel position: q' = q + (M * w_t)(q). HOG is taken where the point really is
 and validity uses real image positions. With camera=True the camera motion is removed as Appendix A
-asks: fit the camera homography H_t between frames t and t+1 (mme.flow) and record the motion
+asks: fit the camera homography H_t between frames t and t+1 (mme.offline.flow) and record the motion
 relative to the scene, disp = q' - H_t(q). The paper warps frame t+1 by H_t and recomputes the
 flow; subtracting the camera's flow is the same to first order, measured as accurate on the
 synthetic ground truth, at half the flow computations (docs/benchmarks.md). camera=False: disp = q' - q.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from mme import flow as flowlib
-from mme import hog as hoglib
+from mme.offline import flow as flowlib
+from mme.offline import hog as hoglib
 
 
 @dataclass

@@ -8,7 +8,6 @@ trajectories.
     maps = crop_maps(m, box, size, grid, flip)                         # float [T', H/g, W/g, C] -> [T', size/g, size/g, C]
     disp, hog, valid = finish_tracks(disp, hog, valid, box, size, flip)  # the units: px scale, dx sign, HOG bins
     disp, hog, valid = crop_tracks(disp, hog, valid, box, size, grid, flip)   # crop_maps + finish_tracks
-    out = augment(sample, size, grid, rng, flip_prob=0.5)             # all of it, one decoded shard sample
 
 Trajectory maps are resampled, not just cropped: output grid point (i, j) sits at the centre of its
 g x g cell of the output, pixel (g*j + (g-1)/2, g*i + (g-1)/2), which is symmetric under a flip. It maps
@@ -36,11 +35,6 @@ def crop_box(rng, h, w, size=224, scales=(1.0, 0.875, 0.75, 0.66), max_distort=1
     offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
     ox, oy = offsets[rng.integers(len(offsets))]
     return ox * ws, oy * hs, cw, ch
-
-
-def centre_box(h, w, size=224):
-    """Evaluation: the centre square of the short side (resized to `size`)."""
-    return eval_boxes(h, w, 1)[0]
 
 
 def eval_boxes(h, w, n):
@@ -73,6 +67,14 @@ def normalize(video):
     x = video.reshape(-1, W * C).float()
     torch.addcmul(-shift, x, scale, out=x)
     return x.view(*lead, T, H, W, C).movedim(-1, -4)
+
+
+def to_uint8(video):
+    """normalize's inverse: float [..., 3, T, S, S], ImageNet-normalised -> uint8 [..., T, S, S, 3] (for pictures
+    and caches of what the model saw)."""
+    mean = torch.tensor(MEAN, device=video.device).view(3, 1, 1, 1)
+    std = torch.tensor(STD, device=video.device).view(3, 1, 1, 1)
+    return ((video.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).movedim(-4, -1)
 
 
 def map_coords(box, size, grid):
@@ -133,14 +135,3 @@ def crop_tracks(disp, hog, valid, box, size, grid, flip=False, hog_table=None, d
     v = crop_maps(valid.float()[..., None], box, size, grid, flip)[..., 0]
     return finish_tracks(d, g, v, box, size, flip)
 
-
-def augment(sample, size, grid, rng=None, scales=(1.0, 0.875, 0.75, 0.66), flip_prob=0.0):
-    """The whole reference transform of one decoded sample (mme.shards.decode): a random
-    MultiScaleCrop (centre crop when rng is None) and flip, applied to frames and trajectories.
-    Returns dict(video uint8 [T, S, S, 3], disp [T/2, S/g, S/g, L, 2], hog [..., L, 9], valid [T/2, S/g, S/g],
-    box, flip)."""
-    T, h, w, _ = sample["frames"].shape
-    box = crop_box(rng, h, w, size, scales) if rng is not None else centre_box(h, w, size)
-    flip = bool(rng is not None and rng.random() < flip_prob)
-    disp, hog, valid = crop_tracks(sample["disp"], sample["hog"], sample["valid"], box, size, grid, flip)
-    return dict(video=crop_frames(sample["frames"], box, size, flip), disp=disp, hog=hog, valid=valid, box=box, flip=flip)

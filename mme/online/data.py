@@ -4,7 +4,7 @@
     for b in loader:
         b["video"]    # float [B, 3, T, S, S], ImageNet-normalised (channels_last_3d in memory)
         b["mask"]     # bool  [B, N], True = masked (hidden from the encoder); N = T/2 * (S/16)^2
-        b["target"]   # float [B, N, D]: recipe["target"] (mme | pixel | hog), layout in mme/targets.py
+        b["target"]   # float [B, N, D]: recipe["target"] (mme | pixel | hog), layout in mme/online/targets.py
         b["weight"]   # float [B, N]: 0 for tokens whose trajectories left the frame (eq. 7)
                       # (no mask, target, weight for target "none": fine-tuning reads labels only)
         b["label"]    # long  [B], -1 where the shards carry no label
@@ -18,14 +18,14 @@ Training draws a MultiScaleCrop and flip per clip (recipe["repeated_aug"] clips 
 RandAugment if recipe["rand_aug"]); evaluation (train=False) gives every sample once, in
 recipe["test_num_crop"] crops along the long side, with equal batch counts on every rank.
 
-Per sample, DataLoader worker processes read the stream (mme.stream: rank/worker split, equal
+Per sample, DataLoader worker processes read the stream (mme.online.stream: rank/worker split, equal
 epochs, bad input skipped) and draw the augmentation: a MultiScaleCrop box and a flip (seeded by
 seed, epoch, rank and sample). It is applied to the frames and to the trajectory maps alike by one
 of two backends, which tests hold equal:
   - "dali" (the default with a GPU and DALI installed, requirements-gpu.txt; imported only by this backend):
     the main process feeds each batch to a DALI pipeline, "mixed"
     nvJPEG decoding and GPU resize; the same operators run on CPU when asked for there.
-  - "torch" (the default without a GPU): each worker decodes (OpenCV) and applies mme.transforms,
+  - "torch" (the default without a GPU): each worker decodes (OpenCV) and applies mme.online.transforms,
     the pure-PyTorch reference. On CPU it is the faster of the two: DALI's CPU resize costs ~5x
     torch's uint8 kernel (docs/benchmarks.md), and the work spreads over the workers.
 Frames leave either backend as uint8; normalisation, targets and masks are computed in torch on the
@@ -40,7 +40,8 @@ import cv2
 import numpy as np
 import torch
 
-from mme import augment, shards, stream, targets, transforms
+from mme import shards
+from mme.online import augment, dali, s3, stream, targets, transforms
 
 SHUFFLE = 32                        # samples shuffled in each worker's buffer (~40 MB); shards are shuffled at extraction
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def make_target(recipe, clip, disp, hog, valid):
                                             stride=None if r["interpolation"] else r["sampling_rate"])
     else:
         pixels = clip.movedim(-1, 1).float() / 255                           # [B, 3, T, S, S] in [0, 1]
-        target = targets.pixel_target(pixels, r["patch_norm"]) if r["target"] == "pixel" else targets.hog_target(pixels)
+        target = targets.pixel_target(pixels, r["patch_norm"] != "none") if r["target"] == "pixel" else targets.hog_target(pixels)
         weight = torch.ones(target.shape[:2], device=target.device)
     return target, weight
 
@@ -292,12 +293,12 @@ class Loader:
         if self.backend == "dali" and not dali_installed():
             raise ValueError("backend dali: NVIDIA DALI is not installed (pip install -r requirements-gpu.txt)")
         if self.backend == "dali" and recipe["rand_aug"]:
-            raise ValueError("rand_aug runs in the torch backend's workers (mme/augment.py), not in DALI")
+            raise ValueError("rand_aug runs in the torch backend's workers (mme/online/augment.py), not in DALI")
         if self.backend == "dali" and train and recipe["shuffle_frames"]:
             raise ValueError("shuffle_frames runs in the torch backend's workers, not in DALI")
         self.dataset = _Samples(self.urls, recipe, train, rank, world_size, self.epoch_samples, self.workers,
                                 decode=self.backend == "torch")
-        self.pipe = _dali_pipeline(recipe, self.batch, self.device, self.schema) if self.backend == "dali" else None
+        self.pipe = dali.pipeline(recipe, self.batch, self.device, self.schema) if self.backend == "dali" else None
         self.epoch, self.done, self.rank = 0, 0, rank
 
     def __len__(self):
@@ -338,7 +339,7 @@ class Loader:
         """DALI: prepared samples -> video uint8 [B, T, S, S, 3], disp [B, T', n, n, L, 2], hog [..., L, 9],
         valid bool [B, T', n, n], on the loader's device. Undecodable samples are dropped from `items`."""
         try:
-            return _run_dali(self.pipe, items, self.recipe, self.device)
+            return dali.run(self.pipe, items, self.recipe, self.device)
         except Exception:
             # A JPEG that does not decode fails the whole batch: find it, warn, go on without it.
             # (DALI's pipeline is unusable after an error, so it is rebuilt.)
@@ -346,8 +347,8 @@ class Loader:
             if len(good) == len(items) or not good:
                 raise
             items[:] = good
-            self.pipe = _dali_pipeline(self.recipe, self.batch, self.device, self.schema)
-            return _run_dali(self.pipe, items, self.recipe, self.device)
+            self.pipe = dali.pipeline(self.recipe, self.batch, self.device, self.schema)
+            return dali.run(self.pipe, items, self.recipe, self.device)
 
     def finish(self, batch, mask_rng):
         """A batch from the workers (torch backend: augmented, with targets; DALI: a list of prepared
@@ -377,8 +378,8 @@ def stream_errors(batches):
     comes out as the one-line S3Error it was."""
     try:
         yield from batches
-    except stream.S3Error as e:
-        raise stream.S3Error(str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.S3Error: ")) from None
+    except s3.S3Error as e:
+        raise s3.S3Error(str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.S3Error: ")) from None
 
 
 def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend=None, device=None):
@@ -387,107 +388,3 @@ def build_loader(urls, recipe, train=True, rank=None, world_size=None, backend=N
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     return Loader(urls, recipe, train, rank, world_size, backend, device)
-
-
-# ---- the DALI backend: the same transforms as mme.transforms, per batch ----------------------
-
-def _dali_pipeline(recipe, batch, device, schema=shards.SCHEMA_VERSION):
-    """DALI graph: JPEG tile -> frames -> crop/resize/flip (uint8); trajectory maps -> the same
-    crop/resize/flip in grid coordinates (mme.transforms.crop_maps's mapping: ROI shifted by half a
-    source pixel, no antialiasing). A flip is a ROI whose x runs backwards (DALI's resize mirrors
-    then; fn.flip cannot take the 54-channel HOG maps). Inputs are fed per batch with feed_input."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali.pipeline import Pipeline
-
-    gpu = device.type == "cuda"
-    size = recipe["input_size"]
-    out_grid = size // 8
-    pipe = Pipeline(batch_size=batch, num_threads=max(2, min(8, torch.get_num_threads())),
-                    device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=1,
-                    exec_async=False, exec_pipelined=False)
-    with pipe:
-        jpg = fn.external_source(name="jpg", dtype=types.UINT8)
-        shape = fn.external_source(name="shape", dtype=types.INT64)
-        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT)
-        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT)
-        tile = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        frames = fn.reshape(tile, shape=shape, layout="FHWC")
-        video = fn.resize(frames, roi_start=roi_start, roi_end=roi_end, size=[size, size], antialias=True,
-                          interp_type=types.INTERP_LINEAR)               # uint8 [T, S, S, 3], as PIL's for VideoMAE
-        if recipe["target"] != "mme":
-            pipe.set_outputs(video)
-            pipe.build()
-            return pipe
-        map_start = fn.external_source(name="map_start", dtype=types.FLOAT)
-        map_end = fn.external_source(name="map_end", dtype=types.FLOAT)
-        disp_table, hog_table = shards.tables(schema)
-        disp = fn.external_source(name="disp", dtype=types.FLOAT16 if disp_table is None else types.UINT8, layout="FHWC")
-        hog = fn.external_source(name="hog", dtype=types.UINT8, layout="FHWC")
-        valid = fn.external_source(name="valid", dtype=types.UINT8, layout="FHWC")
-        # undo the codes before resampling, by table: exp() per element costs more than the resize
-        codes = list(range(256))
-        disp = disp.gpu() if gpu else disp
-        disp = fn.cast(disp, dtype=types.FLOAT) if disp_table is None else \
-            fn.lookup_table(disp, keys=codes, values=disp_table.tolist(), dtype=types.FLOAT)
-        hog = fn.lookup_table(hog.gpu() if gpu else hog, keys=codes, values=hog_table.tolist(), dtype=types.FLOAT)
-        valid = fn.cast(valid.gpu() if gpu else valid, dtype=types.FLOAT)
-        maps = []
-        for m in (disp, hog, valid):
-            m = fn.resize(m, roi_start=map_start, roi_end=map_end, size=[out_grid, out_grid], antialias=False,
-                          interp_type=types.INTERP_LINEAR)
-            maps.append(m)
-        pipe.set_outputs(video, *maps)
-    pipe.build()
-    pipe.mme_schema = schema
-    return pipe
-
-
-def _run_dali(pipe, items, recipe, device):
-    """One batch of prepared samples through the pipeline -> what Loader.decode returns."""
-    tracks = recipe["target"] == "mme"
-    feed = {"jpg": [it["jpg"] for it in items], "shape": [it["shape"] for it in items]}
-    if tracks and {it["schema"] for it in items} != {pipe.mme_schema}:
-        raise ValueError(f"shards of schema versions {sorted({it['schema'] for it in items} | {pipe.mme_schema})} mixed "
-                         "in one run of the DALI backend: re-extract the older ones, or use backend torch")
-    if tracks:
-        feed.update(disp=[_fhwc(it["disp"]) for it in items], hog=[_fhwc(it["hog"]) for it in items],
-                    valid=[it["valid"].astype(np.uint8)[..., None] for it in items])
-    for name, shift, scale in (("roi", 0.0, 1), ("map", -0.5, GRID))[:2 if tracks else 1]:   # frames in px, maps in grid steps
-        starts, ends = [], []
-        for it in items:
-            x0, y0, cw, ch = it["box"]
-            start = np.float32([(y0 + shift) / scale, (x0 + shift) / scale])
-            end = start + np.float32([ch / scale, cw / scale])
-            if it["flip"]:                                    # x runs backwards: a mirrored resize
-                start[1], end[1] = end[1], start[1]
-            starts.append(start), ends.append(end)
-        feed[f"{name}_start"], feed[f"{name}_end"] = starts, ends
-    for name, data in feed.items():
-        pipe.feed_input(name, data)
-    outs = pipe.run()
-    video = _to_torch(outs[0], device, torch.uint8)
-    if not tracks:
-        return video, None, None, None
-    disp, hog, valid = (_to_torch(o, device, torch.float32) for o in outs[1:])
-    Tp, n = valid.shape[1], valid.shape[2]
-    L = recipe["trajectory_length"]
-    finished = [transforms.finish_tracks(disp[i].view(Tp, n, n, L, 2), hog[i].view(Tp, n, n, L, transforms.BINS),
-                                         valid[i, ..., 0], tuple(int(x) for x in it["box"]), recipe["input_size"],
-                                         bool(it["flip"])) for i, it in enumerate(items)]
-    return (video, *(torch.stack(x) for x in zip(*finished)))
-
-
-def _fhwc(a):
-    """[T', gh, gw, L, C] -> [T', gh, gw, L*C]: DALI resizes channels-last maps."""
-    return np.ascontiguousarray(a.reshape(*a.shape[:3], -1))
-
-
-def _to_torch(out, device, dtype):
-    """A DALI output (uniform shape) copied into a torch tensor of its own on `device`: DALI reuses its
-    buffers at the next run. feed_ndarray is DALI's documented copy for both devices."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-    t = out.as_tensor()
-    arr = torch.empty(t.shape(), dtype=dtype, device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    return feed_ndarray(t, arr, cuda_stream=stream)

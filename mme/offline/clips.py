@@ -12,14 +12,16 @@ tracks past the end are invalid. Evaluation splits extracted with `views` N get 
 clips instead: N windows over the whole video, overlapping where it is short (window_starts).
 
     params = Params(frames=16, stride=3, length=6)
-    samples, warnings = video_samples(video, params)      # video: mme.sources.Video
+    samples, warnings = video_samples(video, params)      # video: mme.offline.sources.Video
 """
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mme import shards, synthetic, video as videolib
-from mme.trajectory import trajectories
+from mme import shards
+from mme.offline import synthetic
+from mme.offline import video as videolib
+from mme.offline.trajectory import trajectories
 
 
 @dataclass

@@ -1,171 +1,16 @@
-"""Pictures and progress: what a person looks at while and after a run.
+"""Pictures: what a person looks at after a run. Every function takes arrays the caller computed and
+writes one labelled PNG; none builds a loader or runs a model.
 
-    p = progress(console, total_steps, start, log="runs/x/log.txt", device=device)   # live bar on a terminal, else lines
-    p.note("header line")                     # to the console and the log file
-    p.update(step, epoch=1, loss=..., lr=..., clips=8, seconds=0.5, wait=0.1); p.stop()
-    every(20, 60).due(done, total)            # a plain line every 20 items and at least every 60 s
-    eta(seconds)                              # '1h02m', '3m05s', '12s'
-    board = Board(run, start_step); board.add(step, **{"train/loss": 0.5}); board.close()   # TensorBoard events (+ W&B if asked)
     loss_curve("runs/x/metrics.jsonl", "runs/x/loss.png", title=..., floor=...)   # loss (log) and lr against step
     confusion_matrix("runs/x/confusion.png", truth, predicted, num_classes, names)   # row-normalised, counts in cells
     shard_figure("runs/show_x.png", [mme.shards.decode(raw), ...])   # samples as stored: frames + trajectories
     paths = token_paths(pos, h, w)           # pos [h*w, K, L, 2] px -> pixel paths [h*w, K, L+1, 2]
     trajectory_figure("runs/x/trajectories.png", frames, mask, true_pos, pred_pos, labels, note)   # the paper's Fig. 4
-    prediction_figure("runs/x/trajectories.png", batch, pred, recipe, names=names, note=note)   # from a batch + model output
-    run_figure("runs/x/trajectories.png", net, recipe)   # the same for a model's first validation clips
     figure_note("runs/x/trajectories.png")   # the note it was saved with ("validation clips ..."), or None
 """
 import json
-import time
 
 import numpy as np
-
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.text import Text
-
-
-def eta(seconds):
-    """A duration as people read it in a log: '2h05m', '3m05s', '12s'; '?' when unknown."""
-    if seconds is None or not np.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class every:
-    """When a plain progress line is due: every `n` items, and at least every `seconds` s, the first
-    and the last item always (a batch job's log shows at once that the run is going, and how far)."""
-
-    def __init__(self, n, seconds):
-        self.n, self.seconds = max(1, int(n)), seconds
-        self.last_item, self.last_time = None, time.monotonic()
-
-    def due(self, item, total):
-        now = time.monotonic()
-        if (self.last_item is None or item >= total or item - self.last_item >= self.n
-                or now - self.last_time >= self.seconds):
-            self.last_item, self.last_time = item, now
-            return True
-        return False
-
-
-class Rate:
-    """Seconds per item for the ETA, from the second item on: the first carries the start-up (workers
-    spawning, the first batch, allocator warm-up), which made rich's ETA read hours at step 6."""
-
-    def __init__(self):
-        self.first = None                      # (time, item) once the first item is done
-
-    def eta(self, done, total):
-        now = time.monotonic()
-        if self.first is None:
-            self.first = (now, done)
-            return None
-        t0, d0 = self.first
-        return (now - t0) / (done - d0) * (total - done) if done > d0 else None
-
-
-class _Progress:
-    """Rank 0's training progress: a live bar when the console is a terminal, else a plain line every
-    `every_steps` steps and at least every `every_seconds` s (a batch job's log file); the same lines,
-    time-stamped, in `log` (the run's log.txt) either way."""
-
-    def __init__(self, console, total, start, log=None, every_steps=20, every_seconds=60, device=None):
-        self.console, self.total, self.live = console, total, console.is_terminal
-        self.log = log
-        self.device = device
-        self.when, self.rate = every(every_steps, every_seconds), Rate()
-        self.clips = self.seconds = self.wait = 0.0           # summed since the last line
-        self.bar = None
-        if self.live:
-            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[text]}"),
-                                console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, text="")
-            self.bar.start()
-
-    def note(self, text):
-        """A line (rich markup) to the console and, plain, to the log file."""
-        self.console.print(text)
-        self._log(Text.from_markup(text).plain)
-
-    def _log(self, line):
-        if self.log:                           # opened per line: a few lines a minute, nothing left open
-            with open(self.log, "a") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
-
-    def update(self, step, epoch=None, loss=float("nan"), lr=0.0, clips=0, seconds=0.0, wait=0.0):
-        """Step `step` is done: `clips` clips (all ranks) in `seconds` s, `wait` of them waiting for data."""
-        self.clips, self.seconds, self.wait = self.clips + clips, self.seconds + seconds, self.wait + wait
-        left = self.rate.eta(step, self.total)
-        speed = self.clips / self.seconds if self.seconds else 0.0
-        text = (f"loss {loss:.4f}  lr {lr:.2e}  {speed:.1f} clips/s  data {self.wait / max(self.seconds, 1e-9):.0%}"
-                f"  ETA {eta(left)}")
-        if self.device is not None and self.device.type == "cuda":
-            import torch
-            text += f"  mem {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} GiB"
-        if self.bar:
-            self.bar.update(self.task, completed=step, text=text)
-        if self.when.due(step, self.total):
-            line = f"step {step}/{self.total}" + (f"  epoch {epoch}" if epoch is not None else "") + "  " + text
-            if not self.live:
-                self.console.print(line, markup=False, highlight=False)
-            self._log(line)
-            self.clips = self.seconds = self.wait = 0.0
-
-    def stop(self):
-        if self.bar:
-            self.bar.stop()
-
-
-def progress(console, total, start=0, log=None, every_steps=20, every_seconds=60, device=None):
-    return _Progress(console, total, start, log, every_steps, every_seconds, device)
-
-
-class Board:
-    """TensorBoard event files in the run folder, beside metrics.jsonl (`tensorboard --logdir runs` shows
-    every run by its name). A run resumed from step s hides the events a killed run wrote past s
-    (purge_step). Without the tensorboard package it writes nothing and says so once.
-    wandb: a Weights & Biases project to send the same scalars to (the recipe key `wandb`; off unless
-    asked). The W&B run's id comes from the run folder, so a resumed run continues the same W&B run;
-    credentials are wandb's own (WANDB_API_KEY or `wandb login`; WANDB_MODE=offline works), never ours."""
-
-    def __init__(self, run, start_step=0, say=print, wandb=None, config=None):
-        self.wandb = None
-        if wandb:
-            try:
-                import wandb as wandb_lib
-            except ImportError:
-                raise ValueError(f"wandb: {wandb}: the wandb package is not installed (pip install wandb), "
-                                 f"or leave the recipe key wandb unset") from None
-            import hashlib
-            from pathlib import Path
-            run_id = hashlib.sha1(str(Path(run).resolve()).encode()).hexdigest()[:16]
-            self.wandb = wandb_lib.init(project=wandb, name=Path(run).name, id=run_id, resume="allow",
-                                        dir=str(run), config=config)
-            say(f"Weights & Biases: project {wandb}, run {Path(run).name} (id {run_id})")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.writer = None
-            say("no TensorBoard event files: the tensorboard package is not installed (pip install tensorboard)")
-            return
-        self.writer = SummaryWriter(str(run), purge_step=start_step + 1 if start_step else None, flush_secs=30)
-
-    def add(self, step, **scalars):
-        """add(step, **{"train/loss": 0.5, ...}): one scalar per tag at this step."""
-        if self.writer:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
-        if self.wandb:
-            self.wandb.log(dict(scalars), step=step)
-
-    def close(self):
-        if self.writer:
-            self.writer.close()
-        if self.wandb:
-            self.wandb.finish()
 
 
 def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)", title=None, floor=None, floor_label=None):
@@ -208,10 +53,10 @@ def loss_curve(metrics_path, png_path, label="loss (masked MSE, eq. 1)", title=N
 
 
 def token_paths(pos, h, w, grid=8):
-    """The pixel paths of the trajectories of one tubelet's h*w tokens (row-major, as mme.targets):
+    """The pixel paths of the trajectories of one tubelet's h*w tokens (row-major, as mme.online.targets):
     pos [h*w, K, L, 2] per-step displacements in px of the frames -> [h*w, K, L+1, 2] points (x, y).
     K = 4 trajectories start at the token's 2 x 2 grid points, pixel (g*j + (g-1)/2, g*i + (g-1)/2) for
-    grid point (i, j) (mme.transforms); K = 1 (the sparse targets) at the patch centre."""
+    grid point (i, j) (mme.online.transforms); K = 1 (the sparse targets) at the patch centre."""
     pos = np.asarray(pos, np.float64)
     n, K, L, _ = pos.shape
     ti, tj = np.divmod(np.arange(h * w), w)                                   # token row, column
@@ -292,73 +137,6 @@ def figure_note(path):
             return image.text.get("Description") or None
     except OSError:
         return None
-
-
-def prediction_figure(path, batch, pred, recipe, clips=4, names=None, note=None):
-    """trajectory_figure for the middle tubelet of a batch's first clips. batch: the loader's, built with
-    patch_norm off (raw targets in px); pred [B, N_masked, D]: the model's output for it, in the
-    recipe's target space (patch-normalised if recipe["patch_norm"], then shown in the units of the
-    true target of the same patch, as MAE shows its pixels; with loss_balance each part in units of its
-    rms over the batch). names: {label: class name}, to label each row with its clip's class; note: see
-    trajectory_figure. Returns the drawn (true_pos, pred_pos)."""
-    import torch
-    from mme import model, targets, transforms
-
-    target, mask = batch["target"].float().cpu(), batch["mask"].cpu()
-    B, N, D = target.shape
-    widths = targets.mme_parts(recipe)
-    full = torch.zeros_like(target)
-    full[mask] = pred.detach().float().cpu().reshape(-1, D)                 # masked tokens in index order
-    if recipe.get("loss_balance") and not recipe["patch_norm"]:            # part units -> px (patch norm: rms 1)
-        rms = model.part_rms(target, batch["weight"].cpu(), widths.values())
-        full = torch.cat([p * s for p, s in zip(full.split(list(widths.values()), -1), rms)], -1)
-    if recipe["patch_norm"]:
-        full = targets.unnormalize(full, target, widths.values())
-    n, S = min(clips, B), recipe["input_size"]
-    hw, t = (S // 16) ** 2, recipe["num_frames"] // 4                       # tokens per tubelet, the middle tubelet
-    K = 4 if recipe["trajectory_density"] == "dense" else 1
-    L = widths["position"] // (2 * K)
-    tokens = slice(t * hw, (t + 1) * hw)
-    true_pos, pred_pos = (x[:n, tokens, :widths["position"]].reshape(n, hw, K, L, 2).numpy() for x in (target, full))
-    mean, std = torch.tensor(transforms.MEAN)[:, None, None], torch.tensor(transforms.STD)[:, None, None]
-    video = batch["video"][:n, :, 2 * t].float().cpu()                      # [n, 3, S, S], the tubelet's first frame
-    frames = ((video * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    labels = None if names is None else \
-        [names.get(c, f"class {c}") for c in batch["label"][:n].tolist()]
-    trajectory_figure(path, frames, mask[:n, tokens].numpy(), true_pos, pred_pos, labels, note)
-    return true_pos, pred_pos
-
-
-def run_figure(path, net, recipe, rank=0, world=1, device=None, amp=None):
-    """prediction_figure of a pre-training model (PretrainModel, sharded or not) for the first clips of
-    the recipe's validation split: centre crop, the evaluation loader's tube mask (seeded by the recipe's
-    seed), so the same clips and masks every time; the training stream's first clips when the data has
-    no val split. Every rank runs the model on its own first batch (FSDP needs them all), rank 0 draws
-    its own, with the clips' class names (from the shards' metadata) as row labels. Returns the note the
-    figure is saved with."""
-    import contextlib
-    import torch
-    from mme import data
-
-    raw = dict(recipe, patch_norm=False, test_num_crop=1)     # true trajectories in px; the prediction is mapped to them
-    try:
-        loader = data.build_loader(recipe["data_path"], raw, train=False, rank=rank, world_size=world, device=device)
-        note = f"validation clips (centre crop, tube mask of seed {recipe['seed']})"
-        urls = loader.urls
-    except (FileNotFoundError, ValueError):                                   # no val split
-        loader = data.build_loader(recipe["data_path"], raw, train=True, rank=rank, world_size=world, device=device)
-        note = "training clips (the data has no val split)"
-        urls = loader.urls
-    b = next(iter(loader))
-    was_training = net.training
-    net.eval()
-    with torch.no_grad(), amp or contextlib.nullcontext():
-        pred = net(b["video"], b["mask"])
-    net.train(was_training)
-    if rank == 0:
-        names = data.class_names(urls, b["label"][:4].tolist(), limit=2000)
-        prediction_figure(path, b, pred, recipe, names=names, note=note)
-    return note
 
 
 def confusion_matrix(path, truth, predicted, num_classes, names=None):

@@ -1,10 +1,10 @@
 """The paper's ablations at small scale, on the built-in synthetic data: each cell pre-trains with one
 recipe change and scores the encoder by the frozen-feature evaluation (docs/results.md).
 
-    python bench/ablate.py                                   # every table, 3 seeds (hours on 2 cores)
-    python bench/ablate.py --only table5,fig3 --seeds 1      # some tables, one seed
-    python bench/ablate.py --dry_run                         # print the commands, run nothing
-    python bench/ablate.py --only table8 --override epochs=2      # a quick pass (any recipe key)
+    python experiments/ablate.py                                   # every table, 3 seeds (hours on 2 cores)
+    python experiments/ablate.py --only table5,fig3 --seeds 1      # some tables, one seed
+    python experiments/ablate.py --dry_run                         # print the commands, run nothing
+    python experiments/ablate.py --only table8 --override epochs=2      # a quick pass (any recipe key)
 
 A cell is `pretrain.py --recipe RECIPE --seed S --output_dir runs/ablate/<table>/<row> --name s<S> <row's keys>`,
 then `finetune.py frozen --recipe EVAL --finetune runs/ablate/.../s<S>/encoder.pth` (logistic-regression probe
@@ -15,9 +15,10 @@ the same command: finished cells (their eval.json) are read back, an interrupted
 from its last checkpoint, so nothing is run twice. Cells that need other shards (L = 8) extract them
 once. A row whose recipe is another table's row (Fig. 3's MME, Table 5's trajectory and Table 8's
 w/o patch norm are all the base recipe) is one cell, run once and read by every table that has it,
-under the first table's name. Each table is written into docs/results.md between `<!-- ablate:NAME -->` markers, mean ± std
+under the first table's name. Each table is written into experiments/tables.md (docs/results.md quotes
+them) between `<!-- ablate:NAME -->` markers, mean ± std
 over seeds, with the command that runs (or reads back) the whole table. Every finished evaluation is also
-recorded, scores only, in docs/ablate_cells.jsonl (committed: one line per cell and part, with its recipes,
+recorded, scores only, in experiments/cells.jsonl (committed: one line per cell and part, with its recipes,
 overrides, date and commit), so the tables survive a machine whose runs/ folder is gone: a cell whose
 eval.json is absent is read from there (same recipes and overrides) instead of being run again.
 """
@@ -31,8 +32,7 @@ from pathlib import Path
 
 import fire
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mme import recipe as recipes  # noqa: E402
+from mme import recipe as recipes
 
 ROOT = Path(__file__).resolve().parents[1]   # where runs, shards and docs are (the commands' cwd)
 REPO = ROOT                                  # where the recipes are read from
@@ -45,7 +45,7 @@ TABLES = {
         ("random encoder", RANDOM), ("MME (trajectory)", {}), ("pixel (VideoMAE)", {"target": "pixel"}),
         ("HOG (MaskFeat)", {"target": "hog"})]),
     "loss": ("The loss (our departures, docs/results.md): what makes the tiny model learn", [
-        ("the paper's: patch norm, masked tokens", {"patch_norm": True, "loss_balance": False, "loss_visible": 0.0}),
+        ("the paper's: patch norm, masked tokens", {"patch_norm": "paper", "loss_balance": False, "loss_visible": 0.0}),
         ("parts balanced, masked tokens", {"loss_visible": 0.0}),
         ("parts balanced, + visible tokens", {})]),
     "fig3": ("Fig. 3: pre-training on temporally shuffled frames", [
@@ -59,7 +59,7 @@ TABLES = {
     "table7": ("Table 7: trajectory length L", [
         ("L = 4", {"trajectory_length": 4}), ("L = 6", {}), ("L = 8", {"trajectory_length": 8})]),
     "table8": ("Table 8: trajectory normalisation", [
-        ("w/o patch norm", {"patch_norm": False}), ("w/ patch norm", {"patch_norm": True})]),
+        ("w/o patch norm", {"patch_norm": "none"}), ("w/ patch norm", {"patch_norm": "paper"})]),
     "table9": ("Table 9: trajectories per patch", [
         ("one (mean of the K)", {"trajectory_density": "mean"}), ("K = 4", {})]),
     "table11": ("Table 11: mask ratio (tube)", [
@@ -68,7 +68,7 @@ TABLES = {
 TUNED = ("headline",)   # tables whose cells are fine-tuned too (issue #8: the headline rows by probe, k-NN and fine-tuning)
 EXTRA_SHARDS = {8: "shards/synthetic4k_L8/"}   # trajectory_length -> shards holding that long a trajectory
 EXTRA_CLIPS = 4000                              # training clips in those shards, as recipes/learn_tiny.yaml's
-LEDGER = "docs/ablate_cells.jsonl"              # every finished cell's scores (under ROOT), kept in git
+LEDGER = "experiments/cells.jsonl"              # every finished cell's scores (under ROOT), kept in git
 
 
 def slug(text):
@@ -195,7 +195,7 @@ def summarise(values, seeds):
 
 
 def write_table(doc, table, rows, seeds, command):
-    """Replace (or append) the table between its markers in docs/results.md."""
+    """Replace (or append) the table between its markers in `doc` (experiments/tables.md)."""
     title = TABLES[table][0]
     lines = [f"<!-- ablate:{table} -->", f"**{title}** ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
              f"{time.strftime('%Y-%m-%d')}; `{command}`)", "",
@@ -217,7 +217,7 @@ def write_table(doc, table, rows, seeds, command):
 
 
 def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="recipes/probe_tiny.yaml", override=None,
-         rows=None, dry_run=False, doc="docs/results.md", tune_recipe="recipes/finetune_learn_tiny.yaml"):
+         rows=None, dry_run=False, doc="experiments/tables.md", tune_recipe="recipes/finetune_learn_tiny.yaml"):
     """Run the ablation tables (only: comma-separated names among headline, loss, fig3, table5-9, table11)
     over `seeds` pre-training seeds (0..seeds-1), seed by seed (every row's seed 0, then seed 1...) so
     that a stopped run leaves whole comparisons; override: recipe keys for every pre-training,
@@ -249,7 +249,7 @@ def main(only=None, seeds=3, recipe="recipes/learn_tiny.yaml", eval_recipe="reci
                 if r:
                     results[label].append(r)
         if not dry_run:
-            command = f"python bench/ablate.py --only {table} --seeds {len(seed_list)}{options}"
+            command = f"python experiments/ablate.py --only {table} --seeds {len(seed_list)}{options}"
             write_table(ROOT / doc, table, list(results.items()), seed_list, command)
             print(f"{table}: written to {doc}", flush=True)
 

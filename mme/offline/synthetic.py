@@ -12,11 +12,11 @@ Everything is deterministic given (split, index, seed).
 
 World and image coordinates: pixel centres sit at integers (OpenCV's convention), the camera is
 a pure translation, image = world - cam[t]. The object maps its texture coordinates u to the world
-as w = A[t] @ u + b[t]. Camera-compensated motion (what `mme.trajectory` measures) is motion in
+as w = A[t] @ u + b[t]. Camera-compensated motion (what `mme.offline.trajectory` measures) is motion in
 world coordinates: zero for the background, the object's own motion for the object.
 """
-from dataclasses import dataclass
 import zlib
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -27,6 +27,12 @@ CLASSES = (
     "approaching", "receding",
     "moving then stopping", "stopping then moving",
 )
+FAMILIES = {                          # what kind of motion tells each class apart (reports give recall per family)
+    "translation": ("moving left", "moving right", "moving up", "moving down"),
+    "rotation": ("rotating clockwise", "rotating counter-clockwise"),
+    "scale": ("approaching", "receding"),
+    "temporal order": ("moving then stopping", "stopping then moving"),
+}
 SPLITS = ("train", "val")
 DEFAULT_COUNT = {"train": 400, "val": 100}   # clips per split when --limit is not given
 
@@ -89,7 +95,7 @@ def texture(rng, h, w):
     return np.clip((img - lo) / (hi - lo + 1e-6) * 215 + 20, 0, 255).astype(np.uint8)
 
 
-def _shape_mask(rng, s):
+def shape_mask(rng, s):
     """Object silhouette in texture coordinates, float32 [s, s] in {0, 1}: ellipse, box or polygon."""
     mask = np.zeros((s, s), np.uint8)
     c = (s - 1) / 2
@@ -133,6 +139,34 @@ def _object_motion(rng, label, T, speed):
     return angle, scale, vel
 
 
+def render(bg, margin, cam, objects, size, noise, rng):
+    """Frames of objects over a background under a camera pan: bg uint8 [H + 2*my, W + 2*mx, 3] (margin
+    (mx, my) around the view), cam [T, 2] (image = world - cam), objects: (texture uint8 [s, s, 3], mask
+    float32 [s, s], A [T, 2, 2], b [T, 2]) each, drawn in order (texture u -> world A[t] u + b[t]), plus
+    Gaussian noise of std `noise` -> (frames uint8 [T, H, W, 3], alpha float32 [T, H, W]: the coverage
+    of the last object)."""
+    H, W = size
+    T = len(cam)
+    frames = np.empty((T, H, W, 3), np.uint8)
+    alpha = np.empty((T, H, W), np.float32)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for t in range(T):
+        # background: image x shows world x + cam[t], i.e. bg pixel x + cam[t] + margin
+        to_bg = np.array([[1, 0, cam[t, 0] + margin[0]], [0, 1, cam[t, 1] + margin[1]]])
+        frame = cv2.warpAffine(bg, to_bg, (W, H), flags=flags, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        for tex, mask, A, b in objects:
+            # object: image x -> texture u = A^-1 (x + cam - b)
+            Ainv = np.linalg.inv(A[t])
+            to_tex = np.concatenate([Ainv, (Ainv @ (cam[t] - b[t]))[:, None]], 1)
+            obj = cv2.warpAffine(tex, to_tex, (W, H), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+            a = cv2.warpAffine(mask, to_tex, (W, H), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            frame += a[..., None] * (obj.astype(np.float32) - frame)
+        frame += rng.normal(0, noise, frame.shape).astype(np.float32)
+        frames[t] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
+        alpha[t] = a
+    return frames, alpha
+
+
 def clip(index, split="train", seed=0, size=(128, 160), num_frames=50, camera_prob=0.5, noise=1.0, label=None):
     """Generate clip `index` of `split`: frames [num_frames, H, W, 3] at size (H, W) and its ground truth.
 
@@ -155,7 +189,7 @@ def clip(index, split="train", seed=0, size=(128, 160), num_frames=50, camera_pr
 
     S = int(min(H, W) * rng.uniform(0.3, 0.45)) | 1                 # odd: centre on a pixel
     obj_tex = texture(rng, S, S)
-    mask = _shape_mask(rng, S)
+    mask = shape_mask(rng, S)
     inside = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
     speed = rng.uniform(0.4, 1.6) * min(H, W) / 128
     angle, scale, vel = _object_motion(rng, label, T, speed)
@@ -171,20 +205,5 @@ def clip(index, split="train", seed=0, size=(128, 160), num_frames=50, camera_pr
     A = scale[:, None, None] * np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
     b = world_pos - np.einsum("tij,j->ti", A, np.array([c, c]))
 
-    frames = np.empty((T, H, W, 3), np.uint8)
-    alpha = np.empty((T, H, W), np.float32)
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    for t in range(T):
-        # background: image x shows world x + cam[t], i.e. bg pixel x + cam[t] + margin
-        to_bg = np.array([[1, 0, cam[t, 0] + margin[0]], [0, 1, cam[t, 1] + margin[1]]])
-        frame = cv2.warpAffine(bg, to_bg, (W, H), flags=flags, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
-        # object: image x -> texture u = A^-1 (x + cam - b)
-        Ainv = np.linalg.inv(A[t])
-        to_tex = np.concatenate([Ainv, (Ainv @ (cam[t] - b[t]))[:, None]], 1)
-        obj = cv2.warpAffine(obj_tex, to_tex, (W, H), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-        a = cv2.warpAffine(mask, to_tex, (W, H), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        frame += a[..., None] * (obj.astype(np.float32) - frame)
-        frame += rng.normal(0, noise, frame.shape).astype(np.float32)
-        frames[t] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
-        alpha[t] = a
+    frames, alpha = render(bg, margin, cam, [(obj_tex, mask, A, b)], (H, W), noise, rng)
     return Clip(frames=frames, label=label, A=A, b=b, cam=cam, alpha=alpha, inside=inside)

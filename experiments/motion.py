@@ -1,0 +1,315 @@
+"""What does MME pre-training learn, and what could it? Controlled runs in memory (issue #23).
+
+    python experiments/motion.py cache --data_path shards/synthetic8_2k/ --file runs/motion/pre.pt   # pre-training clips
+    python experiments/motion.py cache --data_path shards/synthetic8/ --file runs/motion/eval.pt     # 400 train + 100 val
+    python experiments/motion.py ceiling --eval runs/motion/eval.pt         # classifiers on the true trajectories
+    python experiments/motion.py pretrain --pre runs/motion/pre.pt --eval runs/motion/eval.pt \\
+        --recipe recipes/quick_tiny.yaml --steps 2000 --seed 0 [--any_recipe_key value]
+    python experiments/motion.py supervised --pre runs/motion/pre.pt --eval runs/motion/eval.pt --steps 2000
+    python experiments/motion.py random --eval runs/motion/eval.pt          # a random encoder, the same read-outs
+
+`cache` keeps one centre crop of every clip (uint8) with its raw trajectory target (the loader's, patch
+norm off, all K = 4 trajectories) and label. `pretrain` runs pretrain.py's step on them (the recipe's
+model, target, normalisation, loss, optimiser and schedule; mme.online.targets and mme.model.mme_loss, as
+pretrain.py calls them), without the loader's crops, so a step costs only the model: a recipe's
+behaviour in minutes, not its final number (which pretrain.py gives). Every run ends with the frozen
+read-outs of mme.frozen on the evaluation cache (linear probe and 10-NN of mean-pooled tokens, the
+attentive probe of all tokens), overall, per class and per motion family, and appends them to
+runs/motion/results.jsonl.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from mme import evaluate, frozen
+from mme import model as models
+from mme import recipe as recipes
+from mme.offline import synthetic
+from mme.online import data, targets, transforms
+from mme.train import param_groups
+
+OUT = Path("runs/motion")
+
+
+def cache(data_path, file, recipe="recipes/quick_tiny.yaml", splits="train,val"):
+    """Centre crops (uint8 [n, T, S, S, 3]), raw dense targets ([n, N, D] float16), weights, labels, keys."""
+    r = recipes.load(recipe, data_path=data_path, patch_norm="none", trajectory_density="dense", shape_target=True,
+                     interpolation=True, test_num_crop=1, num_workers=1, batch_size=32)
+    out = {}
+    for split in splits.split(","):
+        parts = {k: [] for k in ("video", "target", "weight", "label")}
+        keys = []
+        for b in data.build_loader(data.shard_urls(data_path, split), r, train=False):
+            keep = ~b["pad"]
+            parts["video"].append(transforms.to_uint8(b["video"][keep]))         # [n, T, S, S, 3]
+            parts["target"].append(b["target"][keep].half())
+            parts["weight"].append(b["weight"][keep])
+            parts["label"].append(b["label"][keep])
+            keys += [k for k, pad in zip(b["key"], b["pad"].tolist()) if not pad]
+        out[split] = {k: torch.cat(v) for k, v in parts.items()} | {"keys": keys}
+        print(f"{split}: {len(keys)} clips", flush=True)
+    found = data.class_names(data.shard_urls(data_path, splits.split(",")[0]), range(100), limit=5000)
+    out["names"] = [found[i] for i in range(len(found))] if found else list(synthetic.CLASSES)
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, file)
+
+
+def maps(split, idx, L):
+    """The cached raw targets of clips idx back to the loader's trajectory maps: disp [B, T/2, S/8, S/8, L, 2],
+    hog [..., L, 9], valid [B, T/2, S/8, S/8] (a point is valid where its token's weight is 1)."""
+    raw, weight = split["target"][idx].float(), split["weight"][idx]
+    n_side = int(math.isqrt(raw.shape[1] // (split["video"].shape[1] // 2)))
+    grid = dict(t=split["video"].shape[1] // 2, h=n_side, w=n_side, kh=2, kw=2)
+    disp = rearrange(raw[..., :4 * L * 2], "b (t h w) (kh kw l c) -> b t (h kh) (w kw) l c", l=L, c=2, **grid)
+    hog = rearrange(raw[..., 4 * L * 2:], "b (t h w) (kh kw l c) -> b t (h kh) (w kw) l c", l=L, c=9, **grid)
+    valid = rearrange(weight.bool()[..., None].expand(-1, -1, 4), "b (t h w) (kh kw) -> b t (h kh) (w kw)", **grid)
+    return disp, hog, valid
+
+
+def recipe_target(r, split, idx):
+    """What pretrain.py's loader would give as target and weight for these clips (mme.online.data.make_target)."""
+    if r["target"] == "mme":
+        return data.make_target(r, None, *maps(split, idx, r["trajectory_length"]))
+    return data.make_target(r, split["video"][idx], None, None, None)
+
+
+def tokens_of(enc, video, chunk=50):
+    """uint8 [n, T, S, S, 3] -> frozen tokens [n, N, C] float16 (every token visible)."""
+    with torch.no_grad():
+        return torch.cat([enc(transforms.normalize(video[i:i + chunk])).half() for i in range(0, len(video), chunk)])
+
+
+def families(names):
+    """{family: [class index, ...]} for the classes `names` (the built-in data's or experiments/heldout.py's)."""
+    import heldout
+    names = [n.replace("_", " ") for n in names]                           # folder names of the held-out videos
+    table = synthetic.FAMILIES if set(names) == set(synthetic.CLASSES) else heldout.FAMILIES
+    return {f: [names.index(c) for c in cs] for f, cs in table.items()}
+
+
+def class_list(ev):
+    """The class names of an evaluation cache, in label order (cached with it)."""
+    return ev.get("names") or list(synthetic.CLASSES)
+
+
+def summarise(result, names):
+    """A frozen evaluation's per-method top-1, recall per class and mean recall per family."""
+    fam = families(names)
+    return {m: {"top1": result[m]["top1"], "recall": result[m]["recall"],
+                "family": {f: float(np.mean([result[m]["recall"][i] for i in idx])) for f, idx in fam.items()}}
+            for m in ("probe", "knn", "attentive") if m in result}
+
+
+def readouts(enc, ev, seed=0):
+    """Linear probe / 10-NN on mean-pooled tokens and the attentive probe on all tokens, train -> val of the
+    evaluation cache: top-1 %, recall per class and per family."""
+    enc.eval()
+    split = {}
+    for s in ("train", "val"):
+        tok = tokens_of(enc, ev[s]["video"])
+        split[s] = {"keys": ev[s]["keys"], "features": tok.float().mean(1), "tokens": tok, "labels": ev[s]["label"]}
+    names = class_list(ev)
+    result, _, _ = frozen.evaluate_features(split["train"], split["val"], len(names), seed=seed)
+    return summarise(result, names)
+
+
+def show(out):
+    for method, o in out.items():
+        fam = " ".join(f"{f} {v:.0f}" for f, v in o["family"].items())
+        print(f"  {method:9s} top-1 {o['top1']:5.1f} %  families: {fam}", flush=True)
+
+
+def record(row):
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def schedule(step, steps, warmup, peak, floor):
+    if step < warmup:
+        return peak * step / warmup
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def pretrain(pre, eval, recipe="recipes/quick_tiny.yaml", steps=2000, seed=0, threads=2, eval_at="", name="", **overrides):
+    """MME pre-training in memory on the `pre` cache with the recipe's model, target and loss (overrides: recipe
+    keys), then the read-outs on `eval`. eval_at: also read out at these steps ("1000,1500")."""
+    torch.set_num_threads(threads)
+    r = recipes.load(recipe, data_path="memory", seed=seed, **overrides)
+    d, ev = torch.load(pre, weights_only=True), torch.load(eval, weights_only=True)
+    tr = d["train"]
+    T, S = tr["video"].shape[1], tr["video"].shape[2]
+    if (T, S) != (r["num_frames"], r["input_size"]):
+        raise SystemExit(f"{pre}: clips are {T} frames of {S}^2, the recipe wants {r['num_frames']} of {r['input_size']}^2")
+    torch.manual_seed(seed)
+    probe_idx = torch.arange(2)
+    dim = recipe_target(r, tr, probe_idx)[0].shape[-1]
+    net = models.PretrainModel.from_recipe(r, dim)
+    opt = torch.optim.AdamW(param_groups(net, r["weight_decay"]), lr=0.0, betas=tuple(r["opt_betas"]))
+    B = r["batch_size"]
+    peak, floor = recipes.lr(r, B), recipes.lr(r, B, "min_lr")
+    warmup = round(steps * r["warmup_epochs"] / r["epochs"])
+    widths, visible = targets.loss_widths(r), r["loss_visible"]
+    rng = np.random.default_rng(seed)
+    at = {int(s) for s in str(eval_at).split(",") if str(s).strip()}
+    log, t0, reads = [], time.time(), {}
+    for step in range(steps):
+        lr = schedule(step, steps, warmup, peak, floor)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        idx = torch.from_numpy(rng.choice(len(tr["label"]), B, replace=False))
+        target, weight = recipe_target(r, tr, idx)
+        mask = targets.tube_mask(rng, B, T // 2, S // 16, S // 16, r["mask_ratio"], r["mask_type"])
+        pred = net(transforms.normalize(tr["video"][idx]), mask, every_token=visible > 0)
+        loss = net.loss(pred, target, mask, weight, widths, visible)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if r["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), r["clip_grad"])
+        opt.step()
+        log.append(loss.item())
+        if (step + 1) % max(1, steps // 10) == 0:
+            print(f"step {step + 1}/{steps} loss {np.mean(log[-100:]):.4f} lr {lr:.1e} {time.time() - t0:.0f}s", flush=True)
+        if step + 1 in at and step + 1 < steps:
+            reads[step + 1] = readouts(net.encoder, ev, seed)
+            print(f"read-outs at step {step + 1}:")
+            show(reads[step + 1])
+            net.train()
+    out = readouts(net.encoder, ev, seed)
+    show(out)
+    row = {"kind": "pretrain", "name": name, "recipe": recipe, "overrides": overrides, "seed": seed, "steps": steps,
+           "pre": pre, "eval": eval, "train_s": round(time.time() - t0),
+           "loss": {"first": float(np.mean(log[:100])), "mid": float(np.mean(log[steps // 2 - 50:steps // 2 + 50])),
+                    "last": float(np.mean(log[-100:]))},
+           "readouts": out, "readouts_at": reads, "date": time.strftime("%Y-%m-%d")}
+    record(row)
+
+
+def supervised(pre, eval, recipe="recipes/quick_tiny.yaml", steps=2000, seed=0, threads=2, lr=1e-3, name="", **overrides):
+    """The supervised ceiling: the recipe's encoder trained from scratch on the labels of the pre-training clips
+    (mean-pooled tokens -> fc_norm -> Linear, cross-entropy, AdamW, the same batch and schedule), scored on the
+    evaluation cache's val clips, and the frozen read-outs of its encoder."""
+    torch.set_num_threads(threads)
+    r = recipes.load(recipe, data_path="memory", seed=seed, **overrides)
+    d, ev = torch.load(pre, weights_only=True), torch.load(eval, weights_only=True)
+    tr = d["train"]
+    torch.manual_seed(seed)
+    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=len(synthetic.CLASSES))
+    opt = torch.optim.AdamW(param_groups(clf, r["weight_decay"]), lr=0.0)
+    B, rng, t0, log = r["batch_size"], np.random.default_rng(seed), time.time(), []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = schedule(step, steps, steps // 10, lr, 1e-5) * g["lr_scale"]
+        idx = torch.from_numpy(rng.choice(len(tr["label"]), B, replace=False))
+        loss = F.cross_entropy(clf(transforms.normalize(tr["video"][idx])), tr["label"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append(loss.item())
+        if (step + 1) % max(1, steps // 10) == 0:
+            print(f"step {step + 1}/{steps} loss {np.mean(log[-100:]):.4f} {time.time() - t0:.0f}s", flush=True)
+    clf.eval()
+    with torch.no_grad():
+        logits = torch.cat([clf(transforms.normalize(ev["val"]["video"][i:i + 50])) for i in range(0, len(ev["val"]["label"]), 50)])
+    predicted, truth = logits.argmax(1), ev["val"]["label"]
+    names = class_list(ev)
+    recall = evaluate.class_recall(truth, predicted, len(names))
+    trained = summarise({"probe": {"top1": 100 * float((predicted == truth).double().mean()), "recall": recall}}, names)["probe"]
+    print("supervised head:")
+    show({"trained": trained})
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=0)
+    enc.load_state_dict({k: v for k, v in clf.state_dict().items() if not k.startswith(("head.", "fc_norm."))}, strict=False)
+    out = readouts(enc, ev, seed)
+    show(out)
+    record({"kind": "supervised", "name": name, "recipe": recipe, "overrides": overrides, "seed": seed, "steps": steps,
+            "lr": lr, "pre": pre, "eval": eval, "train_s": round(time.time() - t0), "loss_last": float(np.mean(log[-100:])),
+            "trained": trained, "readouts": out, "date": time.strftime("%Y-%m-%d")})
+
+
+def random(eval, recipe="recipes/quick_tiny.yaml", seed=0, threads=2, **overrides):
+    """A randomly initialised encoder of the recipe's shape: the read-outs every run is compared with."""
+    torch.set_num_threads(threads)
+    r = recipes.load(recipe, data_path="memory", seed=seed, **overrides)
+    torch.manual_seed(seed)
+    net = models.PretrainModel.from_recipe(r, 2)
+    out = readouts(net.encoder, torch.load(eval, weights_only=True), seed)
+    show(out)
+    record({"kind": "random", "recipe": recipe, "overrides": overrides, "seed": seed, "eval": eval, "readouts": out,
+            "date": time.strftime("%Y-%m-%d")})
+
+
+# --- the ceiling: what the true trajectories of a clip window tell --------------------------------
+
+def motion_statistics(disp, valid, min_speed=0.2):
+    """Per tubelet, from the true trajectories disp [n, T/2, G, G, L, 2] (px), valid [n, T/2, G, G]: the mean
+    velocity of the moving points (2), their mean speed and share (2), and the affine fit of their velocity
+    against position (divergence, curl and the two shears; 4) -> [n, T/2 * 8] features."""
+    n, T2, G = disp.shape[:3]
+    v = disp.float().mean(-2)                                                # [n, T2, G, G, 2] px per raw frame
+    ys, xs = torch.meshgrid(torch.arange(G, dtype=torch.float32), torch.arange(G, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([xs, ys], -1) * 8                                      # [G, G, 2] px
+    feats = []
+    for i in range(n):
+        for t in range(T2):
+            vt, ok = v[i, t].reshape(-1, 2), valid[i, t].reshape(-1)
+            moving = ok & (vt.norm(dim=-1) > min_speed)
+            if moving.sum() < 3:
+                feats.append(torch.zeros(8))
+                continue
+            p, u = pos.reshape(-1, 2)[moving], vt[moving]
+            X = torch.cat([p - p.mean(0), torch.ones(len(p), 1)], 1)          # u = X @ M: M [3, 2]
+            M = torch.linalg.lstsq(X, u).solution
+            J = M[:2].T                                                       # du/dx: [[ux_x, ux_y], [uy_x, uy_y]]
+            feats.append(torch.stack([u.mean(0)[0], u.mean(0)[1], u.norm(dim=-1).mean(), moving.float().mean(),
+                                      J[0, 0] + J[1, 1], J[1, 0] - J[0, 1], J[0, 0] - J[1, 1], J[0, 1] + J[1, 0]]))
+    return torch.stack(feats).reshape(n, T2 * 8)
+
+
+def true_tokens(split, L):
+    """What a perfect local-motion encoder would give: each token's true mean path (the mean of its K
+    trajectories, L steps x (dx, dy), px) with a sinusoid code of its position, each channel standardised
+    by the caller."""
+    raw = split["target"].float()
+    paths = raw[..., :4 * L * 2].reshape(*raw.shape[:2], 4, L, 2).mean(2).flatten(2)     # [n, N, 2L]
+    n, N, _ = paths.shape
+    return torch.cat([paths, models.sinusoid_table(N, 32)[0].expand(n, -1, -1)], -1)  # [n, N, 2L + 32]
+
+
+def ceiling(eval, recipe="recipes/quick_tiny.yaml"):
+    """What the true trajectories of the clip window tell (mme.frozen's read-outs, train -> val of the cache):
+    logistic regression on (a) the motion statistics of each tubelet (motion_statistics), (b) the flattened
+    position target of every token; (c) the attentive probe on every token's true mean path and position
+    (true_tokens): the read-out of an encoder that knew each patch's motion exactly. Per class and family."""
+    r = recipes.load(recipe, data_path="memory")
+    ev = torch.load(eval, weights_only=True)
+    names, L = class_list(ev), r["trajectory_length"]
+    rows, feats = {}, {}
+    for s in ("train", "val"):
+        idx = torch.arange(len(ev[s]["label"]))
+        disp, _, valid = maps(ev[s], idx, L)
+        feats[s] = {"statistics": motion_statistics(disp, valid), "raw": ev[s]["target"][:, :, :4 * L * 2].float().flatten(1),
+                    "tokens": true_tokens(ev[s], L)}
+    flat = feats["train"]["tokens"].flatten(0, 1)
+    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)                    # units differ: px and a position code
+    for what, key, method in (("logistic regression on the motion statistics per tubelet", "statistics", "probe"),
+                              ("logistic regression on the raw displacements of every token", "raw", "probe"),
+                              ("attentive probe on every token's true mean path and position", "tokens", "attentive")):
+        split = {s: {"keys": ev[s]["keys"], "labels": ev[s]["label"],
+                     **({"features": feats[s][key]} if key != "tokens" else
+                        {"features": feats[s]["raw"][:, :1], "tokens": (feats[s]["tokens"] - mean) / std})} for s in ("train", "val")}
+        result, _, _ = frozen.evaluate_features(split["train"], split["val"], len(names))
+        rows[what] = summarise(result, names)[method]
+        print(what)
+        show({method: rows[what]})
+    record({"kind": "ceiling", "eval": eval, "rows": rows, "names": names, "date": time.strftime("%Y-%m-%d")})
+
+
+if __name__ == "__main__":
+    fire.Fire({"cache": cache, "ceiling": ceiling, "pretrain": pretrain, "supervised": supervised, "random": random})

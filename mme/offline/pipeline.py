@@ -1,0 +1,190 @@
+"""The extraction pipeline (extract.py wires it): which videos a part extracts, a pool of worker processes
+that turns each into samples (mme.offline.clips), and the shard writer they feed; progress on the console
+and in OUT/log.txt. Interrupted work resumes (ShardWriter's journal); a worker killed mid-video (out of
+memory) costs that video a retry in a process of its own, never the run.
+
+    i, n = which_part("0/4")                              # or SLURM_ARRAY_TASK_ID/COUNT, or RANK/WORLD_SIZE
+    videos, problems = list_split("k400", "data/k400", "train", fold=1, limit=None)
+    run(writer, todo, total, params, seed, workers, log)  # todo: Videos not yet in writer.done()
+"""
+import multiprocessing
+import os
+import random
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+import cv2
+
+from mme.offline import clips, sources, synthetic
+from mme.offline.video import VideoError
+from mme.progress import Counter, console, log_line, shown
+
+DEFAULTS = {   # per source: stride s (paper §4: K400 4, SSv2 3) and short side
+    "k400": dict(stride=4, short_side=256), "ssv2": dict(stride=3, short_side=256),
+    "ucf101": dict(stride=4, short_side=256), "hmdb51": dict(stride=4, short_side=256),
+    "folder": dict(stride=4, short_side=256), "synthetic": dict(stride=3, short_side=128),
+}
+
+
+WORKER_DIED = "the process extracting it died twice (killed by a signal: out of memory?)"
+UNREADABLE = "cannot read:"
+
+
+def which_part(part):
+    """(i, N) from --part 'i/N', else a SLURM array, else torchrun, else (0, 1)."""
+    if part:
+        try:
+            i, n = (int(x) for x in str(part).split("/"))
+        except ValueError:
+            raise ValueError(f"--part {part!r}: expected i/N, e.g. --part 0/4") from None
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:          # ids run MIN, MIN+STEP, ... (sbatch --array=0-6:2)
+        step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", 1))
+        i = (int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))) // step
+        n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        i, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= i < n:
+        raise ValueError(f"part {i}/{n}: need 0 <= i < N")
+    return i, n
+
+
+def list_split(src, root, split, fold, limit):
+    """(videos, problems) of one split, shuffled deterministically and cut to `limit`."""
+    if src == "synthetic":
+        n = limit or synthetic.DEFAULT_COUNT.get(split, 100)        # clips are made, not listed
+        videos = [sources.Video(path=f"synthetic:{split}/{i}", key=f"synthetic_{split}_{i:06d}", label=i % len(synthetic.CLASSES),
+                                label_name=synthetic.CLASSES[i % len(synthetic.CLASSES)], split=split) for i in range(n)]
+        return videos, []
+    videos, problems = sources.list_videos(src, root, split=split, fold=fold)
+    random.Random(0).shuffle(videos)        # shards mix classes; parts get similar work
+    return videos[:limit] if limit else videos, problems
+
+
+_worker = {}
+
+
+def _init(params, seed):
+    cv2.setNumThreads(1)                    # one video per process; OpenCV's own threads would fight
+    _worker.update(params=params, seed=seed)
+
+
+def _init_pool(params, seed):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the main process stops its workers, quietly
+    _init(params, seed)
+
+
+def _extract(video):
+    if not video.path.startswith("synthetic:"):
+        try:
+            open(video.path, "rb").close()
+        except OSError as e:                # permissions, a file gone: may pass, so a rerun tries again
+            return video, [], [], 0, f"{UNREADABLE} {e.strerror}"
+    try:
+        samples, warnings, decoded = clips.video_samples(video, _worker["params"], _worker["seed"])
+        return video, samples, warnings, decoded, None
+    except VideoError as e:
+        return video, [], [], 0, str(e)
+    except Exception as e:                  # a decoder or codec failure of this one video: skip it, go on
+        return video, [], [], 0, f"failed: {type(e).__name__}: {e}"
+
+
+def run(writer, todo, total, params, seed, workers, log=None):
+    """Extract `todo` with a process pool, writing samples as videos finish; progress on the console
+    (a live bar on a terminal, plain lines in a log file) and in `log`."""
+    start, frames, skipped = time.perf_counter(), 0, 0
+    progress = Counter(console, total, total - len(todo), "videos", log)
+    try:
+        parallel = workers > 1 and len(todo) > 1
+        if not parallel:
+            _init(params, seed)
+        results = extract_all(todo, params, seed, workers) if parallel else iter(map(_extract, todo))
+        try:
+            for video, samples, warnings, decoded, error in results:
+                if error:
+                    say(f"[yellow]skip[/yellow] {shown(f'{video.path}: {error}')}", log)
+                    writer.skip(video.key, video.path, error, retry=error == WORKER_DIED or error.startswith(UNREADABLE))
+                else:
+                    writer.write_video(video.key, samples, video.label_name)
+                for w in warnings:
+                    say(f"[yellow]note[/yellow] {shown(f'{video.path}: {w}')}", log)
+                    writer.warn(video.key, video.path, w)
+                frames += decoded
+                skipped += bool(error)
+                progress.update(1, f"{frames / (time.perf_counter() - start):.0f} frames/s  {skipped} skipped")
+        finally:
+            if parallel:
+                results.close()                          # stops the pool now, even on an exception
+        writer.close()
+    finally:
+        progress.stop()
+
+
+def extract_all(todo, params, seed, workers):
+    """_extract over `todo` in `workers` processes, yielding results as videos finish. A worker that dies
+    (the OOM killer, kill -9) breaks the pool: the videos then in flight are redone one at a time, each in
+    a process of its own, and one whose process dies again is reported failed (WORKER_DIED); the others
+    go on in a new pool. Nothing waits forever, nothing is lost."""
+    # forkserver: workers are forked from a clean single-threaded server, never from this process, whose
+    # progress thread (and a test's OpenCV threads) may hold locks at the fork that the child waits on forever
+    fork = multiprocessing.get_context("forkserver")
+    fork.set_forkserver_preload(["mme.offline.clips"])
+    queue = list(reversed(todo))
+    while queue:
+        suspects, pool = [], ProcessPoolExecutor(workers, fork, initializer=_init_pool, initargs=(params, seed))
+        try:
+            running, broken, finished_any = {}, False, False
+            while (queue or running) and not broken:
+                try:
+                    while queue and len(running) < workers:    # only as many as run: all in flight if it breaks
+                        f = pool.submit(_extract, queue[-1])
+                        running[f] = queue.pop()
+                except BrokenProcessPool:
+                    broken = True
+                for f in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    video = running.pop(f)
+                    try:
+                        result = f.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        suspects.append(video)
+                        continue
+                    finished_any = True
+                    yield result
+            suspects += running.values()
+        finally:
+            stop(pool)
+        if broken and not suspects and not finished_any:
+            raise RuntimeError("the extraction worker processes die as they start")
+        if broken:
+            say("[yellow]note[/yellow] a worker process died (killed: out of memory?)" + (
+                f"; redoing the {len(suspects)} video(s) in flight, one at a time" if suspects else "; going on"))
+        for video in suspects:
+            alone = ProcessPoolExecutor(1, fork, initializer=_init_pool, initargs=(params, seed))
+            try:
+                yield alone.submit(_extract, video).result()
+            except BrokenProcessPool:
+                yield video, [], [], 0, WORKER_DIED
+            finally:
+                stop(alone)
+
+
+def stop(pool):
+    """Shut a pool down without waiting for videos in progress (an interrupted or broken run), leaving no
+    process behind (a worker may wait forever on a queue lock its killed sibling held)."""
+    procs = list((pool._processes or {}).values())     # no public way before Python 3.14's terminate_workers
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def say(text, log=None):
+    """A line (rich markup) to the console and, plain, to the log file."""
+    console.print(text)
+    from rich.text import Text
+    log_line(log, Text.from_markup(text).plain)
