@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mme import recipe
-from mme.recipe import DEFAULTS, RecipeError, dump, load, lr
+from mme.recipe import DEFAULTS, RecipeError, dump, load, lr, with_min_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,3 +240,15 @@ def test_help_lists_every_key_with_type_default_and_table():
     assert "knn_k" in text
     top = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and all(f"  {c} " in top.stdout for c in ("probe", "full", "eval", "frozen"))
+
+
+def test_min_steps_raises_epochs_on_a_small_dataset():
+    r = load(None, data_path="x", epochs=8, warmup_epochs=0.8, min_steps=2000)
+    raised, note = with_min_steps(r, 63)                   # 500 clips at batch 8: 63 steps an epoch
+    assert raised["epochs"] == 32 and raised["epochs"] * 63 >= 2000 and raised["warmup_epochs"] == pytest.approx(3.2)
+    assert note == "63 steps an epoch: epochs raised from 8 to 32 (2016 steps) to reach min_steps 2000, warm-up 3.2 epochs"
+    assert r["epochs"] == 8                                 # the argument is left as it is
+    assert with_min_steps(r, 250) == (r, None)              # 2,000 clips: the epochs already reach it
+    assert with_min_steps(load(None, data_path="x", epochs=8, warmup_epochs=1), 63)[1] is None   # min_steps 0: epochs decide
+    with pytest.raises(RecipeError, match="min_steps must be >= 0"):
+        load(None, data_path="x", min_steps=-1)
