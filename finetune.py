@@ -155,6 +155,7 @@ def score(clf, r, rank, world, device):
 def validate(clf, r, run, mode, epoch, best, device):
     """A validation during training (mme.run.Run.validated); best.pth is the classifier of the best top-1 so far.
     Returns (step, result, truth, predicted, best)."""
+    run.check_finite(clf)                                # never score (or keep as best.pth) blown weights
     result, truth, predicted = score(clf, r, run.rank, dist.get_world_size(), device)
     state = export(clf, mode) if run.is_best(result, best) else None      # every rank gathers the state dict
     return run.step, result, truth, predicted, run.validated(result, epoch, best, state)

@@ -88,6 +88,7 @@ DEFAULTS = {
     "device": "auto",             # 'auto' (cuda if present, else cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
     # Added: 800 epochs take days, so a run must survive restarts and use mixed precision.
     "resume": True,               # continue from the last checkpoint in output_dir/name if there is one (VideoMAE's auto_resume)
+    "resume_changes": [],         # keys this resume may change from the run's saved recipe.yaml, e.g. base_lr,clip_grad after a non-finite loss (other changes are refused)
     "precision": "auto",          # 'auto' (bf16 autocast on GPUs that have it, else fp32) | 'fp32' | 'bf16' (VideoMAE: fp16 AMP; bf16 needs no loss scaling)
 }
 
@@ -104,6 +105,7 @@ TYPES = {
     "num_classes": int,
     "eval_data_path": (str, [str]),
     "rand_aug": [float],
+    "resume_changes": [str],
 }
 
 MODELS = ("tiny", "small", "base", "large")    # ViT-T/S/B/L: widths 192/384/768/1024
@@ -393,6 +395,9 @@ def _check(r, where, home):
         bad("log_seconds", "log_seconds must be positive")
     if r["num_workers"] < 0:
         bad("num_workers", "num_workers must be >= 0")
+    unknown = [k for k in r["resume_changes"] if k not in DEFAULTS]
+    if unknown:
+        bad("resume_changes", f"resume_changes names no recipe key {unknown[0]!r}")
     if r["min_steps"] < 0:
         bad("min_steps", "min_steps must be >= 0 (0: the epochs decide the number of steps)")
     if not 0 <= r["warmup_epochs"] <= r["epochs"]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from mme import figures
 from mme import recipe as recipes
 from mme.progress import Board, Progress, console, fail
-from mme.train import ResumeError, keep_metrics, lr_at, reached, resume, save_checkpoint
+from mme.train import ResumeError, all_finite, keep_metrics, lr_at, reached, resume, save_checkpoint
 
 
 class Run:
@@ -68,8 +68,7 @@ class Run:
         self.step += 1
         reached(self.step)
         if not math.isfinite(loss):
-            fail(f"loss is {loss} at step {self.step}; last good checkpoint: {self.last or 'none'} "
-                 f"(lower base_lr or set clip_grad, then rerun to resume from it)", self.rank)
+            self.blown(f"loss is {loss} at step {self.step}")
         if self.rank == 0:
             scalars = {"loss": loss, "lr": lr, "clips_per_s": clips / seconds, "data_wait": wait / seconds}
             self.metrics.write(json.dumps({"step": self.step, "epoch": self.loader.epoch, **scalars}) + "\n")
@@ -86,7 +85,22 @@ class Run:
     def save_due(self):
         return self.step % self.r["save_every"] == 0 or self.done
 
+    def blown(self, what):
+        """Stop on non-finite numbers in one line: nothing is saved, and the line says how to continue from the
+        last good checkpoint with a lower lr or gradient clipping."""
+        lr = self.r["base_lr"] / 10
+        fail(f"{what}; nothing saved. Last good checkpoint: {self.last or 'none (rerun starts from step 0)'}. "
+             f"To continue from it with a lower lr and clipping: rerun with --base_lr {lr:g} --clip_grad 1.0 "
+             f"--resume_changes base_lr,clip_grad", self.rank)
+
+    def check_finite(self, net):
+        """Stop (blown) when the weights hold a non-finite value: the update after a finite loss can still blow up,
+        and such weights must never be saved or exported."""
+        if not all_finite(net):
+            self.blown(f"the weights hold non-finite values after step {self.step}")
+
     def checkpoint(self, net, opt, loader):
+        self.check_finite(net)
         self.last = save_checkpoint(self.path, self.step, net, opt, loader, self.rank)
 
     def finish(self, exports, curve_label="loss (masked MSE, eq. 1)"):

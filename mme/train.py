@@ -297,12 +297,26 @@ def check_recipe_unchanged(run, r):
         return                                             # nothing to compare with (a run of an older version)
     if not isinstance(saved, dict):
         return
-    differ = [k for k in r if k not in RESUMABLE_CHANGES and k in saved and saved[k] != r[k]]
+    allowed = set(RESUMABLE_CHANGES) | set(r.get("resume_changes") or ()) | {"resume_changes"}
+    differ = [k for k in r if k not in allowed and k in saved and saved[k] != r[k]]
     if differ:
         shown = ", ".join(f"{k} {saved[k]!r} -> {r[k]!r}" for k in differ)
         raise ResumeError(f"{run} was trained with another recipe ({shown}): resuming would mix the two. Start a new "
                           f"run with --name NEW, or this one afresh with --resume false (its checkpoints are removed), "
-                          f"or rerun with the saved values ({run / 'recipe.yaml'})")
+                          f"or rerun with the saved values ({run / 'recipe.yaml'}), or allow these changes with "
+                          f"--resume_changes {','.join(differ)}")
+
+
+def all_finite(net):
+    """Whether every parameter of net (every rank's shards, under FSDP2) is finite: the same answer on all ranks."""
+    ok = torch.ones(1, device=next(net.parameters()).device)
+    for p in net.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not bool(torch.isfinite(local).all()):
+            ok.zero_()
+            break
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def keep_metrics(path, step):

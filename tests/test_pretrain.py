@@ -113,10 +113,40 @@ def test_bad_recipe_stops_before_anything(shard_dir, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_nonfinite_loss_names_step_and_checkpoint(shard_dir, tmp_path):
-    r = run(args(shard_dir, tmp_path, "nan", base_lr=1e12, warmup_epochs=0, epochs=3, min_lr=0))
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "at step" in r.stderr and "last good checkpoint" in r.stderr
+def finite(run_dir):
+    """Whether every tensor of every checkpoint of a run (its model through DCP) is finite."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    ok = []
+    for path in checkpoints(run_dir):
+        out = path.parent / f"{path.name}.pt"
+        dcp_to_torch_save(str(path), str(out))
+        state = torch.load(out, weights_only=True)
+        ok.append(all(bool(torch.isfinite(v).all()) for v in state["model"].values() if torch.is_tensor(v)))
+        out.unlink()
+    return ok
+
+
+def test_nonfinite_weights_are_never_saved_and_the_run_continues_with_a_lower_lr(shard_dir, tmp_path):
+    """Issue #25: a blown-up update is caught before its weights are saved (the loss check alone read the loss
+    computed before the update); the line names a finite checkpoint and the flags that continue from it."""
+    r = run(args(shard_dir, tmp_path, "nan", base_lr=1e6, warmup_epochs=1, epochs=3, min_lr=0, save_every=1))   # step 1 runs at lr 0: a good checkpoint
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("error:"))
+    assert "non-finite" in line and "nothing saved" in line and "--resume_changes base_lr,clip_grad" in line
+    assert all(finite(tmp_path / "nan")) and not (tmp_path / "nan" / "encoder.pth").exists()
+    named = re.search(r"Last good checkpoint: (\S+)\.", line)
+    if named and named.group(1) != "none":
+        assert Path(named.group(1)) == checkpoints(tmp_path / "nan")[0]
+    again = run(args(shard_dir, tmp_path, "nan", base_lr=1e-4, warmup_epochs=1, epochs=3, min_lr=0, save_every=1))
+    assert again.returncode == 2 and "--resume_changes base_lr" in again.stderr       # a changed recipe, not allowed
+    import shutil
+    for path in checkpoints(tmp_path / "nan")[:-1]:       # finite is not good: step 2's update, at 1e6 x lr, already
+        shutil.rmtree(path)                               # made huge weights; continue from step 1 (it ran at lr 0)
+    again = run(args(shard_dir, tmp_path, "nan", base_lr=1e-4, warmup_epochs=1, epochs=3, min_lr=0, save_every=1,
+                     clip_grad=1.0, resume_changes="base_lr,clip_grad"))
+    assert "resuming at step 1" in again.stderr
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert all(finite(tmp_path / "nan")) and (tmp_path / "nan" / "encoder.pth").exists()
 
 
 # --- issue #10: faults around resuming ------------------------------------------------------------
