@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -244,6 +245,8 @@ if __name__ == "__main__":
         print(usage())
         sys.exit(0)
     check_flags(sys.argv[1:], main)
+    # SIGTERM (a batch system's stop) takes Ctrl-C's way out: the worker pool is stopped, nothing left behind
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         fire.Fire(main)
     except KeyboardInterrupt:

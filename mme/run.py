@@ -11,6 +11,10 @@ share it), so that the loop itself is forward, loss, backward, step, log.
             if run.done: break
     run.finish({"encoder.pth": state_dict}, curve_label="...")   # rank 0: the exports and loss.png
 
+Preemption (SLURM sends SIGTERM before it kills a job; `sbatch --signal=USR1@120` sends SIGUSR1): the loop
+finishes its step, every rank saves the checkpoint, one line says where it stopped, and the process exits with
+PREEMPTED (75, EX_TEMPFAIL), which a requeue script can act on; the rerun resumes exactly where it stopped.
+
 runs/<name>/ holds: recipe.yaml (what ran; a rerun with another recipe under the same name is refused),
 log.txt (the progress lines, time-stamped), metrics.jsonl (one line per step: step, epoch, loss, lr,
 clips/s, data wait; lines a killed run wrote past its last checkpoint are dropped on resume), TensorBoard
@@ -18,6 +22,8 @@ event files, checkpoints/step_<N>/ (mme.train) and the exports.
 """
 import json
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,10 +35,15 @@ from mme import recipe as recipes
 from mme.progress import Board, Progress, console, fail
 from mme.train import ResumeError, all_finite, keep_metrics, lr_at, reached, resume, save_checkpoint
 
+PREEMPTED = 75          # exit status after a checkpoint forced by SIGTERM / SIGUSR1 (EX_TEMPFAIL: run it again)
+
 
 class Run:
     def __init__(self, r, net, opt, loader, rank, world, device, steps_per_epoch, what, header=""):
-        self.r, self.rank, self.loader = r, rank, loader
+        self.r, self.rank, self.loader, self.device = r, rank, loader, device
+        self.signalled, self.preempted = None, False              # the signal that asked this process to stop
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.path = Path(r["output_dir"]) / r["name"]
         self.steps_per_epoch, self.total = steps_per_epoch, r["epochs"] * steps_per_epoch
         self.peak, self.floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
@@ -82,8 +93,15 @@ class Run:
         if self.rank == 0:
             self.progress.note(text)
 
+    def _on_signal(self, signum, frame):
+        self.signalled = signal.Signals(signum).name
+
     def save_due(self):
-        return self.step % self.r["save_every"] == 0 or self.done
+        """A checkpoint now: every save_every steps, at the end, or (all ranks agreeing) when a rank was signalled."""
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.preempted = bool(flag.item())
+        return self.preempted or self.step % self.r["save_every"] == 0 or self.done
 
     def blown(self, what):
         """Stop on non-finite numbers in one line: nothing is saved, and the line says how to continue from the
@@ -100,8 +118,19 @@ class Run:
             self.blown(f"the weights hold non-finite values after step {self.step}")
 
     def checkpoint(self, net, opt, loader):
+        """Save (after check_finite); after a stop signal, say so in one line and exit with PREEMPTED."""
         self.check_finite(net)
         self.last = save_checkpoint(self.path, self.step, net, opt, loader, self.rank)
+        if self.preempted:
+            self.note(f"stopped by {self.signalled or 'a signal to another rank'} at step {self.step}: saved {self.last}; "
+                      f"rerun the same command to resume (exit status {PREEMPTED}: requeue)")
+            if self.rank == 0:
+                self.progress.stop()
+                self.metrics.close()
+                self.board.close()
+            dist.barrier()
+            dist.destroy_process_group()
+            sys.exit(PREEMPTED)
 
     def finish(self, exports, curve_label="loss (masked MSE, eq. 1)"):
         """Rank 0: stop the progress display, close metrics.jsonl, save each {file name: state dict} in the run

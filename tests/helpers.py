@@ -5,6 +5,7 @@ environment a batch job runs the scripts in, and killing a script the moment it 
     frames, disp, hog, valid = fake_clip(T, H, W, L, seed=0)   # one clip's arrays, random, of the schema's shapes
     env = clean_env(RANK="1")                            # os.environ as a batch job has it, plus what is given
     kill_when(["pretrain.py", ...], path, cwd)           # SIGKILL the script once `path` exists (a node lost mid-run)
+    code, err = signal_when(cmd, ready, cwd, signal.SIGTERM)   # any signal once ready() holds
 """
 import os
 import signal
@@ -46,13 +47,20 @@ def fake_clip(T=4, H=32, W=48, L=3, g=8, seed=0):
     return frames, disp, hog, valid
 
 
-def kill_when(cmd, path, cwd, timeout=240):
-    """Start `python cmd...` (torchrun's variables cleared), SIGKILL it as soon as `path` exists (or it
-    ends, or timeout s pass), like a node lost mid-run."""
+def signal_when(cmd, ready, cwd, sig=signal.SIGKILL, timeout=240):
+    """Start `python cmd...` (torchrun's variables cleared), send it `sig` as soon as ready() is true (or it ends,
+    or timeout s pass), wait for it to end -> (return code, stderr text)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen([sys.executable, *cmd], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen([sys.executable, *cmd], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + timeout
-    while not path.exists() and p.poll() is None and time.time() < deadline:
+    while not ready() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    if p.poll() is None:
+        p.send_signal(sig)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
+
+
+def kill_when(cmd, path, cwd, timeout=240):
+    """SIGKILL `python cmd...` as soon as `path` exists (signal_when), like a node lost mid-run."""
+    signal_when(cmd, path.exists, cwd, signal.SIGKILL, timeout)

@@ -465,6 +465,56 @@ def test_resume_after_kill(baseline, tmp_path):
     assert re.search(r"8videos,(\d+)alreadydone", squash(r.stderr)).group(1) == str(2 * len(kept))
 
 
+def descendants(pid):
+    """The pids of every process below `pid` (from /proc)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_sigterm_stops_the_workers_too_and_the_rerun_completes(baseline, tmp_path):
+    """Issue #25: SIGTERM (a batch system's stop) takes Ctrl-C's way: one line, the worker pool stopped (no
+    forkserver or worker left blocked), finished shards kept; the rerun completes without duplicates."""
+    _, keys, _ = baseline
+    out = tmp_path / "out"
+    proc = start(*[a if a != 1 else 2 for a in RESUMABLE], "--out", out)
+    try:
+        deadline = time.monotonic() + 90
+        while not list(out.glob("train-000-*.tar")) or not descendants(proc.pid):
+            assert proc.poll() is None, f"finished first: {finish(proc).stderr[-2000:]}"
+            assert time.monotonic() < deadline, "no shard after 90 s"
+            time.sleep(0.005)
+        below = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        r = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted: finished shards are kept" in r.stderr and "Traceback" not in r.stderr
+    deadline = time.monotonic() + 10
+    def alive(pid):
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+    while any(alive(p) for p in below):
+        assert time.monotonic() < deadline, "worker processes left behind"
+        time.sleep(0.1)
+    ok(extract(*RESUMABLE, "--out", out))
+    pairs = shard_keys(out)
+    assert_unique(pairs)
+    assert sorted(k for k, _ in pairs) == keys
+
+
 @pytest.fixture(scope="module")
 def lost_journal_line(baseline, tmp_path_factory):
     """The baseline after a kill between a shard's rename and its journal line, then rerun."""

@@ -162,3 +162,26 @@ def test_probe_without_a_pretrained_encoder_says_to_pretrain(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         (line,) = [x for x in r.stderr.splitlines() if "error" in x]
         assert "does not exist: run pretrain.py first" in line and "--finetune null" in line
+
+
+def test_preempted_fine_tuning_saves_and_resumes(pretrained):
+    """Issue #25: SIGTERM between checkpoints: the step finishes, a checkpoint is saved, exit PREEMPTED; the rerun
+    resumes there and finishes with every step once."""
+    import signal
+
+    from helpers import signal_when
+
+    from mme.run import PREEMPTED
+    from mme.train import checkpoints
+    tmp = pretrained
+    a = ["full", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth",
+         "--epochs", "4", "--save_every", "100", "--name", "preempted"]
+    metrics = tmp / "preempted" / "metrics.jsonl"
+    code, err = signal_when(["finetune.py", *a], lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+                            ROOT, signal.SIGTERM)
+    assert code == PREEMPTED and "stopped by SIGTERM at step" in err and "Traceback" not in err, err[-2000:]
+    (at,) = [int(p.name.split("_")[1]) for p in checkpoints(tmp / "preempted")]
+    r = finetune(*a)
+    assert f"resuming at step {at}" in r.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and (tmp / "preempted" / "eval.json").exists()

@@ -3,13 +3,14 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_when
+from helpers import kill_when, signal_when
 
 from mme import model as models
 from mme.train import checkpoints
@@ -94,6 +95,28 @@ def test_killed_run_resumes_the_same_curve(shard_dir, tmp_path):
         assert x["lr"] == pytest.approx(y["lr"])
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preempted_run_saves_says_so_and_resumes_the_same_curve(shard_dir, tmp_path, sig):
+    """Issue #25: SIGTERM (SLURM's stop) or SIGUSR1 (sbatch --signal) between checkpoints: the step finishes, a
+    checkpoint is saved, one line says where, exit PREEMPTED; the rerun continues the uninterrupted curve."""
+    from mme.run import PREEMPTED
+    kw = dict(epochs=4, drop_path=0.1, save_every=100)                      # no checkpoint before the end
+    whole = run(args(shard_dir, tmp_path, "whole", **kw))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    code, err = signal_when(["pretrain.py", *args(shard_dir, tmp_path, "stopped", **kw)],
+                            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, ROOT, sig)
+    assert code == PREEMPTED and "Traceback" not in err, err[-2000:]
+    (at,) = [int(p.name.split("_")[1]) for p in checkpoints(tmp_path / "stopped")]
+    assert 3 <= at < 16 and f"stopped by {sig.name} at step {at}" in err and "rerun the same command" in err
+    again = run(args(shard_dir, tmp_path, "stopped", **kw))
+    assert again.returncode == 0 and f"resuming at step {at}" in again.stderr, again.stderr[-2000:]
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "stopped")
+    assert [x["step"] for x in b] == list(range(1, 17))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+
+
 def test_torchrun_two_processes_fsdp(shard_dir, tmp_path):
     r = run(args(shard_dir, tmp_path, "two"), launcher=("torchrun", "--standalone", "--nproc_per_node=2", "pretrain.py"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -129,7 +152,8 @@ def finite(run_dir):
 def test_nonfinite_weights_are_never_saved_and_the_run_continues_with_a_lower_lr(shard_dir, tmp_path):
     """Issue #25: a blown-up update is caught before its weights are saved (the loss check alone read the loss
     computed before the update); the line names a finite checkpoint and the flags that continue from it."""
-    r = run(args(shard_dir, tmp_path, "nan", base_lr=1e6, warmup_epochs=1, epochs=3, min_lr=0, save_every=1))   # step 1 runs at lr 0: a good checkpoint
+    # warm-up: step 1 runs at lr 0, so there is a good checkpoint to go back to
+    r = run(args(shard_dir, tmp_path, "nan", base_lr=1e6, warmup_epochs=1, epochs=3, min_lr=0, save_every=1))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     line = next(x for x in r.stderr.splitlines() if x.startswith("error:"))
     assert "non-finite" in line and "nothing saved" in line and "--resume_changes base_lr,clip_grad" in line
