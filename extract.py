@@ -28,7 +28,7 @@ from pathlib import Path
 import fire
 from rich.markup import escape
 
-from mme import figures, shards
+from mme import figures, lock, shards
 from mme.offline import clips, pipeline, sources
 from mme.offline import writer as shard_writer
 from mme.progress import console, fail, shown
@@ -149,6 +149,10 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
     if old != shards.SCHEMA_VERSION:            # resuming would mix two versions in one folder
         fail(f"--out {out} holds shards of schema {old}; this extract.py writes {shards.SCHEMA_VERSION}: extract into a new folder")
 
+    try:                                        # one process per part of an --out (parts write disjoint shards)
+        lock.hold(out / ".extract" / f"part-{i:03d}.lock", f"--out {out} part {i}/{n}")
+    except lock.LockedError as e:
+        fail(e)
     workers = workers or os.cpu_count()
     log = out / f"log-{i:03d}.txt"                  # this part's progress lines, time-stamped
     total_samples = 0

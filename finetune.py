@@ -49,13 +49,16 @@ from mme.train import autocast, command_line, optimizer_step, param_groups, set_
 
 
 def start(recipe, overrides, need_head=False):
-    """The recipe (finetune.py needs num_classes), the process group and the weights checked: one line and
-    exit 2 for any of them."""
+    """The recipe (finetune.py needs num_classes), the weights, the shards' labels (within num_classes, and some
+    evaluation samples) and the process group, checked before any work: one line and exit 2 for any of them."""
     try:
         r = recipes.load(recipe, **overrides)
         if r["num_classes"] is None:
             raise recipes.RecipeError(f"{recipe}: num_classes is required for finetune.py")
         models.check_weights(r["finetune"], need_head)
+        if not need_head:                                        # eval reads the evaluation split only
+            data.check_labels(r["data_path"], "train", r["num_classes"])
+        data.check_labels(r["eval_data_path"] or r["data_path"], "val", r["num_classes"])
         rank, world, device = setup_distributed(r["device"], r["num_workers"])
     except (ValueError, FileNotFoundError) as e:               # RecipeError, WeightsError, no such device
         fail(e)

@@ -15,7 +15,9 @@ Preemption (SLURM sends SIGTERM before it kills a job; `sbatch --signal=USR1@120
 finishes its step, every rank saves the checkpoint, one line says where it stopped, and the process exits with
 PREEMPTED (75, EX_TEMPFAIL), which a requeue script can act on; the rerun resumes exactly where it stopped.
 
-runs/<name>/ holds: recipe.yaml (what ran; a rerun with another recipe under the same name is refused),
+A second process started on the same run folder is refused in one line naming the first (mme.lock).
+
+runs/<name>/ holds: .lock, recipe.yaml (what ran; a rerun with another recipe under the same name is refused),
 log.txt (the progress lines, time-stamped), metrics.jsonl (one line per step: step, epoch, loss, lr,
 clips/s, data wait; lines a killed run wrote past its last checkpoint are dropped on resume), TensorBoard
 event files, checkpoints/step_<N>/ (mme.train) and the exports.
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mme import figures
+from mme import figures, lock
 from mme import recipe as recipes
 from mme.progress import Board, Progress, console, fail
 from mme.train import ResumeError, all_finite, keep_metrics, lr_at, reached, resume, save_checkpoint
@@ -46,6 +48,15 @@ class Run:
             signal.signal(sig, self._on_signal)
         self.path = Path(r["output_dir"]) / r["name"]
         self.steps_per_epoch, self.total = steps_per_epoch, r["epochs"] * steps_per_epoch
+        refused = [None]
+        if rank == 0:                                             # one process (group) per run folder
+            try:
+                lock.hold(self.path / ".lock", f"run folder {self.path}")
+            except lock.LockedError as e:
+                refused = [str(e)]
+        dist.broadcast_object_list(refused)                       # every rank stops, or none
+        if refused[0]:
+            fail(refused[0], rank)
         self.peak, self.floor = recipes.lr(r, r["batch_size"]), recipes.lr(r, r["batch_size"], "min_lr")
         try:
             self.step, self.last = resume(self.path, r, net, opt, loader, rank)   # the newest checkpoint that verifies

@@ -812,3 +812,23 @@ def test_show_draws_samples_with_their_tracks(synthetic_shards, tmp_path):
     bad = subprocess.run([sys.executable, "extract.py", "show", out, "--n", "0"], cwd=REPO, env=clean_env(),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--n 0: must be between 1 and 64" in bad.stderr
+
+
+def test_a_second_extraction_of_the_same_part_is_refused(tmp_path):
+    """Issue #25: two extract.py into one --out (the same part) renamed each other's half-written shards; the second
+    is now refused in one line naming the first, which finishes whole."""
+    out = tmp_path / "out"
+    first = start(*RESUMABLE, "--out", out)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".extract" / "part-000.lock").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        second = extract(*RESUMABLE, "--out", out)
+    finally:
+        r = finish(first)
+    assert second.returncode == 2 and f"pid {first.pid} on" in second.stderr and "Traceback" not in second.stderr
+    assert r.returncode == 0, r.stderr[-2000:]
+    pairs = shard_keys(out)
+    assert_unique(pairs)
+    assert len(pairs) == 8

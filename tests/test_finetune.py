@@ -185,3 +185,27 @@ def test_preempted_fine_tuning_saves_and_resumes(pretrained):
     assert f"resuming at step {at}" in r.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and (tmp / "preempted" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("command", ["probe", "eval", "frozen"])
+def test_labels_outside_num_classes_and_empty_evaluation_data_stop_before_any_work(pretrained, command, tmp_path):
+    """Issue #25: a 10-class dataset with --num_classes 5 failed at step 1 (probe) or after writing eval.json (eval);
+    an empty validation split was found only after training. Now one line each, nothing written."""
+    tmp = pretrained
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    weights = f"{tmp}/{'probe/model.pth' if command == 'eval' else 'pre/encoder.pth'}"
+    if command == "eval" and not Path(weights).exists():
+        weights = f"{tmp}/pre/encoder.pth"
+    base = [sys.executable, "finetune.py", command, "--recipe", "recipes/probe_tiny.yaml", *common(tmp), "--finetune", weights,
+            "--output_dir", str(tmp_path)]
+    r = subprocess.run([*base, "--num_classes", "5", "--name", "five"], cwd=ROOT, capture_output=True, text=True, env=env)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "outside num_classes 5: set --num_classes" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "five").exists()
+    manifest = json.loads((tmp / "shards" / "manifest.json").read_text())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest["splits"]["val"] = {"videos": 0, "samples": 0, "classes": {}, "shards": {}}
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([*base, "--eval_data_path", f"{empty}/", "--name", "noval"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "lists no val sample" in r.stderr and not (tmp_path / "noval").exists(), r.stderr[-2000:]

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,25 @@ def test_ctrl_c_says_where_the_run_resumes(shard_dir, tmp_path):
     err = p.communicate(timeout=60)[1]
     assert p.returncode not in (0, None) and "Traceback" not in err, err[-2000:]
     assert re.search(r"interrupted at step \d+: rerun the same command to resume from step \d+ \(.*checkpoints/step_", err), err[-2000:]
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(shard_dir, tmp_path):
+    """Issue #25: two pretrain.py with one --name corrupted each other; the second is now refused in one line
+    naming the first, and the first runs on untouched. A crashed run's lock is no lock (kill -9 frees it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    first = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "busy", epochs=6)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        metrics = tmp_path / "busy" / "metrics.jsonl"
+        while not metrics.exists() and first.poll() is None:
+            time.sleep(0.05)
+        second = run(args(shard_dir, tmp_path, "busy", epochs=4))
+        assert second.returncode == 2 and f"pid {first.pid} on" in second.stderr and "Traceback" not in second.stderr
+        assert len([x for x in second.stderr.splitlines() if x.strip()]) == 1, second.stderr
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert [x["step"] for x in losses(tmp_path / "busy")] == list(range(1, 25))        # every step once
+    kill_when(["pretrain.py", *args(shard_dir, tmp_path, "crashed", epochs=6)],
+              tmp_path / "crashed" / "metrics.jsonl", ROOT)
+    assert run(args(shard_dir, tmp_path, "crashed", epochs=6)).returncode == 0

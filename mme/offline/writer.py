@@ -79,9 +79,10 @@ class ShardWriter:
         if self.tar is None:
             self.name = f"{self.prefix}-{self.seq:06d}.tar"
             self.tar = tarfile.open(self.out / (self.name + ".tmp"), "w")
-            self.count, self.videos, self.classes = 0, [], Counter()
+            self.count, self.videos, self.classes, self.labels = 0, [], Counter(), {}
         for s in samples:
             write_sample(self.tar, s)
+            self.labels[label_name] = int(s["cls"])
         self.count += len(samples)
         self.videos.append(video_key)
         self.classes[label_name] += len(samples)
@@ -103,22 +104,28 @@ class ShardWriter:
         with open(self.out / (self.name + ".tmp"), "rb") as f:
             os.fsync(f.fileno())                                # on disk before its name says it is finished
         os.replace(self.out / (self.name + ".tmp"), self.out / self.name)
-        entry = {"shard": self.name, "videos": self.videos, "samples": self.count, "classes": dict(self.classes)}
+        entry = {"shard": self.name, "videos": self.videos, "samples": self.count, "classes": dict(self.classes),
+                 "labels": dict(self.labels)}
         self._append(entry)
         self.entries.append(entry)
         self.tar, self.seq = None, self.seq + 1
 
 
 def shard_entry(path):
-    """A journal entry rebuilt from a finished shard itself: its videos, samples and classes."""
-    videos, classes = set(), Counter()
+    """A journal entry rebuilt from a finished shard itself: its videos, samples, classes and their labels."""
+    videos, classes, names, labels = set(), Counter(), {}, {}
     with tarfile.open(path) as tar:
         for m in tar:
-            if m.name.endswith(".json"):
+            key, _, member = m.name.partition(".")
+            if member == "json":
                 meta = json.loads(tar.extractfile(m).read())
                 videos.add(meta["video_key"])
                 classes[meta["label_name"]] += 1
-    return {"shard": Path(path).name, "videos": sorted(videos), "samples": sum(classes.values()), "classes": dict(classes)}
+                names[key] = meta["label_name"]
+            elif member == "cls":
+                labels[key] = int(tar.extractfile(m).read())
+    return {"shard": Path(path).name, "videos": sorted(videos), "samples": sum(classes.values()), "classes": dict(classes),
+            "labels": {names[k]: v for k, v in labels.items() if k in names}}
 
 
 def write_json(path, obj):
@@ -133,15 +140,17 @@ def part_manifest(entries, split, params, part, total_videos):
     """Summary of one part's journal entries."""
     shards = [e for e in entries if "shard" in e]
     stored = {v for e in shards for v in e["videos"]}
-    classes = Counter()
+    classes, labels = Counter(), {}
     for e in shards:
         classes.update(e.get("classes", {}))
+        labels.update(e.get("labels", {}))
     return {
         "schema": SCHEMA_VERSION, "params": params, "part": part,
         "splits": {split: {
             "videos": sum(len(e["videos"]) for e in shards),
             "samples": sum(e["samples"] for e in shards),
             "classes": dict(sorted(classes.items())),
+            "labels": dict(sorted(labels.items())),                # class name -> the label index its samples hold
             "shards": {e["shard"]: e["samples"] for e in shards},
             "listed": total_videos,
         }},
@@ -163,16 +172,18 @@ def merge_manifests(out):
         merged["skipped"] += m["skipped"]
         merged["warnings"] += m["warnings"]
         for split, s in m["splits"].items():
-            d = merged["splits"].setdefault(split, {"videos": 0, "samples": 0, "classes": {}, "shards": {}})
+            d = merged["splits"].setdefault(split, {"videos": 0, "samples": 0, "classes": {}, "labels": {}, "shards": {}})
             d["videos"] += s["videos"]
             d["samples"] += s["samples"]
             for c, n in s["classes"].items():
                 d["classes"][c] = d["classes"].get(c, 0) + n
+            d["labels"].update(s.get("labels", {}))
             d["shards"].update(s["shards"])
     for d in merged["splits"].values():
         merged["videos"] += d["videos"]
         merged["samples"] += d["samples"]
         d["classes"] = dict(sorted(d["classes"].items()))
+        d["labels"] = dict(sorted(d["labels"].items()))
         d["shards"] = dict(sorted(d["shards"].items()))
     write_json(out / "manifest.json", merged)
     return merged

@@ -70,6 +70,26 @@ def shard_urls(urls, split):
     return stream.expand(urls)
 
 
+def check_labels(urls, split, num_classes):
+    """Before any work: ValueError (one line) when the manifest of the shards folder `urls` says its `split` holds
+    labels outside [0, num_classes), or holds no sample at all. Shards without a manifest (globs, URLs) are not
+    checked here; manifests of extractions older than the "labels" field give the number of class names, a
+    lower bound of the largest label + 1."""
+    folder = urls.rstrip("/") if isinstance(urls, str) and (urls.endswith("/") or os.path.isdir(urls)) else None
+    manifest = stream.read_manifest(folder) if folder else None
+    if not manifest:
+        return
+    s = manifest.get("splits", {}).get(split)
+    if not s or not s.get("samples"):
+        raise ValueError(f"{folder}: its manifest lists no {split} sample")
+    labels = s.get("labels") or {}
+    top = max(labels.values(), default=len(s.get("classes", {})) - 1)
+    named = max(labels, key=labels.get) if labels else f"{len(s.get('classes', {}))} classes"
+    if top >= num_classes or min(labels.values(), default=0) < -1:
+        raise ValueError(f"{folder}: its {split} split holds label {top} ({named}), outside num_classes {num_classes}: "
+                         f"set --num_classes {top + 1} (or more)")
+
+
 def class_names(urls, labels, limit=None):
     """{label: class name} for each of `labels` that the samples' metadata (label_name) of `urls` name,
     reading samples until every one is named (or `limit` samples are read)."""
