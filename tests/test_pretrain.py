@@ -128,6 +128,52 @@ def test_torchrun_two_processes_fsdp(shard_dir, tmp_path):
     models.load_backbone(enc, torch.load(tmp_path / "two" / "encoder.pth", map_location="cpu", weights_only=True))
 
 
+def worker_pids(agent):
+    """{rank: pid} of the pretrain.py workers a torchrun agent (pid) started (their RANK, from /proc)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if b"pretrain.py" not in (d / "cmdline").read_bytes():
+                continue
+            env = dict(x.split("=", 1) for x in (d / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in x)
+            if "RANK" in env and int(d.name) != agent:
+                found[int(env["RANK"])] = int(d.name)
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_torchrun_restarts_after_a_lost_rank_and_finishes_the_same_run(shard_dir, tmp_path):
+    """Issue #25: under torchrun --max-restarts=1 a killed rank made both new workers die in init_process_group
+    (the agent's shared rendezvous store, pytorch/pytorch#135712). With the launch line the README and
+    scripts/ use (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) the group restarts, resumes at its last checkpoint and
+    ends with the uninterrupted run's curve, no step twice or missing."""
+    launcher = ("torchrun", "--standalone", "--nproc_per_node=2", "--max-restarts=1", "pretrain.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    whole = subprocess.run([*launcher, *args(shard_dir, tmp_path, "whole", epochs=4)], cwd=ROOT, capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    agent = subprocess.Popen([*launcher, *args(shard_dir, tmp_path, "lost", epochs=4)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        done = tmp_path / "lost" / "checkpoints" / "step_4" / "done"
+        deadline = time.time() + 240
+        while not done.exists() and agent.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(worker_pids(agent.pid)[1], signal.SIGKILL)                    # a rank lost mid-run
+        _, err = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, err[-3000:]
+    assert "resuming at step" in err
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "lost")
+    assert [x["step"] for x in b] == list(range(1, 17))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6), (x, y)
+
+
 def test_bad_recipe_stops_before_anything(shard_dir, tmp_path):
     r = run(args(shard_dir, tmp_path, "bad", mask_ratoi=0.5))
     assert r.returncode == 2 and "unknown key 'mask_ratoi'" in r.stderr and "mask_ratio" in r.stderr
