@@ -17,6 +17,7 @@ The work itself is mme/offline/ (pipeline.py: the worker pool; clips.py: what a 
 """
 import dataclasses
 import difflib
+import errno
 import inspect
 import json
 import os
@@ -253,6 +254,11 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         fire.Fire(main)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        fail(f"no space left on {e.filename or 'the --out disk'}: free some (the shards finished so far are kept) and "
+             "rerun the same command to extract the rest")
     except KeyboardInterrupt:
         console.print("interrupted: finished shards are kept; rerun the same command to extract the rest")
         sys.exit(130)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from mme import figures, lock
 from mme import recipe as recipes
 from mme.progress import Board, Progress, console, fail
-from mme.train import ResumeError, all_finite, keep_metrics, lr_at, reached, resume, save_checkpoint
+from mme.train import NoSpaceError, ResumeError, all_finite, keep_metrics, lr_at, reached, resume, save_checkpoint
 
 PREEMPTED = 75          # exit status after a checkpoint forced by SIGTERM / SIGUSR1 (EX_TEMPFAIL: run it again)
 
@@ -131,7 +131,10 @@ class Run:
     def checkpoint(self, net, opt, loader):
         """Save (after check_finite); after a stop signal, say so in one line and exit with PREEMPTED."""
         self.check_finite(net)
-        self.last = save_checkpoint(self.path, self.step, net, opt, loader, self.rank)
+        try:
+            self.last = save_checkpoint(self.path, self.step, net, opt, loader, self.rank)
+        except NoSpaceError as e:
+            fail(e, self.rank)
         if self.preempted:
             self.note(f"stopped by {self.signalled or 'a signal to another rank'} at step {self.step}: saved {self.last}; "
                       f"rerun the same command to resume (exit status {PREEMPTED}: requeue)")

@@ -15,6 +15,7 @@ The run folder must not be writable by anyone you do not trust: the checksums in
 marker catch damage and files replaced after the save, but someone who can write there can also write
 a matching marker, and DCP reads a checkpoint's .metadata with pickle.
 """
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import fire
 import torch
@@ -165,13 +167,54 @@ def command_line(commands, usage):
         fail(str(e))
 
 
+class NoSpaceError(ValueError):
+    """The disk is full, or would be: one line naming the folder, what is needed and what is free."""
+
+
+def state_bytes(state):
+    """Bytes of the tensors in a (nested) state dict: this rank's share of a checkpoint."""
+    if torch.is_tensor(state):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def check_space(folder, needed, what):
+    """NoSpaceError unless `folder`'s file system has `needed` bytes free (and 1 % spare)."""
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.01:
+        raise NoSpaceError(f"no space left on {folder}: {what} needs {needed / 2 ** 20:.0f} MB, "
+                           f"{free / 2 ** 20:.0f} MB free")
+
+
+def no_space(e):
+    """Whether an exception (DCP wraps each rank's) comes from a full disk."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
 def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
     """Model + optimizer through DCP (each rank writes its shards), then each rank's own state as
     JSON; then rank 0 writes the `done` marker with the sha256 of every file, so the checkpoint counts
-    only once everything is on disk, and a file damaged or replaced later is caught before it is read."""
+    only once everything is on disk, and a file damaged or replaced later is caught before it is read.
+    The free space is checked first (this rank's share; the checkpoint before it is removed only after);
+    a disk that fills anyway raises NoSpaceError, and the half-written checkpoint is never resumed from."""
     path = run / "checkpoints" / f"step_{step}"
     msd, osd = get_state_dict(net, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    check_space(run, state_bytes(msd) + state_bytes(osd), f"checkpoint step_{step} (rank {rank}'s share)")
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    except Exception as e:
+        if no_space(e):
+            raise NoSpaceError(f"no space left on {run} while writing checkpoint step_{step}: free some, or "
+                               f"point output_dir elsewhere; it holds keep + 1 = {keep + 1} checkpoints at its peak") from None
+        raise
     rng = {"torch": torch.get_rng_state().tolist()}      # the loader's and masks' RNGs derive from its state
     write_durably(path / f"rank{rank}.json", json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
     dist.barrier()

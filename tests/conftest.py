@@ -1,6 +1,7 @@
 """Fixtures several test files share (their plain helpers are in tests/helpers.py):
 
     synthetic_shards                                     # (folder, CompletedProcess) of one extract.py run
+    small_disk                                           # a 3 MB file system (a tmpfs; skipped where none mounts)
 """
 import subprocess
 import sys
@@ -23,3 +24,14 @@ def synthetic_shards(tmp_path_factory):
                         "--limit", "6", "--short_side", "64", "--shard_samples", "4", "--workers", "2"],
                        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
     return out, r
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs at tmp_path/small (skipped where mounting is not allowed)."""
+    d = tmp_path / "small"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (test_check_space_refuses_in_one_line covers the check)")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)

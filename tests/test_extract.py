@@ -832,3 +832,11 @@ def test_a_second_extraction_of_the_same_part_is_refused(tmp_path):
     pairs = shard_keys(out)
     assert_unique(pairs)
     assert len(pairs) == 8
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_completes(small_disk, tmp_path):
+    """Issue #25: extraction on a full disk gave a 23-line traceback; now one line, the finished shards kept."""
+    r = extract("--src", "synthetic", "--limit", 300, "--workers", 1, *SMALL, "--out", small_disk / "out")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert "no space left on" in lines[0] and "rerun the same command" in lines[0]

@@ -360,3 +360,24 @@ def test_a_second_process_on_the_same_run_folder_is_refused(shard_dir, tmp_path)
     kill_when(["pretrain.py", *args(shard_dir, tmp_path, "crashed", epochs=6)],
               tmp_path / "crashed" / "metrics.jsonl", ROOT)
     assert run(args(shard_dir, tmp_path, "crashed", epochs=6)).returncode == 0
+
+
+def test_check_space_refuses_in_one_line(tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from mme.train import NoSpaceError, check_space
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10 * 2 ** 20, 9 * 2 ** 20, 2 ** 20))
+    with pytest.raises(NoSpaceError, match=r"^no space left on .*: checkpoint x needs 5 MB, 1 MB free$"):
+        check_space(tmp_path / "not" / "yet", 5 * 2 ** 20, "checkpoint x")
+    check_space(tmp_path, 2 ** 19, "checkpoint x")                        # enough: no error
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(shard_dir, small_disk):
+    """Issue #25: a 72-line traceback ending 'unexpected pos'; now one line naming the folder and the sizes."""
+    r = run(args(shard_dir, small_disk, "full", save_every=1))
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert "no space left on" in lines[0] and "MB free" in lines[0] or "while writing checkpoint" in lines[0]
+    assert not checkpoints(small_disk / "full")                            # nothing half-written counts as done
