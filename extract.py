@@ -30,8 +30,7 @@ import fire
 from rich.markup import escape
 
 from mme import figures, lock, shards
-from mme.offline import clips, pipeline, sources
-from mme.offline import writer as shard_writer
+from mme.offline import clips, pipeline, sources, writer as shard_writer
 from mme.progress import console, fail, shown
 
 

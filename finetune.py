@@ -8,6 +8,7 @@
     python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
     python finetune.py frozen --recipe recipes/probe_tiny.yaml        # frozen features: probe, k-NN, attentive probe
     python finetune.py report --recipe recipes/probe_tiny.yaml --finetune runs/learn_tiny/encoder.pth   # -> runs/learn_tiny/report.md
+    python finetune.py predict --finetune runs/finetune_tiny/model.pth clip1.mp4 videos/   # top-5 classes per video
 
 The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
 VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
@@ -16,14 +17,10 @@ norm -> head; MAE's BatchNorm before it, folded into it when saved), with the re
 only; full trains everything with layer decay, drop path, label smoothing, mixup/cutmix, RandAugment and
 repeated sampling as the recipe says (Table 15). Both write runs/<name>/ as pretrain.py does (mme/run.py:
 recipe.yaml, log.txt, metrics.jsonl, TensorBoard events, loss.png, checkpoints/ that a killed run resumes
-from), then model.pth (the classifier in the released layout: backbone + fc_norm + head), eval.json (top-1/
+from), then model.pth ({"model": the classifier in the released layout, backbone + fc_norm + head, with the
+class names, the recipe and the extraction params, so that predict needs nothing else}), eval.json (top-1/
 top-5 and recall per class over videos: every clip window, or test_num_segment of them, x test_num_crop
-crops, softmax averaged) and confusion.png; with eval_every N also val.jsonl and best.pth (the classifier
-of the best validation top-1).
-frozen trains nothing but read-outs of the encoder's tokens (mme/frozen.py: a logistic-regression probe and
-a k-NN on their mean, an attentive probe on all of them), cached in features.pt, scored over the same views.
-report runs frozen on a pre-training run's encoder.pth and on a random encoder of its architecture and
-writes runs/<run>/report.md (mme/report.py).
+crops, softmax averaged) and confusion.png; with eval_every N also val.jsonl and best.pth.
 """
 import os
 
@@ -37,11 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mme import evaluate
-from mme import frozen as frozen_lib
-from mme import model as models
-from mme import recipe as recipes
-from mme import report as report_lib
+from mme import evaluate, frozen as frozen_lib, model as models, predict as predict_lib, recipe as recipes, report as report_lib
 from mme.online import augment, data
 from mme.progress import Board, console, fail
 from mme.run import Run, timed
@@ -134,7 +127,7 @@ def train(mode, recipe, **overrides):
             tick = time.perf_counter()
             if run.done:
                 break
-    run.finish({"model.pth": export(clf, mode)}, curve_label="loss (cross-entropy)")
+    run.finish({"model.pth": export(clf, mode, r)}, curve_label="loss (cross-entropy)")
     if last is not None and last[0] == run.step:          # the last model was just validated: the same views
         result, truth, predicted = last[1:4]
     else:
@@ -160,14 +153,18 @@ def validate(clf, r, run, mode, epoch, best, device):
     Returns (step, result, truth, predicted, best)."""
     run.check_finite(clf)                                # never score (or keep as best.pth) blown weights
     result, truth, predicted = score(clf, r, run.rank, dist.get_world_size(), device)
-    state = export(clf, mode) if run.is_best(result, best) else None      # every rank gathers the state dict
+    state = export(clf, mode, r) if run.is_best(result, best) else None   # every rank gathers the state dict
     return run.step, result, truth, predicted, run.validated(result, epoch, best, state)
 
 
-def export(clf, mode):
-    """The classifier's full state dict in the released layout (a probe's BatchNorm folded into its head)."""
+def export(clf, mode, r):
+    """model.pth's content (mme.model.classifier_checkpoint): the classifier's full state dict in the released
+    layout (a probe's BatchNorm folded into its head), the class names, the recipe and the extraction params."""
     full = get_model_state_dict(clf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return models.fold_probe_norm(full) if mode == "probe" else full
+    manifest = data.stream.read_manifest(str(r["eval_data_path"] or r["data_path"]).rstrip("/")) \
+        if isinstance(r["eval_data_path"] or r["data_path"], str) else None
+    return models.classifier_checkpoint(models.fold_probe_norm(full) if mode == "probe" else full, evaluate.class_names(r),
+                                        r, (manifest or {}).get("params"))
 
 
 def finish(r, rank, path, result, truth, predicted, note=console.print):
@@ -196,8 +193,8 @@ def full(recipe, **overrides):
 
 
 def eval(recipe, **overrides):
-    """Evaluate the classifier in recipe["finetune"] (a model.pth of probe/full, or a released fine-tuned
-    checkpoint) on eval_data_path (default: the val split of data_path); --key value overrides any key."""
+    """Evaluate a classifier (model.pth of probe/full, or a released fine-tuned checkpoint). recipe["finetune"]
+    names it; it is scored on eval_data_path (default: the val split of data_path); --key value overrides any key."""
     r, rank, world, device = start(recipe, overrides, need_head=True)
     clf = classifier(r, rank, world, device, need_head=True)
     result, truth, predicted = score(clf, r, rank, world, device)
@@ -210,10 +207,10 @@ def eval(recipe, **overrides):
 
 
 def frozen(recipe, knn_k=10, knn_T=0.07, attentive=True, **overrides):
-    """Frozen-feature evaluation (mme/frozen.py): tokens of the encoder in recipe["finetune"] (null: random), once
-    per view, cached in runs/<name>/features.pt; a logistic-regression probe (L-BFGS, l2 chosen on held-out
-    training videos) and a weighted k-NN (knn_k neighbours, temperature knn_T) on their mean, and (attentive)
-    an attentive probe on all of them; every view of the evaluation videos. --key value overrides any key."""
+    """Frozen features: logistic regression + k-NN + attentive probe, no fine-tuning. mme/frozen.py: tokens of
+    the encoder in recipe["finetune"] (null: random), once per view, cached in runs/<name>/features.pt; a
+    logistic-regression probe (l2 chosen on held-out training videos) and a k-NN (knn_k neighbours, temperature
+    knn_T) on their mean, and (attentive) an attentive probe on all of them. --key value overrides any key."""
     r, rank, world, device = start(recipe, overrides)
     result = run_frozen(r, Path(r["output_dir"]) / r["name"], rank, world, device, knn_k, knn_T, attentive)
     if rank == 0:
@@ -230,14 +227,15 @@ def run_frozen(r, folder, rank, world, device, knn_k, knn_T, attentive, reuse=Fa
 
 
 def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **overrides):
-    """The report of a pre-training run: --finetune runs/<run>/encoder.pth (a pretrain.py run folder, with its
-    recipe.yaml and metrics.jsonl). Runs the frozen evaluation (as `frozen`) of that encoder into
-    runs/<run>/frozen/ and of a random encoder of the same architecture (the recipe's seed) into
-    runs/<run>/frozen_random/, with model, depth, num_frames, input_size taken from the run's recipe.yaml unless
-    given here (an eval.json of the same weights, shards and keys is read back, not recomputed). Writes
-    runs/<run>/report.md (mme/report.py): this run against the random encoder, recall per class, the loss curve
-    with the loss of predicting the mean target (from floor_samples training clips), Fig. 4 for validation clips,
-    the confusion matrix; other runs of the same recipe (other seeds) in a table of their own."""
+    """A pre-training run's report.md, against a random encoder of its architecture. --finetune
+    runs/<run>/encoder.pth (a pretrain.py run folder, with its recipe.yaml and metrics.jsonl). Runs the frozen
+    evaluation (as `frozen`) of that encoder into runs/<run>/frozen/ and of a random encoder of the same
+    architecture (the recipe's seed) into runs/<run>/frozen_random/, with model, depth, num_frames, input_size
+    taken from the run's recipe.yaml unless given here (an eval.json of the same weights, shards and keys is
+    read back, not recomputed). Writes runs/<run>/report.md (mme/report.py): this run against the random
+    encoder, recall per class, the loss curve with the loss of predicting the mean target (from floor_samples
+    training clips), Fig. 4 for validation clips, the confusion matrix; other runs of the same recipe (other
+    seeds) in a table of their own."""
     try:
         weights = recipes.load(recipe, **overrides)["finetune"]
         if not weights:
@@ -259,21 +257,31 @@ def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **ov
     dist.destroy_process_group()
 
 
-COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen, "report": report}
-SUMMARY = {"probe": "linear probe (Table 4): train a head on the frozen encoder, then evaluate",
-           "full": "fine-tune every layer (Table 15), then evaluate",
-           "eval": "evaluate a classifier (model.pth of probe/full, or a released fine-tuned checkpoint)",
-           "frozen": "frozen features: logistic regression + k-NN + attentive probe, in seconds to minutes",
-           "report": "a pre-training run's report.md: frozen evaluation of it and of a random encoder, loss, Fig. 4"}
+def predict(*videos, finetune=None, out="predictions.jsonl", top=5):
+    """Classify raw videos (files, or folders of them) with a fine-tuned model.pth. mme/predict.py: decoded and cut
+    into clip windows as extract.py does, scored as `eval` scores (the recipe's views x crops, softmax averaged);
+    prints each video's top classes and writes one JSON line per video to `out`. An unusable video is one line,
+    the others go on."""
+    try:
+        setup_distributed("auto", 0)
+        predict_lib.run(videos, finetune, out, top, say=console.print)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    dist.destroy_process_group()
+
+
+COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen, "report": report, "predict": predict}
 
 
 def usage(command=None):
     """--help: the module's text and its commands, or one command's with every recipe key (type, default, table)."""
     import inspect
     if command is None:
-        listed = "\n".join(f"  {name:7s} {what}" for name, what in SUMMARY.items())
+        listed = "\n".join(f"  {name:7s} {' '.join(inspect.getdoc(fn).split('. ')[0].split())}" for name, fn in COMMANDS.items())
         return (f"{__doc__.strip()}\n\nusage: python finetune.py COMMAND --recipe FILE [--key value ...]\n\n"
                 f"commands:\n{listed}\n\npython finetune.py COMMAND --help lists every recipe key.")
+    if command == "predict":
+        return f"usage: python finetune.py predict --finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]\n\n{inspect.getdoc(predict)}"
     extra = {"frozen": " [--knn_k K] [--knn_T T] [--attentive false]",
              "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--attentive false] [--floor_samples N]"}
     return (f"usage: python finetune.py {command} --recipe FILE{extra.get(command, '')} [--key value ...]\n\n"

@@ -31,9 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mme import evaluate, figures
-from mme import model as models
-from mme import recipe as recipes
+from mme import evaluate, figures, model as models, recipe as recipes
 from mme.online import data, targets
 from mme.progress import fail
 from mme.run import Run, timed

@@ -27,8 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mme.offline import clips, flow, hog, sources, synthetic, trajectory, video
-from mme.offline import writer as shard_writer
+from mme.offline import clips, flow, hog, sources, synthetic, trajectory, video, writer as shard_writer
 
 console = Console()
 

@@ -28,8 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mme import model as models
-from mme import recipe as recipes
+from mme import model as models, recipe as recipes
 from mme.online import targets
 from mme.train import setup_distributed, shard
 

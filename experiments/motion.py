@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from mme import evaluate, frozen
-from mme import model as models
-from mme import recipe as recipes
+from mme import evaluate, frozen, model as models, recipe as recipes
 from mme.offline import synthetic
 from mme.online import data, targets, transforms
 from mme.train import param_groups

@@ -47,8 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mme import evaluate
-from mme import model as models
+from mme import evaluate, model as models
 from mme.evaluate import accuracy, class_recall, video_of, video_scores
 from mme.online import data
 

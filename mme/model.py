@@ -509,6 +509,15 @@ def load_weights(model, path, need_head=False):
     return skipped
 
 
+def classifier_checkpoint(state_dict, class_names, recipe, extraction=None):
+    """What model.pth / best.pth hold: the released VideoMAE wrapping {"model": state dict} (any VideoMAE loader
+    reads it), plus what prediction needs to need nothing else: the class names in label order, the recipe
+    (architecture, frames, stride, test views) and the extraction parameters of the shards it was tested on
+    (short side, windows; None when they had no manifest)."""
+    return {"model": state_dict, "class_names": list(class_names) if class_names else None, "recipe": dict(recipe),
+            "extraction": extraction}
+
+
 def _strip(key):
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):

@@ -18,8 +18,7 @@ import time
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 console = Console(stderr=True, soft_wrap=True)     # soft wrap: a log line stays one line in files

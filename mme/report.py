@@ -29,8 +29,7 @@ import torch
 import torch.distributed as dist
 from rich.table import Table
 
-from mme import evaluate, figures, model
-from mme import recipe as recipes
+from mme import evaluate, figures, model, recipe as recipes
 from mme.online import data, targets
 from mme.progress import console
 from mme.train import autocast, checkpoints, load_checkpoint, verify_checkpoint

@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mme import figures, lock
-from mme import recipe as recipes
+from mme import figures, lock, recipe as recipes
 from mme.progress import Board, Progress, console, fail
 from mme.train import NoSpaceError, ResumeError, all_finite, keep_metrics, lr_at, reached, resume, save_checkpoint
 

@@ -56,7 +56,7 @@ def test_train_then_eval_agree(pretrained, mode, recipe):
     assert (d / "confusion.png").stat().st_size > 1000 and (d / "loss.png").stat().st_size > 1000
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(torch.isfinite(torch.tensor(x["loss"])) for x in rows)
-    sd = torch.load(d / "model.pth", weights_only=True)
+    sd = torch.load(d / "model.pth", weights_only=True)["model"]
     clf = models.encoder("tiny", num_frames=8, img_size=64, num_classes=10)
     assert sorted(sd) == sorted(clf.state_dict())                                          # the released layout
     pre = torch.load(tmp / "pre" / "encoder.pth", weights_only=True)
@@ -145,7 +145,7 @@ def test_validation_every_epoch_keeps_best_pth(pretrained):
     assert (result["top1"], result["top5"]) == (val[-1]["top1"], val[-1]["top5"])           # not evaluated twice
     top = max(val, key=lambda v: v["top1"])
     assert result["best"]["top1"] == top["top1"] and result["best"]["step"] == top["step"]
-    sd = torch.load(d / "best.pth", weights_only=True)
+    sd = torch.load(d / "best.pth", weights_only=True)["model"]
     assert sorted(sd) == sorted(models.encoder("tiny", num_frames=8, img_size=64, num_classes=10).state_dict())
     assert sum("val step" in line for line in r.stderr.splitlines()) == 2 and "best.pth" in (d / "log.txt").read_text()
     tb = scalars(d)                                                                         # beside metrics.jsonl
@@ -209,3 +209,60 @@ def test_labels_outside_num_classes_and_empty_evaluation_data_stop_before_any_wo
     (empty / "manifest.json").write_text(json.dumps(manifest))
     r = subprocess.run([*base, "--eval_data_path", f"{empty}/", "--name", "noval"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "lists no val sample" in r.stderr and not (tmp_path / "noval").exists(), r.stderr[-2000:]
+
+
+def test_predict_on_raw_videos_equals_eval_on_their_shards(pretrained, tmp_path):
+    """Issue #26: `finetune.py predict` on mp4 files (no shards, no trajectories) gives the same per-video scores as
+    the classifier on those videos extracted as shards; class names come with model.pth; an unusable video is one
+    line and the others go on; a model without class names, or no video, is one line and exit 2."""
+    from helpers import clean_env
+    from videos import write_video
+
+    from mme import evaluate, predict
+    from mme.online import data
+    tmp = pretrained
+    model = tmp / "full" / "model.pth"
+    if not model.exists():
+        finetune("full", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth",
+                 "--epochs", "1", "--name", "full")
+    ckpt = predict.load(model)
+    assert ckpt["class_names"][0] == "moving left" and ckpt["recipe"]["num_frames"] == 8 and ckpt["extraction"]["short_side"] == 64
+    videos = tmp_path / "videos" / "any"
+    for i, speed in enumerate([(2, 0), (0, 2), (-1, 1)]):
+        write_video(videos / f"v{i}.mp4", frames=30, size=(80, 64), seed=i, speed=speed)
+    (videos / "notes.mp4").write_text("not a video")
+    r = subprocess.run([sys.executable, "finetune.py", "predict", "--finetune", str(model), str(videos.parent), "--out",
+                        str(tmp_path / "p.jsonl")], cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sum("skip" in x and "notes.mp4" in x for x in r.stderr.splitlines()) == 1
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [Path(x["video"]).name for x in rows] == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    assert all(len(x["top"]) == 5 and x["top"][0][0] in ckpt["class_names"] for x in rows)
+    # the same videos extracted as shards (extract.py, folder source, the model's extraction params), scored directly
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "extract.py", "--src", "folder", "--root", str(tmp_path / "videos"), "--split", "val",
+                    "--out", str(shards), "--frames", "8", "--stride", "2", "--short_side", "64", "--length", "4"],
+                   cwd=ROOT, check=True, capture_output=True, env=clean_env())
+    import torch.distributed as dist
+
+    from mme.train import setup_distributed
+    setup_distributed("cpu", 0)
+    try:
+        clf = models.encoder("tiny", num_frames=8, img_size=64, num_classes=10)
+        models.load_backbone(clf, ckpt)
+        clf.eval()
+        out = evaluate.views(lambda v: torch.softmax(clf(v).float(), -1), data.shard_urls(f"{shards}/", "val"),
+                             dict(ckpt["recipe"], num_workers=0), 0, 1, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    names, score, _ = evaluate.video_scores([evaluate.video_of(k) for k in out["keys"]], out["outputs"], out["labels"])
+    for row, s in zip(rows, score):
+        for name, p in row["top"]:
+            assert p == pytest.approx(float(s[ckpt["class_names"].index(name)]), abs=1e-5)
+    for bad, said in (([str(tmp / "pre" / "encoder.pth"), str(videos)], "holds no class names"),
+                      ([str(model), str(tmp_path / "nowhere.mp4")], "no such video file"),
+                      ([str(model), str(videos / "notes.mp4")], "no video could be used")):
+        r = subprocess.run([sys.executable, "finetune.py", "predict", "--finetune", *bad, "--out", str(tmp_path / "x.jsonl")],
+                           cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "x.jsonl").exists()

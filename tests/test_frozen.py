@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mme import frozen
-from mme import model as models
-from mme import recipe as recipes
+from mme import frozen, model as models, recipe as recipes
 from mme.online import data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from mme import model as models
-from mme import train
+from mme import model as models, train
 from mme.online.s3 import S3Error
 from mme.train import command_line, cpu_threads, lr_at, param_groups
 

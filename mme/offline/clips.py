@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mme import shards
-from mme.offline import synthetic
-from mme.offline import video as videolib
+from mme.offline import synthetic, video as videolib
 from mme.offline.trajectory import trajectories
 
 
@@ -35,6 +34,7 @@ class Params:
     quality: int = shards.JPEG_QUALITY
     windows: int = 4          # at most this many windows per video
     views: int = 0            # evaluation views: exactly this many windows over the whole video, overlapping if need be (0: off)
+    tracks: bool = True       # compute trajectories; False (prediction: frames only) stores them zero and invalid
 
     def span(self):
         """Raw frames one window covers."""
@@ -77,8 +77,13 @@ def window_sample(key, frames_of, start, n, p, label, meta):
     for i in needed:
         raw[i - start] = frames_of[i]
     starts = 2 * p.stride * np.arange(p.frames // 2)                   # tubelet starts, window-relative
-    tr = trajectories(raw, length=p.length, grid=p.grid, camera=p.camera, starts=starts)
     clip = np.stack([frames_of[i] for i in sampled])
+    if not p.tracks:                                                   # frames only: no flow is computed
+        g = (p.frames // 2, clip.shape[1] // p.grid, clip.shape[2] // p.grid)
+        meta = dict(meta, start=int(start), frame_indices=sampled.tolist(), num_frames=p.frames)
+        return shards.encode(key, clip, np.zeros((*g, p.length, 2), np.float32), np.zeros((*g, p.length, 9), np.float32),
+                             np.zeros(g, bool), label, meta, quality=p.quality)
+    tr = trajectories(raw, length=p.length, grid=p.grid, camera=p.camera, starts=starts)
     meta = dict(meta, start=int(start), frame_indices=sampled.tolist(), num_frames=p.frames)
     return shards.encode(key, clip, tr.disp, tr.hog, tr.valid, label, meta, quality=p.quality)
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from mme.offline import flow as flowlib
-from mme.offline import hog as hoglib
+from mme.offline import flow as flowlib, hog as hoglib
 
 
 @dataclass

@@ -116,6 +116,8 @@ def check_recipe(meta, recipe, url):
         ("stride", "stride", "sampling_rate", p["stride"] != recipe["sampling_rate"]),
         ("trajectory length", "length", "trajectory_length",
          recipe["target"] == "mme" and p["length"] < recipe["trajectory_length"])) if bad]
+    if recipe["target"] == "mme" and not p.get("tracks", True):
+        wrong.append("no trajectories in the shards (extracted for prediction, frames only)")
     if p["grid"] != GRID:
         wrong.append(f"grid {p['grid']} in the shards, the loader needs {GRID}")
     if wrong:
