@@ -9,6 +9,7 @@
     python finetune.py frozen --recipe recipes/probe_tiny.yaml        # frozen features: probe, k-NN, attentive probe
     python finetune.py report --recipe recipes/probe_tiny.yaml --finetune runs/learn_tiny/encoder.pth   # -> runs/learn_tiny/report.md
     python finetune.py predict --finetune runs/finetune_tiny/model.pth clip1.mp4 videos/   # top-5 classes per video
+    python finetune.py export hf_model/ --finetune runs/finetune_tiny/model.pth --to hf       # transformers' VideoMAE
 
 The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
 VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
@@ -32,55 +33,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mme import evaluate, frozen as frozen_lib, model as models, predict as predict_lib, recipe as recipes, report as report_lib
+from mme import (
+    export as export_lib,
+    frozen as frozen_lib,
+    model as models,
+    predict as predict_lib,
+    recipe as recipes,
+    report as report_lib,
+)
+from mme.finetuning import classifier, classifier_state, finish, score, start
 from mme.online import augment, data
 from mme.progress import Board, console, fail
 from mme.run import Run, timed
-from mme.train import autocast, command_line, optimizer_step, param_groups, set_lr, setup_distributed, shard
-
-
-def start(recipe, overrides, need_head=False):
-    """The recipe (finetune.py needs num_classes), the weights, the shards' labels (within num_classes, and some
-    evaluation samples) and the process group, checked before any work: one line and exit 2 for any of them."""
-    try:
-        r = recipes.load(recipe, **overrides)
-        if r["num_classes"] is None:
-            raise recipes.RecipeError(f"{recipe}: num_classes is required for finetune.py")
-        models.check_weights(r["finetune"], need_head)
-        if not need_head:                                        # eval reads the evaluation split only
-            data.check_labels(r["data_path"], "train", r["num_classes"])
-        data.check_labels(r["eval_data_path"] or r["data_path"], "val", r["num_classes"])
-        rank, world, device = setup_distributed(r["device"], r["num_workers"])
-    except (ValueError, FileNotFoundError) as e:               # RecipeError, WeightsError, no such device
-        fail(e)
-    return r, rank, world, device
-
-
-def classifier(r, rank, world, device, probe=False, need_head=False):
-    """The classifier, loaded from r["finetune"] (random when null) and sharded with FSDP2 over several
-    processes; probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
-    torch.manual_seed(r["seed"] + rank)
-    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=r["num_classes"],
-                         drop_path=r["drop_path"])
-    if r["finetune"]:
-        try:
-            skipped = models.load_weights(clf, r["finetune"], need_head)
-        except models.WeightsError as e:
-            fail(e, rank)
-        if rank == 0:
-            console.print(f"weights: {r['finetune']}" + (f" ({len(skipped)} keys not for this model)" if skipped else ""))
-    elif need_head:
-        fail(f"finetune null: eval needs {models.CLASSIFIER}", rank)
-    if probe:
-        clf.requires_grad_(False)
-        models.add_probe_norm(clf)
-        clf.head.requires_grad_(True)       # the head (BatchNorm + Linear) is all that trains
-    clf.to(device)
-    if world > 1:                            # one process runs unwrapped (mme.train.shard says why)
-        shard(clf)
-    return clf
+from mme.train import autocast, command_line, optimizer_step, param_groups, set_lr, setup_distributed
 
 
 def train(mode, recipe, **overrides):
@@ -127,7 +93,7 @@ def train(mode, recipe, **overrides):
             tick = time.perf_counter()
             if run.done:
                 break
-    run.finish({"model.pth": export(clf, mode, r)}, curve_label="loss (cross-entropy)")
+    run.finish({"model.pth": classifier_state(clf, mode, r)}, curve_label="loss (cross-entropy)")
     if last is not None and last[0] == run.step:          # the last model was just validated: the same views
         result, truth, predicted = last[1:4]
     else:
@@ -140,44 +106,13 @@ def train(mode, recipe, **overrides):
     finish(r, rank, run.path, result, truth, predicted, run.note)
 
 
-def score(clf, r, rank, world, device):
-    """evaluate.classify, or one line when the evaluation data cannot be read."""
-    try:
-        return evaluate.classify(clf, r, rank, world, device)
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"eval data {r['eval_data_path'] or r['data_path']}: {e}", rank)
-
-
 def validate(clf, r, run, mode, epoch, best, device):
     """A validation during training (mme.run.Run.validated); best.pth is the classifier of the best top-1 so far.
     Returns (step, result, truth, predicted, best)."""
     run.check_finite(clf)                                # never score (or keep as best.pth) blown weights
     result, truth, predicted = score(clf, r, run.rank, dist.get_world_size(), device)
-    state = export(clf, mode, r) if run.is_best(result, best) else None   # every rank gathers the state dict
+    state = classifier_state(clf, mode, r) if run.is_best(result, best) else None   # every rank gathers the state dict
     return run.step, result, truth, predicted, run.validated(result, epoch, best, state)
-
-
-def export(clf, mode, r):
-    """model.pth's content (mme.model.classifier_checkpoint): the classifier's full state dict in the released
-    layout (a probe's BatchNorm folded into its head), the class names, the recipe and the extraction params."""
-    full = get_model_state_dict(clf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    manifest = data.stream.read_manifest(str(r["eval_data_path"] or r["data_path"]).rstrip("/")) \
-        if isinstance(r["eval_data_path"] or r["data_path"], str) else None
-    return models.classifier_checkpoint(models.fold_probe_norm(full) if mode == "probe" else full, evaluate.class_names(r),
-                                        r, (manifest or {}).get("params"))
-
-
-def finish(r, rank, path, result, truth, predicted, note=console.print):
-    """Rank 0 writes eval.json and confusion.png and prints the scores; every rank leaves the process group."""
-    if rank == 0:
-        evaluate.write(path, result, truth, predicted, r["num_classes"], evaluate.class_names(r))
-        note(f"eval (the last model): top-1 {result['top1']:.1f} %, top-5 {result['top5']:.1f} % "
-             f"({result['videos']} videos, {result['views']} views)")
-        if "best" in result:
-            note(f"best validation: top-1 {result['best']['top1']:.1f} % at step {result['best']['step']} -> {result['best']['weights']}")
-        note(f"done: {path / 'eval.json'}, {path / 'confusion.png'}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def probe(recipe, **overrides):
@@ -270,7 +205,21 @@ def predict(*videos, finetune=None, out="predictions.jsonl", top=5):
     dist.destroy_process_group()
 
 
-COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen, "report": report, "predict": predict}
+def export(out, finetune=None, to="hf"):
+    """Weights for other tools (mme/export.py): --to hf writes OUT/ for transformers' VideoMAE (config.json +
+    model.safetensors; a model.pth loads as VideoMAEForVideoClassification, an encoder.pth as VideoMAEModel);
+    --to safetensors writes the state dict beside --finetune as .safetensors (OUT unused)."""
+    try:
+        if to not in ("hf", "safetensors"):
+            raise ValueError(f"--to {to!r}: hf or safetensors")
+        models.check_weights(finetune or "")
+        done = export_lib.to_hf(finetune, out) if to == "hf" else export_lib.safetensors_beside(finetune)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    console.print(f"done: {out} ({done})" if to == "hf" else f"done: {done}")
+
+
+COMMANDS = {"probe": probe, "full": full, "eval": eval, "frozen": frozen, "report": report, "predict": predict, "export": export}
 
 
 def usage(command=None):
@@ -280,8 +229,9 @@ def usage(command=None):
         listed = "\n".join(f"  {name:7s} {' '.join(inspect.getdoc(fn).split('. ')[0].split())}" for name, fn in COMMANDS.items())
         return (f"{__doc__.strip()}\n\nusage: python finetune.py COMMAND --recipe FILE [--key value ...]\n\n"
                 f"commands:\n{listed}\n\npython finetune.py COMMAND --help lists every recipe key.")
-    if command == "predict":
-        return f"usage: python finetune.py predict --finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]\n\n{inspect.getdoc(predict)}"
+    if command in ("predict", "export"):
+        use = {"predict": "--finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]", "export": "OUT --finetune WEIGHTS [--to hf]"}
+        return f"usage: python finetune.py {command} {use[command]}\n\n{inspect.getdoc(COMMANDS[command])}"
     extra = {"frozen": " [--knn_k K] [--knn_T T] [--attentive false]",
              "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--attentive false] [--floor_samples N]"}
     return (f"usage: python finetune.py {command} --recipe FILE{extra.get(command, '')} [--key value ...]\n\n"

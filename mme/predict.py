@@ -10,6 +10,7 @@ A folder stands for every video file under it. A video that cannot be used is on
 reason) and the others go on.
 """
 import json
+import pickle
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -29,7 +30,7 @@ def load(path):
     what prediction needs (a released file without our class names and recipe)."""
     try:
         ckpt = models.read_checkpoint(path)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise PredictError(f"{path}: cannot read: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(ckpt, dict) or not ckpt.get("class_names") or not ckpt.get("recipe"):
         raise PredictError(f"{path}: holds no class names and recipe: predict needs a model.pth of finetune.py probe/full "

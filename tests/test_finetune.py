@@ -266,3 +266,41 @@ def test_predict_on_raw_videos_equals_eval_on_their_shards(pretrained, tmp_path)
                            cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_export_to_hugging_face_loads_and_gives_our_logits(pretrained, tmp_path):
+    """Issue #26: `finetune.py export OUT --to hf` writes a folder that transformers' VideoMAEForVideoClassification
+    (model.pth) and VideoMAEModel (encoder.pth) load with no missing or unexpected key, giving our outputs."""
+    transformers = pytest.importorskip("transformers")
+    from helpers import clean_env
+    tmp = pretrained
+    model = tmp / "full" / "model.pth"
+    if not model.exists():
+        finetune("full", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth",
+                 "--epochs", "1", "--name", "full")
+    video = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
+    for weights, cls in ((model, transformers.VideoMAEForVideoClassification), (tmp / "pre" / "encoder.pth", transformers.VideoMAEModel)):
+        out = tmp_path / weights.stem
+        r = subprocess.run([sys.executable, "finetune.py", "export", str(out), "--finetune", str(weights), "--to", "hf"],
+                           cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        hf, info = cls.from_pretrained(out, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        ours = models.encoder("tiny", num_frames=8, img_size=64, depth=hf.config.num_hidden_layers,
+                              num_classes=10 if cls is transformers.VideoMAEForVideoClassification else 0)
+        models.load_backbone(ours, models.read_checkpoint(weights))
+        with torch.no_grad():
+            out = hf(pixel_values=video.transpose(1, 2))                     # transformers takes [B, T, C, H, W]
+            theirs = out.logits if ours.num_classes else out.last_hidden_state
+            torch.testing.assert_close(theirs, ours.eval()(video), atol=1e-4, rtol=1e-4)
+    assert hf.config.num_frames == 8 and json.loads((tmp_path / "model" / "config.json").read_text())["id2label"]["0"] == "moving left"
+    r = subprocess.run([sys.executable, "finetune.py", "export", "unused", "--finetune", str(model), "--to", "safetensors"],
+                       cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
+    from safetensors.torch import load_file
+    plain = load_file(model.with_suffix(".safetensors"))                   # weights without pickle
+    sd = torch.load(model, weights_only=True)["model"]
+    assert r.returncode == 0 and set(plain) == set(sd) and all(torch.equal(plain[k], sd[k]) for k in sd)
+    not_weights = str(tmp / "shards" / "manifest.json")
+    r = subprocess.run([sys.executable, "finetune.py", "export", str(tmp_path / "bad"), "--finetune", not_weights],
+                       cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "bad").exists(), r.stderr[-2000:]
