@@ -88,7 +88,7 @@ DEFAULTS = {
     "device": "auto",             # 'auto' (cuda if present, else cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
     # Added: 800 epochs take days, so a run must survive restarts and use mixed precision.
     "resume": True,               # continue from the last checkpoint in output_dir/name if there is one (VideoMAE's auto_resume)
-    "resume_changes": [],         # keys this resume may change from the run's saved recipe.yaml, e.g. base_lr,clip_grad after a non-finite loss (other changes are refused)
+    "resume_changes": None,       # keys this resume may change from the run's saved recipe.yaml, e.g. base_lr,clip_grad after a non-finite loss (other changes are refused)
     "precision": "auto",          # 'auto' (bf16 autocast on GPUs that have it, else fp32) | 'fp32' | 'bf16' (VideoMAE: fp16 AMP; bf16 needs no loss scaling)
 }
 
@@ -287,6 +287,8 @@ def _convert(value, spec, cli):
     if isinstance(spec, list):
         if cli and isinstance(value, str):              # '0.9,0.95' or '[0.9, 0.95]'
             value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        if cli and isinstance(value, (int, float)) and not isinstance(value, bool):   # fire reads --crop_scales 1.0 as a float
+            value = [value]
         if not isinstance(value, (list, tuple)):        # fire turns 0.9,0.95 into a tuple
             raise ValueError
         return [_convert(v, spec[0], cli) for v in value]
@@ -395,7 +397,7 @@ def _check(r, where, home):
         bad("log_seconds", "log_seconds must be positive")
     if r["num_workers"] < 0:
         bad("num_workers", "num_workers must be >= 0")
-    unknown = [k for k in r["resume_changes"] if k not in DEFAULTS]
+    unknown = [k for k in r["resume_changes"] or [] if k not in DEFAULTS]
     if unknown:
         bad("resume_changes", f"resume_changes names no recipe key {unknown[0]!r}")
     if r["min_steps"] < 0:

@@ -116,7 +116,7 @@ def test_wrong_types(tmp_path):
     assert error("recipes/ssv2.yaml", flip="maybe").startswith("command line: flip must be a bool")
     assert error("recipes/ssv2.yaml", clip_grad="big") == "command line: clip_grad must be a float or null, got 'big' (str)"
     assert "opt_betas must be a list of float" in error("recipes/ssv2.yaml", opt_betas=["a", "b"])
-    assert "opt_betas must be a list of float" in error("recipes/ssv2.yaml", opt_betas=0.9)
+    assert "opt_betas must be two numbers" in error("recipes/ssv2.yaml", opt_betas=0.9)       # one number: a list of one
     assert "data_path must be a str or a list of str" in error(data_path={"a": 1})
 
 
@@ -252,3 +252,10 @@ def test_min_steps_raises_epochs_on_a_small_dataset():
     assert with_min_steps(load(None, data_path="x", epochs=8, warmup_epochs=1), 63)[1] is None   # min_steps 0: epochs decide
     with pytest.raises(RecipeError, match="min_steps must be >= 0"):
         load(None, data_path="x", min_steps=-1)
+
+
+def test_a_one_element_list_from_the_command_line():
+    """fire reads `--crop_scales 1.0` as the float 1.0: a list key takes it as a one-element list."""
+    assert load(None, data_path="x", crop_scales=1.0)["crop_scales"] == [1.0]
+    with pytest.raises(RecipeError, match="crop_scales"):
+        recipe._typed("recipes/x.yaml", "crop_scales", 1.0, cli=False)             # a file must write a list
