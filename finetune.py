@@ -205,13 +205,13 @@ def predict(*videos, finetune=None, out="predictions.jsonl", top=5):
     dist.destroy_process_group()
 
 
-def export(out, finetune=None, to="hf"):
+def export(out=None, finetune=None, to="hf"):
     """Weights for other tools (mme/export.py): --to hf writes OUT/ for transformers' VideoMAE (config.json +
     model.safetensors; a model.pth loads as VideoMAEForVideoClassification, an encoder.pth as VideoMAEModel);
     --to safetensors writes the state dict beside --finetune as .safetensors (OUT unused)."""
     try:
-        if to not in ("hf", "safetensors"):
-            raise ValueError(f"--to {to!r}: hf or safetensors")
+        if to not in ("hf", "safetensors") or (to == "hf" and not out):
+            raise ValueError(f"--to {to!r}: hf (with an OUT folder) or safetensors")
         models.check_weights(finetune or "")
         done = export_lib.to_hf(finetune, out) if to == "hf" else export_lib.safetensors_beside(finetune)
     except (ValueError, FileNotFoundError) as e:
@@ -230,7 +230,7 @@ def usage(command=None):
         return (f"{__doc__.strip()}\n\nusage: python finetune.py COMMAND --recipe FILE [--key value ...]\n\n"
                 f"commands:\n{listed}\n\npython finetune.py COMMAND --help lists every recipe key.")
     if command in ("predict", "export"):
-        use = {"predict": "--finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]", "export": "OUT --finetune WEIGHTS [--to hf]"}
+        use = {"predict": "--finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]", "export": "[OUT] --finetune WEIGHTS [--to hf|safetensors]"}
         return f"usage: python finetune.py {command} {use[command]}\n\n{inspect.getdoc(COMMANDS[command])}"
     extra = {"frozen": " [--knn_k K] [--knn_T T] [--attentive false]",
              "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--attentive false] [--floor_samples N]"}

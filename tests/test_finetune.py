@@ -294,7 +294,7 @@ def test_export_to_hugging_face_loads_and_gives_our_logits(pretrained, tmp_path)
             theirs = out.logits if ours.num_classes else out.last_hidden_state
             torch.testing.assert_close(theirs, ours.eval()(video), atol=1e-4, rtol=1e-4)
     assert hf.config.num_frames == 8 and json.loads((tmp_path / "model" / "config.json").read_text())["id2label"]["0"] == "moving left"
-    r = subprocess.run([sys.executable, "finetune.py", "export", "unused", "--finetune", str(model), "--to", "safetensors"],
+    r = subprocess.run([sys.executable, "finetune.py", "export", "--finetune", str(model), "--to", "safetensors"],
                        cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
     from safetensors.torch import load_file
     plain = load_file(model.with_suffix(".safetensors"))                   # weights without pickle
