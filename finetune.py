@@ -230,7 +230,8 @@ def usage(command=None):
         return (f"{__doc__.strip()}\n\nusage: python finetune.py COMMAND --recipe FILE [--key value ...]\n\n"
                 f"commands:\n{listed}\n\npython finetune.py COMMAND --help lists every recipe key.")
     if command in ("predict", "export"):
-        use = {"predict": "--finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]", "export": "[OUT] --finetune WEIGHTS [--to hf|safetensors]"}
+        use = {"predict": "--finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]",
+               "export": "[OUT] --finetune WEIGHTS [--to hf|safetensors]"}
         return f"usage: python finetune.py {command} {use[command]}\n\n{inspect.getdoc(COMMANDS[command])}"
     extra = {"frozen": " [--knn_k K] [--knn_T T] [--attentive false]",
              "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--attentive false] [--floor_samples N]"}
