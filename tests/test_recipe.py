@@ -43,26 +43,6 @@ def test_recipes_load_with_exactly_the_known_keys(name):
     assert set(raw) <= set(DEFAULTS)
 
 
-def test_the_quick_start_recipe_is_learn_tiny_but_for_frames_shards_and_trajectory_density():
-    """recipes/quick_tiny.yaml (the README's quick start) is the headline's recipe but for the frames, the
-    shards holding them and one trajectory per patch: a change to one that the other does not follow is a
-    test failure."""
-    quick, learn = load("recipes/quick_tiny.yaml"), load("recipes/learn_tiny.yaml")
-    assert {k for k in DEFAULTS if quick[k] != learn[k]} <= {"num_frames", "data_path", "name", "trajectory_density"}
-
-
-# --- overrides ----------------------------------------------------------------------------------
-
-def test_overrides_win_over_the_file_and_the_file_over_defaults(tmp_path):
-    p = write(tmp_path, "data_path: s/\nepochs: 5\nwarmup_epochs: 1\nsampling_rate: 3\nbatch_size: 24\n")
-    r = load(p, epochs=1, warmup_epochs=0, flip=True, name="smoke")
-    assert (r["epochs"], r["warmup_epochs"], r["flip"], r["name"]) == (1, 0, True, "smoke")
-    assert (r["sampling_rate"], r["batch_size"]) == (3, 24)           # from the file, untouched by the overrides
-    assert all(r[k] == DEFAULTS[k] for k in DEFAULTS if k not in ("data_path", "epochs", "warmup_epochs",
-                                                               "sampling_rate", "batch_size", "flip", "name"))
-    assert load(p)["name"] == "r"                                      # no name: the file's stem
-
-
 def test_load_without_a_file_and_does_not_share_defaults():
     r = load(data_path="shards/x/")
     assert r["name"] is None and r["data_path"] == "shards/x/"
