@@ -70,6 +70,9 @@ def main(recipe, **overrides):
               header=f" = {world} x {micro} x {accum}")
     if raised:
         run.note(raised)
+    if r["epochs"] > 16:                           # docs/results.md: twice the passes over 2,000 clips read no better
+        run.note(f"few distinct clips: {len(loader) * micro * world} a pass, seen {r['epochs']} times each; on the built-in "
+                 f"data more passes over the same clips lowered the loss but no read-out (docs/results.md)")
     amp = autocast(device, r["precision"])
     # The loss (mme.model.mme_loss): parts balanced (loss_balance), visible tokens too (loss_visible).
     widths, every_token = targets.loss_widths(r), r["loss_visible"] > 0

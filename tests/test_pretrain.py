@@ -381,3 +381,13 @@ def test_a_full_disk_is_one_line_and_loses_nothing(shard_dir, small_disk):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert "no space left on" in lines[0] and "MB free" in lines[0] or "while writing checkpoint" in lines[0]
     assert not checkpoints(small_disk / "full")                            # nothing half-written counts as done
+
+
+def test_a_small_dataset_gets_min_steps_and_says_so(shard_dir, tmp_path):
+    """Issue #23: min_steps raises the epochs of a small dataset (said in one line at the start, with the warm-up
+    scaled), and a schedule that shows each clip more than 16 times says so."""
+    r = run(args(shard_dir, tmp_path, "small", epochs=2, warmup_epochs=1, min_steps=80, save_every=100))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "4 steps an epoch: epochs raised from 2 to 20 (80 steps) to reach min_steps 80, warm-up 10 epochs" in r.stderr
+    assert "few distinct clips: 16 a pass, seen 20 times each" in r.stderr
+    assert len(losses(tmp_path / "small")) == 80
