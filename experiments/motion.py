@@ -7,6 +7,8 @@
         --recipe recipes/quick_tiny.yaml --steps 2000 --seed 0 [--any_recipe_key value]
     python experiments/motion.py supervised --pre runs/motion/pre.pt --eval runs/motion/eval.pt --steps 2000
     python experiments/motion.py random --eval runs/motion/eval.pt          # a random encoder, the same read-outs
+    python experiments/motion.py token_r2 --features runs/i23/long/frozen/features.pt --eval runs/motion/eval.pt
+    python experiments/motion.py noisy_ceiling --eval runs/motion/eval.pt   # how precise per-token motion must be
 
 `cache` keeps one centre crop of every clip (uint8) with its raw trajectory target (the loader's, patch
 norm off, all K = 4 trajectories) and label. `pretrain` runs pretrain.py's step on them (the recipe's
@@ -309,5 +311,55 @@ def ceiling(eval, recipe="recipes/quick_tiny.yaml"):
     record({"kind": "ceiling", "eval": eval, "rows": rows, "names": names, "date": time.strftime("%Y-%m-%d")})
 
 
+def token_r2(features, eval, L=6, ridge=0.1):
+    """How precisely an encoder's frozen tokens hold their own motion: ridge regression from each token (the
+    training clips' centre views in a `finetune.py frozen` features.pt) to its true displacement over L steps
+    (the cache's target), fitted on half the clips, R^2 on the moving tokens (> 0.5 px) of the other half,
+    per motion family."""
+    ev = torch.load(eval, weights_only=True)["train"]
+    total = ev["target"].float()[..., :4 * L * 2].reshape(*ev["target"].shape[:2], 4, L, 2).mean(2).sum(2)   # [n, N, 2]
+    row = {k: i for i, k in enumerate(ev["keys"])}
+    c = torch.load(features, weights_only=True)["train"]
+    rows = torch.tensor([row[k] for k in c["keys"]])
+    X, Y, lab, ok = c["tokens"].float(), total[rows], ev["label"][rows], ev["weight"][rows] > 0
+    half = len(X) // 2
+    x = torch.cat([X[:half][ok[:half]], torch.ones(int(ok[:half].sum()), 1)], 1).double()
+    W = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64), x.T @ Y[:half][ok[:half]].double())
+    out = {}
+    for family, idx in families(class_list({"names": None})).items():
+        pick = torch.arange(half, len(X))[torch.isin(lab[half:], torch.tensor(idx))]
+        m = ok[pick] & (Y[pick].norm(dim=-1) > 0.5)
+        x = torch.cat([X[pick][m], torch.ones(int(m.sum()), 1)], 1).double()
+        y = Y[pick][m].double()
+        out[family] = round(float(1 - ((x @ W - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()), 2)
+    print(features, out)
+    record({"kind": "token_r2", "features": features, "r2": out, "date": time.strftime("%Y-%m-%d")})
+
+
+def noisy_ceiling(eval, L=6, r2="1.0,0.8,0.6,0.4", seed=0):
+    """The attentive probe on true per-token motion (true_tokens) with independent noise added so that a token's
+    motion is known to R^2 = r2: how precise an encoder's motion must be for each family to be read."""
+    ev = torch.load(eval, weights_only=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = {}
+    for level in [float(x) for x in str(r2).split(",")]:
+        feats = {}
+        for s in ("train", "val"):
+            t = true_tokens(ev[s], L)
+            paths = t[..., :2 * L]
+            noise = torch.randn(paths.shape, generator=g) * paths.std(dim=(0, 1), keepdim=True) * ((1 - level) / level) ** 0.5
+            feats[s] = torch.cat([paths + noise, t[..., 2 * L:]], -1)
+        flat = feats["train"].flatten(0, 1)
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        split = {s: {"keys": ev[s]["keys"], "labels": ev[s]["label"], "features": feats[s].mean(1),
+                     "tokens": (feats[s] - mean) / std} for s in ("train", "val")}
+        result, _, _ = frozen.evaluate_features(split["train"], split["val"], len(class_list(ev)), seed=seed)
+        rows[level] = summarise(result, class_list(ev))["attentive"]
+        print(f"R^2 {level}")
+        show({"attentive": rows[level]})
+    record({"kind": "noisy_ceiling", "eval": eval, "rows": rows, "date": time.strftime("%Y-%m-%d")})
+
+
 if __name__ == "__main__":
-    fire.Fire({"cache": cache, "ceiling": ceiling, "pretrain": pretrain, "supervised": supervised, "random": random})
+    fire.Fire({"cache": cache, "ceiling": ceiling, "pretrain": pretrain, "supervised": supervised, "random": random,
+               "token_r2": token_r2, "noisy_ceiling": noisy_ceiling})
