@@ -304,3 +304,22 @@ def test_export_to_hugging_face_loads_and_gives_our_logits(pretrained, tmp_path)
     r = subprocess.run([sys.executable, "finetune.py", "export", str(tmp_path / "bad"), "--finetune", not_weights],
                        cwd=ROOT, capture_output=True, text=True, env=clean_env(), timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "bad").exists(), r.stderr[-2000:]
+
+
+def test_export_refuses_what_videomae_cannot_express(tmp_path):
+    """A learned position embedding (transformers' VideoMAE has the fixed table only), an unknown size: one line,
+    nothing written."""
+    from mme import export, recipe
+    r = recipe.load(None, data_path="x", model="tiny", depth=2, num_frames=8, input_size=64)
+    enc = models.encoder("tiny", num_frames=8, img_size=64, depth=2)
+    sd = dict(enc.state_dict(), pos_embed=torch.zeros(1, 64, 192))
+    (tmp_path / "run").mkdir()
+    torch.save(sd, tmp_path / "run" / "encoder.pth")
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.dump(r))
+    with pytest.raises(export.ExportError, match="learned position embedding"):
+        export.to_hf(tmp_path / "run" / "encoder.pth", tmp_path / "out")
+    torch.save(enc.state_dict(), tmp_path / "run" / "encoder.pth")
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.dump(r).replace("model: tiny", "model: huge"))
+    with pytest.raises(export.ExportError, match="model 'huge'"):
+        export.to_hf(tmp_path / "run" / "encoder.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))
