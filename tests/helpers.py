@@ -18,8 +18,10 @@ import numpy as np
 
 from mme.offline import synthetic, writer
 
-# what a batch job sees: no terminal width, not part of a SLURM array or a torchrun group
-_DROP = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+# what a batch job sees: no terminal width, not part of a SLURM array or a torchrun group (an in-process test
+# run of mme.train.setup_distributed leaves RANK ... MASTER_PORT in os.environ)
+_DROP = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+         "MASTER_ADDR", "MASTER_PORT")
 
 
 def clean_env(**extra):

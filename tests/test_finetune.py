@@ -2,7 +2,6 @@
 encoder write a released-layout classifier that `eval` scores exactly as the run did, every video
 once over its views; and the probe's folded BatchNorm computes what the probe computed."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_when
+from helpers import clean_env, kill_when
 
 from mme import model as models
 
@@ -37,7 +36,7 @@ def common(tmp):
 
 
 def finetune(*a, launcher=(sys.executable,)):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     r = subprocess.run([*launcher, "finetune.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -192,7 +191,7 @@ def test_labels_outside_num_classes_and_empty_evaluation_data_stop_before_any_wo
     """Issue #25: a 10-class dataset with --num_classes 5 failed at step 1 (probe) or after writing eval.json (eval);
     an empty validation split was found only after training. Now one line each, nothing written."""
     tmp = pretrained
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     weights = f"{tmp}/{'probe/model.pth' if command == 'eval' else 'pre/encoder.pth'}"
     if command == "eval" and not Path(weights).exists():
         weights = f"{tmp}/pre/encoder.pth"
@@ -215,7 +214,7 @@ def test_predict_on_raw_videos_equals_eval_on_their_shards(pretrained, tmp_path)
     """Issue #26: `finetune.py predict` on mp4 files (no shards, no trajectories) gives the same per-video scores as
     the classifier on those videos extracted as shards; class names come with model.pth; an unusable video is one
     line and the others go on; a model without class names, or no video, is one line and exit 2."""
-    from helpers import clean_env
+
     from videos import write_video
 
     from mme import evaluate, predict
@@ -272,7 +271,7 @@ def test_export_to_hugging_face_loads_and_gives_our_logits(pretrained, tmp_path)
     """Issue #26: `finetune.py export OUT --to hf` writes a folder that transformers' VideoMAEForVideoClassification
     (model.pth) and VideoMAEModel (encoder.pth) load with no missing or unexpected key, giving our outputs."""
     transformers = pytest.importorskip("transformers")
-    from helpers import clean_env
+
     tmp = pretrained
     model = tmp / "full" / "model.pth"
     if not model.exists():

@@ -2,13 +2,13 @@
 k-NN separate what is separable, find nothing in random labels, are deterministic, average a video's
 views; the command scores every view, caches its features and reuses them only while they still hold."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import clean_env
 
 from mme import frozen, model as models, recipe as recipes
 from mme.online import data
@@ -160,7 +160,7 @@ def shards(tmp_path_factory):
 def run_frozen(tmp, *a, launcher=(sys.executable,)):
     args = dict(data_path=f"{tmp}/shards/", num_frames=8, sampling_rate=2, input_size=64, batch_size=4, num_workers=0,
                 output_dir=str(tmp))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     env["OMP_NUM_THREADS"] = "1"                                              # as one_thread (torchrun sets it too)
     r = subprocess.run([*launcher, "finetune.py", "frozen", "--recipe", "recipes/probe_tiny.yaml",
                         *[x for k, v in args.items() for x in (f"--{k}", str(v))], *a],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import kill_when, signal_when
+from helpers import clean_env, kill_when, signal_when
 
 from mme import model as models
 from mme.train import checkpoints
@@ -37,7 +37,7 @@ def args(shards, out, name, **kw):
 
 
 def run(cmd_args, launcher=(sys.executable, "pretrain.py")):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     return subprocess.run([*launcher, *cmd_args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -149,7 +149,7 @@ def test_torchrun_restarts_after_a_lost_rank_and_finishes_the_same_run(shard_dir
     scripts/ use (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) the group restarts, resumes at its last checkpoint and
     ends with the uninterrupted run's curve, no step twice or missing."""
     launcher = ("torchrun", "--standalone", "--nproc_per_node=2", "--max-restarts=1", "pretrain.py")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     whole = subprocess.run([*launcher, *args(shard_dir, tmp_path, "whole", epochs=4)], cwd=ROOT, capture_output=True,
                            text=True, env=env, timeout=300)
@@ -320,7 +320,7 @@ def test_cuda_device_without_cuda_is_one_line(shard_dir, tmp_path):
 def test_ctrl_c_says_where_the_run_resumes(shard_dir, tmp_path):
     import signal
     import time
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     # a long run (200 steps), signalled once any checkpoint is finished, and still running then
     def as_from_a_shell():
         # a child inherits its parent's blocked-signal mask and ignored signals: in the full suite (here and on
@@ -343,7 +343,7 @@ def test_ctrl_c_says_where_the_run_resumes(shard_dir, tmp_path):
 def test_a_second_process_on_the_same_run_folder_is_refused(shard_dir, tmp_path):
     """Issue #25: two pretrain.py with one --name corrupted each other; the second is now refused in one line
     naming the first, and the first runs on untouched. A crashed run's lock is no lock (kill -9 frees it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     first = subprocess.Popen([sys.executable, "pretrain.py", *args(shard_dir, tmp_path, "busy", epochs=6)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:

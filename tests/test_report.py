@@ -3,7 +3,6 @@ evaluations (every read-out), recall per class, its pictures, and other runs of 
 their own (mean ± std); a rerun reads the evaluations back; the loss floor it draws is the loss of predicting
 the mean target, computed independently here."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import clean_env
 
 from mme import figures, recipe, report
 
@@ -37,7 +37,7 @@ def common(tmp):
 
 
 def run_report(tmp):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "finetune.py", "report", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
                         "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8"],
