@@ -99,14 +99,14 @@ def stages(paths, size, p, repeats):
     rows = {
         "decode (OpenCV/FFmpeg, mp4v) to RGB": lambda: video.read(str(paths[0]), every, size[::-1]),
         "baseline: DIS FAST flow alone": lambda: [dis_fast.calc(gray[t], gray[t + 1], None) for t in range(n)],
-        "flow (DIS ULTRAFAST, finest scale 1)": lambda: [flow.dense_flow(gray[t], gray[t + 1], dis) for t in range(n)],
+        "flow (DIS ULTRAFAST, finest scale 1, patch stride 5)": lambda: [flow.dense_flow(gray[t], gray[t + 1], dis) for t in range(n)],
         "camera: ORB features": lambda: [flow.features(g) for g in gray[:n]],
         "camera: matches + homography (USAC_FAST)": lambda: [flow.camera_homography(flows[t], feats[t], feats[t + 1]) for t in range(n)],
         "camera: the same, plain RANSAC (before)": lambda: [
             flow.camera_homography(flows[t], feats[t], feats[t + 1], method=cv2.RANSAC) for t in range(n)],
         "HOG: gradients and orientation bins": lambda: [hog.gradient_bins(g) for g in gray[:n]],
         "tracking + HOG at the tracked points": track,
-        "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, p.quality])
+        "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, p.quality, cv2.IMWRITE_JPEG_OPTIMIZE, 1])
                                                        for f in frames[:n:p.stride]],
     }
     return {name: timed(fn, repeats) / n for name, fn in rows.items()}
@@ -145,7 +145,7 @@ def schema_tradeoff(size, p, repeats, video_frames=300):
     frames = synthetic.clip(0, size=size, num_frames=video_frames // p.stride + 1).frames
     rows = {}
     for name, n in (("window sample (ours)", p.frames), ("whole-video sample", video_frames // p.stride)):
-        ok, jpg = cv2.imencode(".jpg", frames[:n].reshape(-1, size[1], 3), [cv2.IMWRITE_JPEG_QUALITY, p.quality])
+        ok, jpg = cv2.imencode(".jpg", frames[:n].reshape(-1, size[1], 3), [cv2.IMWRITE_JPEG_QUALITY, p.quality, cv2.IMWRITE_JPEG_OPTIMIZE, 1])
         sec = timed(lambda: cv2.imdecode(jpg, cv2.IMREAD_COLOR), repeats)
         rows[name] = (n, sec, len(jpg))
     return rows

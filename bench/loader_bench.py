@@ -28,6 +28,10 @@ side in the same run, each in a fresh process pinned to the cores:
   - ours v1 (with --v1_extract): today's loader on the same videos extracted by a schema-version-1
     checkout's extract.py: what the version-2 codes (int8, 6-bit HOG, zstd) cost or save in reading.
 Each mode's rate is taken over the same `batches` batches of `batch` clips, after a warm-up batch.
+Where the CPU goes (the third table): over those batches, the CPU time (user + system, Linux /proc) of
+the main process and of the DataLoader's worker processes, per clip: if the per-core rate falls with
+workers, this says whether the extra is work the processes do (more CPU per clip: handing clips
+between processes, contention) or cores left idle (the same CPU per clip, less of the cores used).
 Every process runs with THP_MEM_ALLOC_ENABLE=1, as pretrain.py does (fresh 4 KiB pages for each
 batch's float video otherwise cost as much as normalising it).
 """
@@ -148,9 +152,35 @@ def worker(mode, shard_dir, videos_dir, traj_dir, batches, batch, cores, repeate
         make = lambda: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
     it = iter(make())
     next(it)
-    t = time.perf_counter()
+    pids = children(os.getpid())                              # the DataLoader's worker processes (none without)
+    if workers and mode != "ours dali" and len(pids) != workers:
+        raise SystemExit(f"{mode}: {len(pids)} child processes found, {workers} DataLoader workers expected")
+    main_cpu, workers_cpu, t = time.process_time(), cpu_seconds(pids), time.perf_counter()
     n = sum(_size(next(it)) for _ in range(batches))
-    print(n / (time.perf_counter() - t))
+    wall = time.perf_counter() - t
+    print(json.dumps({"clips_per_s": n / wall, "main_cpu_ms": (time.process_time() - main_cpu) / n * 1e3,
+                      "workers_cpu_ms": (cpu_seconds(pids) - workers_cpu) / n * 1e3}))
+
+
+def children(pid):
+    """PIDs of the live child processes of `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):      # a process that ended while we looked
+            pass
+    return found
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds used so far by the processes `pids` (Linux /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])          # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def ints(value):
@@ -205,7 +235,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
                         (tmp / "traj" / f"{stem}.{ext.removesuffix('.zst')}").write_bytes(
                             shards.npy_bytes(a.view(np.uint8) if a.dtype == np.int8 else a))
         schema, sample_bytes = shard_stats(tmp / "shards")
-        results = {}
+        results, cpu = {}, {}
         for c in counts:
             for _ in range(repeats):
                 for mode, k in runs:                     # interleaved: the machine's load hits every mode alike
@@ -217,7 +247,9 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
                                          capture_output=True, text=True, env=env)
                     if out.returncode:
                         raise SystemExit(out.stderr[-3000:])
-                    results.setdefault((c, mode, k), []).append(float(out.stdout.strip().splitlines()[-1]))
+                    measured = json.loads(out.stdout.strip().splitlines()[-1])
+                    results.setdefault((c, mode, k), []).append(measured["clips_per_s"])
+                    cpu.setdefault((c, mode, k), []).append((measured["main_cpu_ms"], measured["workers_cpu_ms"]))
     t = Table(title=f"loader: 16 x 224^2 clips with MME targets from 336x256 sources, clips/s (median of {repeats})")
     for col in ("cores", *MODES, "ours per core", "ours / mp4v", "ours / vp9", "dali / mp4v", "ours / floor"):
         t.add_column(col, justify="right")
@@ -246,9 +278,20 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
             old, new = (statistics.median(results[(c, mode, 1)]) for mode in ("ours v1", "ours"))
             t.add_row(str(c), f"{old:.1f}", f"{new:.1f}", f"{new / old:.2f}x")
         console.print(t)
+    t = Table(title=f"where the CPU of 'ours' goes: CPU ms per clip (median of {repeats}) and the share of the cores used")
+    for col in ("cores", "workers", "clips/s", "per core", "main process ms", "workers ms", "total ms", "cores busy"):
+        t.add_column(col, justify="right")
+    for c in counts:
+        rate = statistics.median(results[(c, "ours", 1)])
+        main_ms, workers_ms = (statistics.median(x[i] for x in cpu[(c, "ours", 1)]) for i in (0, 1))
+        t.add_row(str(c), str(0 if c == 1 else c), f"{rate:.1f}", f"{rate / c:.1f}", f"{main_ms:.1f}", f"{workers_ms:.1f}",
+                  f"{main_ms + workers_ms:.1f}", f"{(main_ms + workers_ms) * rate / 1e3 / c:.0%}")
+    console.print(t)
     console.print("runs:", {f"{c} {mode}" + (f" k={k}" if k != 1 else ""): [round(x, 1) for x in v]
                             for (c, mode, k), v in results.items()})
-    return [{"cores": c, "mode": mode, "repeated_aug": k, "clips_per_s": statistics.median(v), "runs": v}
+    return [{"cores": c, "mode": mode, "repeated_aug": k, "clips_per_s": statistics.median(v), "runs": v,
+             "main_cpu_ms": statistics.median(x[0] for x in cpu[(c, mode, k)]),
+             "workers_cpu_ms": statistics.median(x[1] for x in cpu[(c, mode, k)])}
             for (c, mode, k), v in results.items()]
 
 

@@ -5,13 +5,15 @@ A shard is a WebDataset tar; a sample is one clip window of a video, keyed `<vid
     frames.jpg      the T sampled frames stacked vertically: one JPEG of [T*H, W, 3] (H, W multiples of 16)
     disp.npy.zst    int8  [T/2, H/g, W/g, L, 2]  per-step (dx, dy) px, camera removed, from each tubelet's
                     first frame, in a fixed-point code (decode_disp: 1/16 px to 3.75 px, 1/4 px to 20.5 px)
-    hog.npy.zst     uint8 [T/2, H/g, W/g, L, 9]  trajectory-aligned HOG, 6-bit log code 0..63 (decode_hog)
+    hog.npy.zst     uint8 [T/2, H/g, W/g, L, 9]  trajectory-aligned HOG, 5-bit log code 0..31 (decode_hog)
     valid.npy.zst   bool  [T/2, H/g, W/g]        eq. 7: the track stayed in the frame (and in the video)
     cls             class index as text, "-1" when unknown
     json            metadata: source video, frame indices, fps, sizes, label name, extractor params, schema
 
-The .npy.zst members are .npy files compressed with Zstandard (a frame each). Version 1 shards (float16
-disp.npy, 8-bit hog.npy, plain .npy members) are still read (READABLE); anything else is refused.
+The .npy.zst members are .npy files compressed with Zstandard (a frame each). Older versions are still read
+(READABLE): version 2 (the same members, a 6-bit HOG code, JPEG quality 90) and version 1 (float16 disp.npy,
+8-bit hog.npy, plain .npy members); anything else is refused. Every version's codes are looked up in its own
+tables (tables(version)), so a loader handles them alike.
 
     sample = encode(key, frames, traj, label, meta)   # -> dict for webdataset.TarWriter
     clip = decode(sample)                             # -> dict of numpy arrays (the reference decoder)
@@ -27,17 +29,20 @@ import cv2
 import numpy as np
 import zstandard
 
-SCHEMA_VERSION = 2
-READABLE = (1, 2)     # versions the loader reads: 1 as extracted before, without re-extraction
-JPEG_QUALITY = 90
-ZSTD_LEVEL = 9        # compression level of the .npy.zst members (decoding speed is the same at any level)
+SCHEMA_VERSION = 3
+READABLE = (1, 2, 3)  # versions the loader reads: older shards without re-extraction
+# Frames: JPEG quality 85 with optimised Huffman tables (lossless, -1.5 %): on real camera clips 39.6 dB PSNR
+# against quality 90's 40.9, a fifth fewer bytes (docs/shards.md, issue #27). OpenCV's default chroma is 4:2:0.
+JPEG_QUALITY = 85
+ZSTD_LEVEL = 9        # compression level of the .npy.zst members (decoding speed is the same at any level;
+                      # level 19 saves 5-10 % more at 10-15x the encoding time, docs/shards.md)
 
 # HOG (eq. 5): mean Sobel magnitude per bin, intensity/px, log-companded (mu-law) into HOG_CODES + 1 levels
-# from 0 to HOG_MAX (larger values clip), ~linear below the knee, ~logarithmic above it. Under patch norm
-# the target's shape part moves by 0.07 of its std rms (v1's 8-bit code: 0.01), docs/shards.md.
+# from 0 to HOG_MAX (larger values clip), ~linear below the knee, ~logarithmic above it. Version 3's 5-bit
+# code moves the float HOG by 0.07 of its std rms on real clips (version 2's 6-bit: 0.036), docs/shards.md.
 HOG_MAX = 0.25
-HOG_KNEE = {1: 1e-3, 2: 1e-2}
-HOG_CODES = {1: 255, 2: 63}
+HOG_KNEE = {1: 1e-3, 2: 1e-2, 3: 1e-2}
+HOG_CODES = {1: 255, 2: 63, 3: 31}
 
 
 def _hog_table(version):
@@ -62,7 +67,7 @@ def decode_hog(q, version=SCHEMA_VERSION):
     return HOG_TABLES[version][q]
 
 
-# Displacements (version 2): int8 fixed point, 1/16 px steps up to DISP_KNEE codes (3.75 px), then 1/4 px
+# Displacements (versions 2 and 3): int8 fixed point, 1/16 px steps up to DISP_KNEE codes (3.75 px), then 1/4 px
 # steps up to code 127 (20.5 px), which covers every displacement the tracker makes (mme.flow.MAX_FLOW, 20 px):
 # nothing saturates. Error added: at most 1/32 px per coordinate below 3.75 px, 1/8 px above.
 DISP_FINE, DISP_COARSE, DISP_KNEE = 16, 4, 60
@@ -122,26 +127,29 @@ def unzst(b, limit):
 _DECOMPRESSOR = zstandard.ZstdDecompressor()
 
 
-TRACKS = {1: ("disp.npy", "hog.npy", "valid.npy"), 2: ("disp.npy.zst", "hog.npy.zst", "valid.npy.zst")}
+TRACKS = {1: ("disp.npy", "hog.npy", "valid.npy"), 2: ("disp.npy.zst", "hog.npy.zst", "valid.npy.zst"),
+          3: ("disp.npy.zst", "hog.npy.zst", "valid.npy.zst")}
 
 
 def encode(key, frames, disp, hog, valid, label, meta, quality=JPEG_QUALITY):
-    """One sample (of meta["schema"], SCHEMA_VERSION unless a test writes version 1). frames uint8
+    """One sample (of meta["schema"], SCHEMA_VERSION unless a test writes an older one). frames uint8
     [T, H, W, 3] RGB; disp/hog/valid as trajectories() returns them for the T/2 tubelet starts (float).
     Raises ValueError for an object array (shards hold numbers, never pickles)."""
     for name, a in (("frames", frames), ("disp", disp), ("hog", hog), ("valid", valid)):
         if np.asarray(a).dtype.hasobject:
             raise ValueError(f"{name}: an object array; a shard stores numeric arrays only (np.save would pickle it)")
     T, H, W, _ = frames.shape
+    version = meta.get("schema", SCHEMA_VERSION)
+    version = version if version in READABLE else SCHEMA_VERSION    # (tests label samples with unknown versions)
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(frames.reshape(T * H, W, 3), cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_OPTIMIZE, int(version >= 3)])
     assert ok, "JPEG encoding failed"
-    if meta.get("schema", SCHEMA_VERSION) == 1:
+    if version == 1:
         arrays = (disp.astype(np.float16), encode_hog(hog, 1), valid.astype(bool))
         tracks = dict(zip(TRACKS[1], map(npy_bytes, arrays)))
     else:
-        arrays = (encode_disp(disp), encode_hog(hog), valid.astype(bool))
-        tracks = {name: zst(npy_bytes(a)) for name, a in zip(TRACKS[2], arrays)}
+        arrays = (encode_disp(disp), encode_hog(hog, version), valid.astype(bool))
+        tracks = {name: zst(npy_bytes(a)) for name, a in zip(TRACKS[version], arrays)}
     return {"__key__": key, "frames.jpg": jpg.tobytes(), **tracks,
             "cls": str(int(label)).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
@@ -155,7 +163,8 @@ def components(version):
 
 def refusal(version):
     """The one line for shards of a version this code does not read."""
-    return f"shard schema {version!r}, this code reads {' and '.join(map(str, READABLE))}: re-extract with extract.py"
+    known = ", ".join(map(str, READABLE[:-1])) + f" and {READABLE[-1]}"
+    return f"shard schema {version!r}, this code reads {known}: re-extract with extract.py"
 
 
 def decode(sample):
@@ -209,7 +218,7 @@ def _decoded(sample, meta, label, disp, hog, valid):
 def parse(sample, tracks=True):
     """Check one raw sample against the schema (a version in READABLE) and parse what the loader reads:
     (meta, label, disp, hog, valid), the arrays as stored, their codes looked up in tables(meta["schema"])
-    (version 2: disp uint8, the bytes of the int8 codes; hog uint8 codes; valid bool. Version 1: disp
+    (versions 2 and 3: disp uint8, the bytes of the int8 codes; hog uint8 codes; valid bool. Version 1: disp
     float16, hog uint8 codes; None unless `tracks`). The JPEG is left to the decoder. Raises ValueError
     naming the component and what is wrong: one bad sample in a million is skipped by the loader with
     that line, not a crash."""

@@ -231,17 +231,20 @@ def test_repeated_aug_in_pretraining_reads_and_decodes_once(synth, monkeypatch, 
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_version_1_shards_are_still_read(tmp_path, backend):
-    """Shards extracted before schema version 2 (float16 disp.npy, 8-bit hog.npy) need no re-extraction."""
-    url = write_known_motion(tmp_path / "train-000-000000.tar", (1.3, -0.45), schema=1)     # not on v2's 1/16 px steps
+@pytest.mark.parametrize("version,step", [(1, (1.3, -0.45)), (2, (1.25, -0.5))])    # v1: float16, off v2's 1/16 px steps
+def test_older_shards_are_still_read(tmp_path, backend, version, step):
+    """Shards of older schema versions (1: float16 disp.npy, 8-bit hog.npy; 2: 6-bit HOG code) need no
+    re-extraction: the loader looks each version's codes up in its own tables."""
+    url = write_known_motion(tmp_path / "train-000-000000.tar", step, schema=version)
     b = next(iter(data.build_loader(url, make_recipe(patch_norm=False, batch_size=4), backend=backend)))
     for i in range(4):
         x0, y0, cw, ch = b["box"][i].tolist()
         pos = b["target"][i, :, :4 * 4 * 2].reshape(-1, 4, 4, 2)
         sign = -1.0 if b["flip"][i] else 1.0
-        torch.testing.assert_close(pos[..., 0], torch.full_like(pos[..., 0], sign * 1.3 * S / cw), atol=2e-3, rtol=1e-3)
-        torch.testing.assert_close(pos[..., 1], torch.full_like(pos[..., 1], -0.45 * S / ch), atol=2e-3, rtol=1e-3)
-        bins = torch.from_numpy(shards.decode_hog(shards.encode_hog(np.arange(1, 10, dtype=np.float32) * 0.01, 1), 1))
+        torch.testing.assert_close(pos[..., 0], torch.full_like(pos[..., 0], sign * step[0] * S / cw), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(pos[..., 1], torch.full_like(pos[..., 1], step[1] * S / ch), atol=2e-3, rtol=1e-3)
+        bins = np.arange(1, 10, dtype=np.float32) * 0.01
+        bins = torch.from_numpy(shards.decode_hog(shards.encode_hog(bins, version), version))
         hog_t = b["target"][i, :, 4 * 4 * 2:].reshape(-1, 4, 4, 9)
         torch.testing.assert_close(hog_t, (bins.flip(0) if b["flip"][i] else bins).expand_as(hog_t), atol=1e-6, rtol=1e-5)
 

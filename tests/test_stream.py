@@ -96,7 +96,7 @@ def test_schema_check(data, tmp_path):
     tr = train(data)
     assert stream.check_schema(tr[1])["video_key"] == "train-000001_v0_w0"
     write_shard(tmp_path / "old.tar", [make_sample("a_w0", 0, schema=99)])
-    said = "shard schema 99, this code reads 1 and 2: re-extract with extract.py"
+    said = "shard schema 99, this code reads 1, 2 and 3: re-extract with extract.py"
     with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}/old.tar: {said}$"):
         stream.check_schema(str(tmp_path / "old.tar"))
 
@@ -106,16 +106,16 @@ def test_every_shard_s_schema_is_checked(data, tmp_path, caplog):
     """Issue #10 point 3: only the first URL's version was checked; now every shard's, as it is opened."""
     d, content = data
     tr = train(data)
-    write_shard(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=3) for i in range(4)])
+    write_shard(tmp_path / "old.tar", [make_sample(f"old{i}_w0", i, schema=4) for i in range(4)])
     urls = [tr[0], str(tmp_path / "old.tar"), tr[2]]
     assert [strip(s) for s in stream.samples(urls, resampled=False)] == content[tr[0]] + content[tr[2]]
-    said = "shard schema 3, this code reads 1 and 2: re-extract with extract.py; shard skipped"
+    said = "shard schema 4, this code reads 1, 2 and 3: re-extract with extract.py; shard skipped"
     assert warnings_of(caplog) == [f"{tmp_path}/old.tar: {said}"]
     parts = run(urls, world_size=1, num_workers=3, resampled=False)           # every worker refuses it, none drifts
     assert sorted(keys(parts[0, 0] + parts[0, 1] + parts[0, 2])) == sorted(keys(content[tr[0]] + content[tr[2]]))
     assert not [k for k in keys(stream.samples(urls, epoch_samples=40)) if k.startswith("old")]     # training
-    (tmp_path / "manifest.json").write_text('{"schema": 3, "splits": {"train": {"shards": {"old.tar": 4}}}}')
-    with pytest.raises(ValueError, match="manifest.json: shard schema 3, this code reads 1 and 2: re-extract"):
+    (tmp_path / "manifest.json").write_text('{"schema": 4, "splits": {"train": {"shards": {"old.tar": 4}}}}')
+    with pytest.raises(ValueError, match="manifest.json: shard schema 4, this code reads 1, 2 and 3: re-extract"):
         stream.split_urls(str(tmp_path), "train")
 
 # -----------------------------------------------------------------------------

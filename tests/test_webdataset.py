@@ -51,14 +51,15 @@ def clip_samples(schema, n=3):
     return [shards.encode(f"k{i}_w00", *fake_clip(T=4, H=32, W=48, L=3, seed=i), i, meta) for i in range(n)]
 
 
-def test_version_1_shards(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_shards(tmp_path, version):
     url = str(tmp_path / "train-000-000000.tar")
-    write_shard(url, clip_samples(1))
+    write_shard(url, clip_samples(version))
     plain, ours = read_both([url])
     assert [c["key"] for c in plain] == ["k0_w00", "k1_w00", "k2_w00"]
     for a, b in zip(plain, ours):
         assert_same(a, b)
-    assert plain[0]["meta"]["schema"] == 1
+    assert plain[0]["meta"]["schema"] == version
 
 
 def test_a_bad_sample_is_one_value_error_naming_it(tmp_path):

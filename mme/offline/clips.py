@@ -68,8 +68,9 @@ def plan(n, p):
     return starts, set().union(*(window_frames(s, n, p)[1] for s in starts))
 
 
-def window_sample(key, frames_of, start, n, p, label, meta):
-    """Encode one window. frames_of: dict raw index -> uint8 [H, W, 3]."""
+def window_sample(key, frames_of, start, n, p, label, meta, encode=shards.encode):
+    """Encode one window. frames_of: dict raw index -> uint8 [H, W, 3]. encode: shards.encode, or any function
+    of its arguments (key, frames, disp, hog, valid, label, meta, quality=), e.g. to keep the float arrays."""
     sampled, needed = window_frames(start, n, p)
     end = min(start + p.span(), n)
     any_frame = frames_of[sampled[0]]
@@ -81,11 +82,11 @@ def window_sample(key, frames_of, start, n, p, label, meta):
     if not p.tracks:                                                   # frames only: no flow is computed
         g = (p.frames // 2, clip.shape[1] // p.grid, clip.shape[2] // p.grid)
         meta = dict(meta, start=int(start), frame_indices=sampled.tolist(), num_frames=p.frames)
-        return shards.encode(key, clip, np.zeros((*g, p.length, 2), np.float32), np.zeros((*g, p.length, 9), np.float32),
-                             np.zeros(g, bool), label, meta, quality=p.quality)
+        return encode(key, clip, np.zeros((*g, p.length, 2), np.float32), np.zeros((*g, p.length, 9), np.float32),
+                      np.zeros(g, bool), label, meta, quality=p.quality)
     tr = trajectories(raw, length=p.length, grid=p.grid, camera=p.camera, starts=starts)
     meta = dict(meta, start=int(start), frame_indices=sampled.tolist(), num_frames=p.frames)
-    return shards.encode(key, clip, tr.disp, tr.hog, tr.valid, label, meta, quality=p.quality)
+    return encode(key, clip, tr.disp, tr.hog, tr.valid, label, meta, quality=p.quality)
 
 
 def synthetic_frames(video, p, seed=0):
@@ -96,8 +97,9 @@ def synthetic_frames(video, p, seed=0):
     return synthetic.clip(int(index), split=split, seed=seed, size=(h, w), num_frames=p.span() + 1).frames
 
 
-def video_samples(video, p, seed=0):
-    """All window samples of one video: (samples, warnings, frames decoded). Raises VideoError (skip)."""
+def video_samples(video, p, seed=0, encode=shards.encode):
+    """All window samples of one video: (samples, warnings, frames decoded), each sample what `encode`
+    returns (window_sample). Raises VideoError (skip)."""
     warnings = []
     if video.path.startswith("synthetic:"):
         all_frames = synthetic_frames(video, p, seed)
@@ -130,6 +132,6 @@ def video_samples(video, p, seed=0):
             "label_name": video.label_name, "fps": info.fps, "video_frames": int(n),
             "video_size": [info.width, info.height], "size": list(size), "params": asdict(p),
             "windows": len(starts)}
-    samples = [window_sample(f"{video.key}_w{k:02d}", frames_of, s, n, p, video.label, dict(meta, window=k))
+    samples = [window_sample(f"{video.key}_w{k:02d}", frames_of, s, n, p, video.label, dict(meta, window=k), encode)
                for k, s in enumerate(starts)]
     return samples, warnings, decoded

@@ -55,7 +55,7 @@ from mme.online.s3 import S3Error, one_line, s3_list  # importing s3 registers s
 from mme.shards import READABLE, refusal
 
 log = logging.getLogger(__name__)
-# a sample's components; a tuple: one of them (schema version 2's member, or version 1's)
+# a sample's components; a tuple: one of them (schema versions 2 and 3's member, or version 1's)
 REQUIRED = ("frames.jpg", ("disp.npy.zst", "disp.npy"), ("hog.npy.zst", "hog.npy"), ("valid.npy.zst", "valid.npy"), "cls", "json")
 
 # -----------------------------------------------------------------------------
