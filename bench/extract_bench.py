@@ -65,6 +65,11 @@ def resized_copies(found, folder, size):
     return paths
 
 
+def jpeg_params(p):
+    """cv2.imencode's parameters as mme.shards.encode (schema 3) stores frames."""
+    return [cv2.IMWRITE_JPEG_QUALITY, p.quality, cv2.IMWRITE_JPEG_OPTIMIZE, 1]
+
+
 def timed(fn, repeats):
     """Median seconds of fn() over repeats (after one warm-up)."""
     fn()
@@ -106,7 +111,7 @@ def stages(paths, size, p, repeats):
             flow.camera_homography(flows[t], feats[t], feats[t + 1], method=cv2.RANSAC) for t in range(n)],
         "HOG: gradients and orientation bins": lambda: [hog.gradient_bins(g) for g in gray[:n]],
         "tracking + HOG at the tracked points": track,
-        "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, p.quality, cv2.IMWRITE_JPEG_OPTIMIZE, 1])
+        "JPEG encode (1 in s frames stored)": lambda: [cv2.imencode(".jpg", f, jpeg_params(p))
                                                        for f in frames[:n:p.stride]],
     }
     return {name: timed(fn, repeats) / n for name, fn in rows.items()}
@@ -145,7 +150,7 @@ def schema_tradeoff(size, p, repeats, video_frames=300):
     frames = synthetic.clip(0, size=size, num_frames=video_frames // p.stride + 1).frames
     rows = {}
     for name, n in (("window sample (ours)", p.frames), ("whole-video sample", video_frames // p.stride)):
-        ok, jpg = cv2.imencode(".jpg", frames[:n].reshape(-1, size[1], 3), [cv2.IMWRITE_JPEG_QUALITY, p.quality, cv2.IMWRITE_JPEG_OPTIMIZE, 1])
+        ok, jpg = cv2.imencode(".jpg", frames[:n].reshape(-1, size[1], 3), jpeg_params(p))
         sec = timed(lambda: cv2.imdecode(jpg, cv2.IMREAD_COLOR), repeats)
         rows[name] = (n, sec, len(jpg))
     return rows
