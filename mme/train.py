@@ -218,13 +218,14 @@ def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
     rng = {"torch": torch.get_rng_state().tolist()}      # the loader's and masks' RNGs derive from its state
     write_durably(path / f"rank{rank}.json", json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
     dist.barrier()
+    global last_checkpoint
     if rank == 0:
         sums = {f.name: sha256(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != "done"}
         write_durably(path / "done", json.dumps({"step": step, "sha256": sums}, indent=1))
+        last_checkpoint = path      # at once: a Ctrl-C while old ones are removed must name this one (it is done)
         for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    global last_checkpoint
     last_checkpoint = path
     return path
 
