@@ -165,8 +165,8 @@ def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **ov
     """A pre-training run's report.md, against a random encoder of its architecture. --finetune
     runs/<run>/encoder.pth (a pretrain.py run folder, with its recipe.yaml and metrics.jsonl). Runs the frozen
     evaluation (as `frozen`) of that encoder into runs/<run>/frozen/ and of a random encoder of the same
-    architecture (the recipe's seed) into runs/<run>/frozen_random/, with model, depth, num_frames, input_size
-    taken from the run's recipe.yaml unless given here (an eval.json of the same weights, shards and keys is
+    architecture (the recipe's seed) into runs/<run>/frozen_random/, with model, depth, patch_embed, num_frames, input_size,
+    sampling_rate taken from the run's recipe.yaml unless given here (an eval.json of the same weights, shards and keys is
     read back, not recomputed). Writes runs/<run>/report.md (mme/report.py): this run against the random
     encoder, recall per class, the loss curve with the loss of predicting the mean target (from floor_samples
     training clips), Fig. 4 for validation clips, the confusion matrix; other runs of the same recipe (other
@@ -181,7 +181,7 @@ def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **ov
         fail(f"{e}: report reads the pre-training's recipe.yaml beside the encoder (a pretrain.py run folder)")
     except ValueError as e:
         fail(e)
-    taken = {k: pre[k] for k in report_lib.ARCHITECTURE if k not in overrides}
+    taken = {k: pre[k] for k in report_lib.FROM_RUN if k not in overrides}
     r, rank, world, device = start(recipe, {**taken, **overrides})
     if rank == 0:
         console.print(f"from {run / 'recipe.yaml'}: " + ", ".join(f"{k} {v}" for k, v in taken.items()))

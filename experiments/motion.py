@@ -201,7 +201,8 @@ def supervised(pre, eval, recipe="recipes/quick_tiny.yaml", steps=2000, seed=0, 
     d, ev = torch.load(pre, weights_only=True), torch.load(eval, weights_only=True)
     tr = d["train"]
     torch.manual_seed(seed)
-    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=len(synthetic.CLASSES))
+    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"],
+                         num_classes=len(synthetic.CLASSES))
     opt = torch.optim.AdamW(param_groups(clf, r["weight_decay"]), lr=0.0)
     B, rng, t0, log = r["batch_size"], np.random.default_rng(seed), time.time(), []
     for step in range(steps):
@@ -224,7 +225,7 @@ def supervised(pre, eval, recipe="recipes/quick_tiny.yaml", steps=2000, seed=0, 
     trained = summarise({"probe": {"top1": 100 * float((predicted == truth).double().mean()), "recall": recall}}, names)["probe"]
     print("supervised head:")
     show({"trained": trained})
-    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=0)
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"], num_classes=0)
     enc.load_state_dict({k: v for k, v in clf.state_dict().items() if not k.startswith(("head.", "fc_norm."))}, strict=False)
     out = readouts(enc, ev, seed)
     show(out)

@@ -100,6 +100,9 @@ def to_hf(path, out):
     sd, recipe, names, classifier = _backbone(path)
     if recipe.get("model") not in models.SIZES:
         raise ExportError(f"{path}: model {recipe.get('model')!r} is not one of {', '.join(models.SIZES)}")
+    if any(k.startswith("patch_embed.stem.") for k in sd):
+        raise ExportError(f"{path}: a conv patch embedding (patch_embed: conv); transformers' VideoMAE has the linear "
+                          "one only (safetensors_beside keeps every weight)")
     if any(k.startswith("pos_embed") for k in sd):
         raise ExportError(f"{path}: a learned position embedding; transformers' VideoMAE has the fixed sinusoid table only")
     depth = recipe["depth"] or models.SIZES[recipe["model"]][1]

@@ -64,7 +64,7 @@ def frozen_encoder(r, device):
     """The encoder in the pre-training layout (final per-token norm), loaded from r["finetune"] or randomly
     initialised from r["seed"] (the same on every rank); frozen, eval mode. WeightsError for a bad file."""
     torch.manual_seed(r["seed"])
-    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], num_classes=0)
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"], num_classes=0)
     if r["finetune"]:
         models.load_weights(enc, r["finetune"])
     return enc.requires_grad_(False).eval().to(device)
@@ -358,7 +358,7 @@ def feature_source(recipe, train_urls, eval_urls, device):
         weights = {"random": True, "seed": r["seed"]}
     stamp = lambda url: [url] + ([os.stat(url).st_size, os.stat(url).st_mtime_ns] if os.path.isfile(url) else [])
     return {"weights": weights, "device": torch.device(device).type,
-            **{key: r[key] for key in ("model", "depth", "num_frames", "input_size", "sampling_rate", "test_num_crop",
+            **{key: r[key] for key in ("model", "depth", "patch_embed", "num_frames", "input_size", "sampling_rate", "test_num_crop",
                                        "test_num_segment", "data_path", "eval_data_path", "precision")},
             "train": [stamp(u) for u in train_urls], "eval": [stamp(u) for u in eval_urls]}
 

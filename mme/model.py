@@ -133,24 +133,65 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Tubelets of 2 x 16 x 16 pixels -> tokens: a Conv3d with stride = kernel."""
+    """Tubelets of 2 x 16 x 16 pixels -> tokens, each tubelet on its own (so masked ones are never computed).
 
-    def __init__(self, dim):
+    stem "linear" (the paper's, VideoMAE's): one Conv3d with stride = kernel, i.e. a Linear on each tubelet.
+    stem "conv" (ours, not in the paper): a small CNN inside each tubelet (the two frames stacked as 6
+    channels through a 3x3 conv, then 3x3 stride-2 convs 16 -> 8 -> 4 px, GELUs between) before the same
+    kind of projection. Motion is a product of a temporal and a spatial change (It = -Ix u - Iy v), which
+    one Linear of the whole tubelet cannot form; measured, the conv stem does not make tokens know their
+    own motion better (docs/results.md, Learning depth), and it costs 1.6x the step of the tiny recipes.
+    state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d)."""
+
+    WIDTHS = (16, 32, 64)                                                    # conv stem channels at 16, 8, 4 px
+
+    def __init__(self, dim, stem="linear"):
         super().__init__()
-        self.proj = nn.Conv3d(3, dim, kernel_size=(TUBELET, PATCH, PATCH), stride=(TUBELET, PATCH, PATCH))
+        self.kind = stem
+        if stem == "linear":
+            self.proj = nn.Conv3d(3, dim, kernel_size=(TUBELET, PATCH, PATCH), stride=(TUBELET, PATCH, PATCH))
+        elif stem == "conv":                                                 # Conv2d: CPU Conv3d is ~20x slower here
+            c1, c2, c3 = self.WIDTHS
+            self.stem = nn.Sequential(
+                nn.Conv2d(3 * TUBELET, c1, 3, padding=1), nn.GELU(),         # both frames' pixels: [n, c1, 16, 16]
+                nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),        # [n, c2, 8, 8]
+                nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.GELU())        # [n, c3, 4, 4]
+            self.proj = nn.Conv2d(c3, dim, PATCH // 4)                       # [n, C, 1, 1]
+        else:
+            raise ValueError(f"unknown patch_embed {stem!r}; choose linear or conv")
 
     def forward(self, video):                                                # [B, 3, T, H, W]
-        x = self.proj(video)                                                 # [B, C, T/2, H/16, W/16]
-        return rearrange(x, "b c t h w -> b (t h w) c")                      # [B, N, C], (t, h, w) order
+        if self.kind == "linear":
+            x = self.proj(video)                                             # [B, C, T/2, H/16, W/16]
+            return rearrange(x, "b c t h w -> b (t h w) c")                  # [B, N, C], (t, h, w) order
+        tubes = rearrange(video, "b c (t pt) (h ph) (w pw) -> b t h w c pt ph pw", pt=TUBELET, ph=PATCH, pw=PATCH)
+        return self.embed(tubes.flatten(0, 3)).reshape(video.shape[0], -1, self.proj.out_channels)   # [B, N, C]
+
+    def flops(self):
+        """Forward FLOPs of one tubelet's embedding (a multiply-add counts 2)."""
+        convs = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        if self.kind == "linear":
+            return 2 * self.proj.weight.numel()
+        side, total = PATCH, 0
+        for conv in convs:                                                   # stem, then proj: output side each
+            side = (side + 2 * conv.padding[-1] - conv.kernel_size[-1]) // conv.stride[-1] + 1
+            total += 2 * conv.weight.numel() * side * side
+        return total
+
+    def embed(self, tubes):                                                  # [n, 3, 2, 16, 16] -> [n, C]
+        return self.proj(self.stem(tubes.flatten(1, 2))).flatten(1)
 
     def visible(self, video, mask):
         """forward()'s tokens where mask [B, N] is False, [B, N_visible, C], without computing the others:
-        a conv whose stride is its kernel is a Linear on each tubelet, so only the visible tubelets are
-        gathered and embedded (at mask ratio 0.9, a tenth of the conv's work, forward and backward)."""
+        each tubelet is embedded on its own, so only the visible tubelets are gathered and embedded (at mask
+        ratio 0.9, a tenth of the work, forward and backward)."""
         B, _, T, H, W = video.shape
         tubes = rearrange(video, "b c (t pt) (h ph) (w pw) -> b t h w c pt ph pw", pt=TUBELET, ph=PATCH, pw=PATCH)  # a view
         keep = ~mask.reshape(B, T // TUBELET, H // PATCH, W // PATCH)        # (t, h, w) order, as forward's
-        x = F.linear(tubes[keep].flatten(1), self.proj.weight.flatten(1), self.proj.bias)   # [B * N_visible, C]
+        if self.kind == "linear":                                            # the conv as a Linear on each tubelet
+            x = F.linear(tubes[keep].flatten(1), self.proj.weight.flatten(1), self.proj.bias)   # [B * N_visible, C]
+        else:
+            x = self.embed(tubes[keep])
         return x.reshape(B, -1, x.shape[-1])
 
 
@@ -192,7 +233,7 @@ class Encoder(nn.Module):
     (fine-tuning layout, num_classes > 0, mean pooling), exactly as the released checkpoints."""
 
     def __init__(self, dim=768, depth=12, heads=12, num_frames=16, img_size=224, num_classes=0,
-                 drop_path=0.0, mlp_ratio=4.0):
+                 drop_path=0.0, mlp_ratio=4.0, patch_embed="linear"):
         super().__init__()
         if num_frames % TUBELET or img_size % PATCH:
             raise ValueError(f"num_frames must be a multiple of {TUBELET} and img_size of {PATCH}, "
@@ -201,7 +242,7 @@ class Encoder(nn.Module):
         self.num_frames, self.img_size, self.num_classes = num_frames, img_size, num_classes
         self.grid = (num_frames // TUBELET, img_size // PATCH, img_size // PATCH)   # (t, h, w) tokens
         self.num_tokens = math.prod(self.grid)
-        self.patch_embed = PatchEmbed(dim)
+        self.patch_embed = PatchEmbed(dim, patch_embed)
         self.register_buffer("pos_embed", sinusoid_table(self.num_tokens, dim), persistent=False)   # [1, N, C]
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in _rates(drop_path, depth))
         if num_classes:
@@ -210,9 +251,9 @@ class Encoder(nn.Module):
         else:
             self.norm = nn.LayerNorm(dim, eps=EPS)                           # per token
         self.apply(_init)
-        w = self.patch_embed.proj.weight                                     # like a Linear: xavier on [C, 3*2*16*16]
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        for conv in [m for m in self.patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]:
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))   # like a Linear: [C, 3*2*16*16]
+            nn.init.zeros_(conv.bias)
         if num_classes:                                                      # MAE/VideoMAE fine-tuning: head std 2e-5
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
 
@@ -248,7 +289,7 @@ class Encoder(nn.Module):
 def encoder(size="base", num_frames=16, img_size=224, depth=None, **kw):
     """Encoder of a named size (tiny | small | base | large), with `depth` blocks (None: the size's).
     kw: num_classes (0: pre-training layout with `norm`; > 0: classifier with fc_norm + head),
-    drop_path (the largest stochastic depth rate)."""
+    drop_path (the largest stochastic depth rate), patch_embed ("linear" | "conv": PatchEmbed)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     dim, blocks, heads = SIZES[size]
@@ -285,9 +326,9 @@ class PretrainModel(nn.Module):
     mask_token, decoder.{blocks, norm, head}.* (VideoMAE's names)."""
 
     def __init__(self, size="base", num_frames=16, img_size=224, target_dim=264, decoder_depth=1,
-                 decoder_embed_dim=192, decoder_num_heads=6, drop_path=0.0, depth=None):
+                 decoder_embed_dim=192, decoder_num_heads=6, drop_path=0.0, depth=None, patch_embed="linear"):
         super().__init__()
-        self.encoder = encoder(size, num_frames, img_size, depth, drop_path=drop_path)
+        self.encoder = encoder(size, num_frames, img_size, depth, drop_path=drop_path, patch_embed=patch_embed)
         self.target_dim = target_dim
         self.decoder_dim, self.decoder_depth, self.decoder_heads = decoder_embed_dim, decoder_depth, decoder_num_heads
         self.encoder_to_decoder = nn.Linear(self.encoder.dim, decoder_embed_dim, bias=False)
@@ -303,7 +344,8 @@ class PretrainModel(nn.Module):
     def from_recipe(cls, recipe, target_dim):
         """From a mme.recipe dict; target_dim is the loader's target width (mme: 264 for L=6, K=4)."""
         return cls(recipe["model"], recipe["num_frames"], recipe["input_size"], target_dim, recipe["decoder_depth"],
-                   recipe["decoder_embed_dim"], recipe["decoder_num_heads"], recipe["drop_path"], recipe["depth"])
+                   recipe["decoder_embed_dim"], recipe["decoder_num_heads"], recipe["drop_path"], recipe["depth"],
+                   recipe["patch_embed"])
 
     def forward(self, video, mask, every_token=False):
         """video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> pred [B, N_masked, target_dim],
@@ -462,6 +504,10 @@ def load_backbone(model, checkpoint):
     blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     if blocks and blocks != enc.depth:
         raise KeyError(f"checkpoint has {blocks} blocks, the model {enc.depth}: set the recipe key depth to {blocks}")
+    stem = "conv" if any(k.startswith("patch_embed.stem.") for k in sd) else "linear"
+    if any(k.startswith("patch_embed.") for k in sd) and stem != enc.patch_embed.kind:
+        raise KeyError(f"checkpoint has a {stem} patch embedding, the model a {enc.patch_embed.kind} one: "
+                       f"set the recipe key patch_embed to {stem}")
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the {enc.dim}-wide, {enc.depth}-deep backbone: "
                        f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
@@ -576,7 +622,7 @@ def flops_per_clip(model, num_frames=None, img_size=None, mask_ratio=0.0, mask_t
         raise ValueError(f"mask_type must be 'tube' or 'random', got {mask_type!r}")
     n_vis = n - n_masked
     C = enc.dim
-    flops = 2 * n_vis * (3 * TUBELET * PATCH * PATCH) * C
+    flops = n_vis * enc.patch_embed.flops()
     flops += enc.depth * _block_flops(n_vis, C, enc.mlp_ratio)
     flops += 2 * C * enc.num_classes
     if isinstance(net, PretrainModel):

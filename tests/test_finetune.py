@@ -306,7 +306,8 @@ def test_export_to_hugging_face_loads_and_gives_our_logits(pretrained, tmp_path)
 
 
 def test_export_refuses_what_videomae_cannot_express(tmp_path):
-    """A learned position embedding (transformers' VideoMAE has the fixed table only), an unknown size: one line,
+    """A learned position embedding (transformers' VideoMAE has the fixed table only), an unknown size, a conv patch
+    embedding: one line,
     nothing written."""
     from mme import export, recipe
     r = recipe.load(None, data_path="x", model="tiny", depth=2, num_frames=8, input_size=64)
@@ -320,5 +321,10 @@ def test_export_refuses_what_videomae_cannot_express(tmp_path):
     torch.save(enc.state_dict(), tmp_path / "run" / "encoder.pth")
     (tmp_path / "run" / "recipe.yaml").write_text(recipe.dump(r).replace("model: tiny", "model: huge"))
     with pytest.raises(export.ExportError, match="model 'huge'"):
+        export.to_hf(tmp_path / "run" / "encoder.pth", tmp_path / "out")
+    conv = models.encoder("tiny", num_frames=8, img_size=64, depth=2, patch_embed="conv")
+    torch.save(conv.state_dict(), tmp_path / "run" / "encoder.pth")
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.dump(dict(r, patch_embed="conv")))
+    with pytest.raises(export.ExportError, match="a conv patch embedding"):
         export.to_hf(tmp_path / "run" / "encoder.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))

@@ -297,14 +297,9 @@ def test_encoder_sees_only_visible_tokens():
     assert (enc(poked, mask) - out).abs().amax() > 1e-2
 
 
-def test_visible_tubelets_embed_as_the_conv_does():
-    """The encoder embeds the visible tubelets alone (a Linear with the Conv3d's weights): the same
-    tokens, and the same gradients for the conv's weights, as embedding every tubelet with the conv
-    and gathering the visible ones."""
-    torch.manual_seed(0)
-    pe = M.PatchEmbed(32)
-    x, mask = video(), mask_of()
-    x = x + torch.linspace(0, 1, x.shape[2])[None, None, :, None, None]      # frames differ: tubelet order matters
+def assert_visible_embeds_as_forward(pe, x, mask):
+    """pe.visible(x, mask) gives the tokens, and the gradients for pe's weights, of embedding every tubelet
+    with forward() and gathering the visible ones."""
     fast = pe.visible(x, mask)
     fast.square().sum().backward()
     grads = [p.grad.clone() for p in pe.parameters()]
@@ -313,8 +308,51 @@ def test_visible_tubelets_embed_as_the_conv_does():
     ref.square().sum().backward()
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     for g, p in zip(grads, pe.parameters()):
-        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-5)
-    assert fast.shape == (2, N // 2, 32)
+        torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)
+    assert fast.shape == (x.shape[0], int((~mask[0]).sum()), pe.proj.out_channels)
+
+
+def test_visible_tubelets_embed_as_the_conv_does():
+    """The encoder embeds the visible tubelets alone (a Linear with the Conv3d's weights): the same
+    tokens, and the same gradients for the conv's weights, as embedding every tubelet with the conv
+    and gathering the visible ones."""
+    torch.manual_seed(0)
+    x, mask = video(), mask_of()
+    x = x + torch.linspace(0, 1, x.shape[2])[None, None, :, None, None]      # frames differ: tubelet order matters
+    assert_visible_embeds_as_forward(M.PatchEmbed(32), x, mask)
+
+
+def test_conv_stem_embeds_each_tubelet_on_its_own():
+    """patch_embed conv: a CNN inside each tubelet. The visible tubelets embedded alone give forward()'s tokens and
+    gradients; a tubelet's token depends on its own 2 x 16 x 16 pixels only, and on both frames (the point of it:
+    a temporal change times a spatial one)."""
+    torch.manual_seed(0)
+    pe = M.PatchEmbed(32, "conv")
+    x, mask = video(), mask_of()
+    assert_visible_embeds_as_forward(pe, x, mask)
+    tokens = pe(x)                                                           # [2, N, 32], (t, h, w) order
+    poked = x.clone()
+    poked[0, :, 1, 20, 5] += 3.0                                             # frame 1 (tubelet 0, its 2nd frame), row 1, col 0
+    moved = (pe(poked) - tokens).abs().amax(-1)                              # [2, N]
+    hit = 0 * GRID[1] * GRID[2] + 1 * GRID[2] + 0
+    assert moved[0, hit] > 1e-4 and float(moved.sum() - moved[0, hit]) == 0.0
+    enc = M.encoder("tiny", T, S, depth=2, patch_embed="conv")
+    assert sorted(k for k in enc.state_dict() if k.startswith("patch_embed.")) == [
+        "patch_embed.proj.bias", "patch_embed.proj.weight"] + [f"patch_embed.stem.{i}.{w}" for i in (0, 2, 4) for w in ("bias", "weight")]
+    with pytest.raises(ValueError, match="unknown patch_embed 'cnn'"):
+        M.PatchEmbed(32, "cnn")
+
+
+def test_a_checkpoint_names_its_patch_embedding():
+    """Weights of one patch embedding into a model of the other: one line naming the recipe key to set."""
+    linear, conv = M.encoder("tiny", T, S, depth=2), M.encoder("tiny", T, S, depth=2, patch_embed="conv")
+    with pytest.raises(KeyError, match="a conv patch embedding, the model a linear one: set the recipe key patch_embed to conv"):
+        M.load_backbone(linear, conv.state_dict())
+    with pytest.raises(KeyError, match="set the recipe key patch_embed to linear"):
+        M.load_backbone(conv, linear.state_dict())
+    again = M.encoder("tiny", T, S, depth=2, patch_embed="conv")
+    M.load_backbone(again, M.backbone_state_dict(conv))
+    assert all(torch.equal(v, conv.state_dict()[k]) for k, v in again.state_dict().items())
 
 
 def test_mask_count_must_agree():
@@ -500,3 +538,8 @@ def test_flops_match_a_counter(monkeypatch):
     with FlopCounterMode(display=False) as fc:
         clf(torch.randn(1, 3, 4, 64, 64))
     assert M.flops_per_clip(clf, 4, 64) == fc.get_total_flops()
+    conv = M.PretrainModel("tiny", 4, 64, target_dim=10, patch_embed="conv")
+    with FlopCounterMode(display=False) as fc:
+        conv(torch.randn(1, 3, 4, 64, 64), mask)
+    assert M.flops_per_clip(conv, 4, 64, 0.75) == fc.get_total_flops()
+    assert M.flops_per_clip(conv, 4, 64, 0.75) > M.flops_per_clip(pm, 4, 64, 0.75)

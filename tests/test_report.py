@@ -57,7 +57,7 @@ def test_report_tables_pictures_reuse_and_other_runs(pretrained):
     run = tmp / "pre"
     (run / "trajectories.png").unlink()                       # as a run that drew none: redrawn from its checkpoint
     r = run_report(tmp)
-    assert "from " in r.stderr and "model tiny, depth 2, num_frames 8, input_size 64" in r.stderr   # the run's architecture
+    assert "from " in r.stderr and "model tiny, depth 2, patch_embed linear, num_frames 8, input_size 64" in r.stderr  # the run's
     this, random = (json.loads((run / d / "eval.json").read_text()) for d in ("frozen", "frozen_random"))
     assert this["fitted_from"]["depth"] == 2 and random["fitted_from"]["depth"] == 2 and random["weights"] is None
     assert r.stdout.splitlines() == [str(run / "report.md"), f"MME {this['probe']['top1']:.1f} % vs random "
