@@ -85,7 +85,8 @@ def main(recipe, **overrides):
             set_lr(opt, lr)
             with amp:
                 pred = net(b["video"], b["mask"], every_token=every_token)
-                loss = net.loss(pred.float(), b["target"], b["mask"], b["weight"], widths, r["loss_visible"])
+                loss = net.loss(pred.float(), b["target"], b["mask"], b["weight"], widths, r["loss_visible"],
+                                r["balance_per_clip"])
             (loss / accum).backward()
             clips += b["video"].shape[0] * world
             micro_i += 1

@@ -3,8 +3,9 @@
     python experiments/cell.py runs/i23/q_base_s0 runs/i23/conv_s0 [...]
 
 For each run folder: probe / 10-NN / attentive top-1 % of its frozen/eval.json and of frozen_random/ (the
-random encoder of the same shape), and each motion family's mean recall (linear probe / attentive), as
-experiments/motion.py's families (the built-in classes or experiments/heldout.py's).
+random encoder of the same shape), or of its own eval.json (a `finetune.py frozen` folder), and each
+motion family's mean recall (linear probe / attentive), as experiments/motion.py's families (the
+built-in classes or experiments/heldout.py's).
 """
 import json
 import sys
@@ -31,7 +32,9 @@ def row(folder):
 def main(*folders):
     head = None
     for run in folders:
-        for sub, label in (("frozen", Path(run).name), ("frozen_random", "random")):
+        subs = [("", Path(run).name)] if (Path(run) / "eval.json").exists() else \
+            [("frozen", Path(run).name), ("frozen_random", "random")]              # finetune.py frozen / report
+        for sub, label in subs:
             if not (Path(run) / sub / "eval.json").exists():
                 print(f"{run}/{sub}: no eval.json yet", file=sys.stderr)
                 continue

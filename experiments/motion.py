@@ -168,7 +168,7 @@ def pretrain(pre, eval, recipe="recipes/quick_tiny.yaml", steps=2000, seed=0, th
         target, weight = recipe_target(r, tr, idx)
         mask = targets.tube_mask(rng, B, T // 2, S // 16, S // 16, r["mask_ratio"], r["mask_type"])
         pred = net(transforms.normalize(tr["video"][idx]), mask, every_token=visible > 0)
-        loss = net.loss(pred, target, mask, weight, widths, visible)
+        loss = net.loss(pred, target, mask, weight, widths, visible, r["balance_per_clip"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if r["clip_grad"]:
@@ -287,7 +287,8 @@ def ceiling(eval, recipe="recipes/quick_tiny.yaml"):
     """What the true trajectories of the clip window tell (mme.frozen's read-outs, train -> val of the cache):
     logistic regression on (a) the motion statistics of each tubelet (motion_statistics), (b) the flattened
     position target of every token; (c) the attentive probe on every token's true mean path and position
-    (true_tokens): the read-out of an encoder that knew each patch's motion exactly. Per class and family."""
+    (true_tokens): the read-out of an encoder that knew each patch's motion exactly; (d) the same without the
+    position code (what a set of motions tells without where each one is). Per class and family."""
     r = recipes.load(recipe, data_path="memory")
     ev = torch.load(eval, weights_only=True)
     names, L = class_list(ev), r["trajectory_length"]
@@ -297,14 +298,17 @@ def ceiling(eval, recipe="recipes/quick_tiny.yaml"):
         disp, _, valid = maps(ev[s], idx, L)
         feats[s] = {"statistics": motion_statistics(disp, valid), "raw": ev[s]["target"][:, :, :4 * L * 2].float().flatten(1),
                     "tokens": true_tokens(ev[s], L)}
-    flat = feats["train"]["tokens"].flatten(0, 1)
-    mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)                    # units differ: px and a position code
+        feats[s]["paths"] = feats[s]["tokens"][..., :2 * L]
     for what, key, method in (("logistic regression on the motion statistics per tubelet", "statistics", "probe"),
                               ("logistic regression on the raw displacements of every token", "raw", "probe"),
-                              ("attentive probe on every token's true mean path and position", "tokens", "attentive")):
+                              ("attentive probe on every token's true mean path and position", "tokens", "attentive"),
+                              ("attentive probe on every token's true mean path, no position", "paths", "attentive")):
+        if key in ("tokens", "paths"):                                       # units differ: px and a position code
+            flat = feats["train"][key].flatten(0, 1)
+            mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
         split = {s: {"keys": ev[s]["keys"], "labels": ev[s]["label"],
-                     **({"features": feats[s][key]} if key != "tokens" else
-                        {"features": feats[s]["raw"][:, :1], "tokens": (feats[s]["tokens"] - mean) / std})} for s in ("train", "val")}
+                     **({"features": feats[s][key]} if key not in ("tokens", "paths") else
+                        {"features": feats[s]["raw"][:, :1], "tokens": (feats[s][key] - mean) / std})} for s in ("train", "val")}
         result, _, _ = frozen.evaluate_features(split["train"], split["val"], len(names))
         rows[what] = summarise(result, names)[method]
         print(what)
@@ -361,6 +365,40 @@ def noisy_ceiling(eval, L=6, r2="1.0,0.8,0.6,0.4", seed=0):
     record({"kind": "noisy_ceiling", "eval": eval, "rows": rows, "date": time.strftime("%Y-%m-%d")})
 
 
+def positioned(features, ridge=0.1, seed=0):
+    """Does a frozen encoder keep where each token is, and does the attentive probe read more when told?
+    features: a `finetune.py frozen` features.pt. Prints (a) the R^2 of a ridge read-out from a token to its
+    (t, y, x) grid position (fitted on half the training clips, scored on the other half), (b) the attentive
+    probe as `frozen` fits it on the tokens, then on the tokens with the encoder's fixed sinusoid position
+    table added (VideoMAE's, the encoder's own input code) and with a 64-channel one appended."""
+    f = torch.load(features, weights_only=True)
+    src = json.loads(f["source"])
+    names = list(synthetic.CLASSES)
+    tr, te = f["train"], f["eval"]
+    n, N, C = tr["tokens"].shape
+    T, G = src["num_frames"] // 2, int(round((N / (src["num_frames"] // 2)) ** 0.5))
+    grid = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(G), torch.arange(G), indexing="ij"), -1).reshape(N, 3).double()
+    half = n // 2
+    X = tr["tokens"].double()
+    x = torch.cat([X[:half].flatten(0, 1), torch.ones(half * N, 1, dtype=torch.float64)], 1)
+    W = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64), x.T @ grid.repeat(half, 1))
+    x = torch.cat([X[half:].flatten(0, 1), torch.ones((n - half) * N, 1, dtype=torch.float64)], 1)
+    y = grid.repeat(n - half, 1)
+    r2 = 1 - ((x @ W - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    print(f"{features}: position R^2 t {r2[0]:.2f} y {r2[1]:.2f} x {r2[2]:.2f}")
+    rows = {"position_r2": [round(float(v), 2) for v in r2]}
+    code64 = models.sinusoid_table(N, 64)[0]
+    code64 = (code64 - code64.mean(0)) / code64.std(0).clamp_min(1e-6)
+    for what, add in (("tokens", lambda t: t), ("tokens + position table", lambda t: t + models.sinusoid_table(N, C)),
+                      ("tokens, position appended", lambda t: torch.cat([t, code64.expand(len(t), -1, -1)], -1))):
+        split = [dict(s, tokens=add(s["tokens"].float())) for s in (tr, te)]
+        result, _, _ = frozen.evaluate_features(split[0], split[1], len(names), seed=seed)
+        rows[what] = summarise(result, names)["attentive"]
+        print(what)
+        show({"attentive": rows[what]})
+    record({"kind": "positioned", "features": features, "rows": rows, "date": time.strftime("%Y-%m-%d")})
+
+
 if __name__ == "__main__":
     fire.Fire({"cache": cache, "ceiling": ceiling, "pretrain": pretrain, "supervised": supervised, "random": random,
-               "token_r2": token_r2, "noisy_ceiling": noisy_ceiling})
+               "token_r2": token_r2, "noisy_ceiling": noisy_ceiling, "positioned": positioned})

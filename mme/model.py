@@ -365,11 +365,11 @@ class PretrainModel(nn.Module):
         x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_masked], 1)   # [B, N, Cd]
         return self.decoder(x, x.shape[1] if every_token else pos_masked.shape[1])   # [B, N_masked or N, D]
 
-    def loss(self, pred, target, mask, weight=None, widths=None, visible=0.0):
-        return mme_loss(pred, target, mask, weight, widths, visible)
+    def loss(self, pred, target, mask, weight=None, widths=None, visible=0.0, per_clip=False):
+        return mme_loss(pred, target, mask, weight, widths, visible, per_clip)
 
 
-def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0):
+def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0, per_clip=False):
     """Masked MSE (eq. 1) with the loss mask of eq. 7, in float32.
 
     pred [B, N_masked, D] (PretrainModel's order), or with visible > 0 every token's prediction
@@ -384,6 +384,7 @@ def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0):
       model predicts it in those units, and a token's error is the mean of the parts' MSEs (the
       authors' code averages the two parts' MSEs). Without patch norm raw HOG is ~30x smaller than
       displacements in px and would otherwise not count.
+    per_clip: with widths, each part's rms over each clip's tokens instead of the batch's (balance_per_clip).
     visible: weight of the same loss on the visible tokens (the recipe's loss_visible; 0 = the paper)."""
     B, N, D = target.shape
     mask = mask.to(target.device)
@@ -395,7 +396,7 @@ def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0):
     w = torch.ones(B, N, device=target.device) if weight is None else weight.to(target.device).float()
     target = target.float()
     if widths is not None:
-        rms = part_rms(target, w, widths)
+        rms = part_rms(target, w, widths, per_clip)
         target = torch.cat([p / s for p, s in zip(target.split(list(widths), -1), rms)], -1)
 
     def part(p, select):                                                     # p [B, n, D] for the tokens select picks
@@ -412,13 +413,23 @@ def mme_loss(pred, target, mask, weight=None, widths=None, visible=0.0):
     return part(pred[:, n_vis:], mask) + visible * part(pred[:, :n_vis], ~mask)
 
 
-def part_rms(target, weight, widths):
+def part_rms(target, weight, widths, per_clip=False):
     """Each part's root mean square over the tokens of a batch with weight 1 (no gradient): target
-    [B, N, D], weight [B, N], widths (part widths summing to D) -> [len(widths)] tensors. A model
-    trained with loss_balance predicts part j in units of part_rms(...)[j]."""
+    [B, N, D], weight [B, N], widths (part widths summing to D) -> a list of len(widths) scalars, or
+    with per_clip of [B, 1, 1] tensors (each clip's own; a clip's rms is kept at >= a tenth of the
+    batch's, so a clip without motion does not blow its flow noise up to unit size). A model trained
+    with loss_balance predicts part j in units of part_rms(...)[j]."""
     w = weight.float()
-    return [(((p.detach().float().pow(2).mean(-1) * w).sum() / w.sum().clamp_min(1e-6)).sqrt()).clamp_min(1e-6)
-            for p in target.split(list(widths), -1)]
+    out = []
+    for p in target.split(list(widths), -1):
+        sq = p.detach().float().pow(2).mean(-1) * w                                  # [B, N]
+        batch = (sq.sum() / w.sum().clamp_min(1e-6)).sqrt().clamp_min(1e-6)
+        if per_clip:
+            clip = (sq.sum(1) / w.sum(1).clamp_min(1e-6)).sqrt()                     # [B]
+            out.append(torch.maximum(clip, 0.1 * batch)[:, None, None])
+        else:
+            out.append(batch)
+    return out
 
 
 def add_probe_norm(clf):

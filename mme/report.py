@@ -40,22 +40,22 @@ SEED_LIKE = ("name", "seed", "output_dir", "resume", "wandb", "log_every", "log_
 READOUTS = (("probe", "linear probe (mean token)"), ("knn", "k-NN (mean token)"), ("attentive", "attentive probe (all tokens)"))
 
 
-def balanced(target, weight, widths):
-    """The target in the units the loss compares (mme_loss): each part over its rms over the batch."""
+def balanced(target, weight, widths, per_clip=False):
+    """The target in the units the loss compares (mme_loss): each part over its rms over the batch (or clip)."""
     if widths is None:
         return target.float()
-    rms = model.part_rms(target, weight, widths)
+    rms = model.part_rms(target, weight, widths, per_clip)
     return torch.cat([p / s for p, s in zip(target.float().split(list(widths), -1), rms)], -1)
 
 
-def mean_loss(batches, widths=None, visible=0.0):
+def mean_loss(batches, widths=None, visible=0.0, per_clip=False):
     """batches: a list of {"target" [B, N, D], "mask" bool [B, N], "weight" [B, N]} -> (loss, mean
     [N, D]): the mean target per token position (module docstring) and the mme_loss of predicting it,
     averaged over the batches."""
     total = count = 0
     for b in batches:
         w = b["weight"].float()
-        total = total + (balanced(b["target"], w, widths) * w[..., None]).sum(0)     # [N, D]
+        total = total + (balanced(b["target"], w, widths, per_clip) * w[..., None]).sum(0)     # [N, D]
         count = count + w.sum(0)                                                    # [N]
     mean = total / count.clamp_min(1e-6)[:, None]
     losses = []
@@ -65,7 +65,7 @@ def mean_loss(batches, widths=None, visible=0.0):
         full = mean.expand(B, N, D)
         masked = full[mask].reshape(B, -1, D)
         pred = torch.cat([full[~mask].reshape(B, -1, D), masked], 1) if visible else masked   # PretrainModel's order
-        losses.append(model.mme_loss(pred, b["target"], mask, b["weight"], widths, visible).item())
+        losses.append(model.mme_loss(pred, b["target"], mask, b["weight"], widths, visible, per_clip).item())
     return sum(losses) / len(losses), mean
 
 
@@ -159,7 +159,7 @@ def markdown(run, recipe, steps, this, random, dates, command, floor_label, figu
            "## Does the encoder know the motion classes?", "",
            f"Frozen features of the validation videos ({this['videos']} videos, {this['views']} views, `{this['data']}`), "
            f"the encoder untouched (`finetune.py frozen`, mme/frozen.py): a logistic-regression probe and a "
-           f"{this['knn']['k']}-NN on the mean token, and an attentive probe (a learned query attending to every token) "
+           f"{this['knn']['k']}-NN on the mean token, and an attentive probe (a learned query attending to every token and its position) "
            f"where it ran. The random encoder is the same architecture, untrained. Chance is {100 / num_classes:.0f} %.", "",
            "| encoder | read-out | top-1 % | top-5 % | seeds | date |", "|---|---|---:|---:|---|---|"]
     out += readout_rows(f"{name} (this run)", [this], str(recipe["seed"]), dates["this"])
@@ -209,7 +209,7 @@ def loss_floor(run, pre, samples, note=print):
         seen += len(b["target"])
         if seen >= samples:
             break
-    loss, _ = mean_loss(batches, targets.loss_widths(pre), pre["loss_visible"])
+    loss, _ = mean_loss(batches, targets.loss_widths(pre), pre["loss_visible"], pre["balance_per_clip"])
     balance = "; each part in units of its rms over the batch" if pre["loss_balance"] else ""
     tokens = f"masked tokens + {pre['loss_visible']:g} x visible tokens" if pre["loss_visible"] else "masked tokens"
     label = (f"{loss:.3f}, the loss of predicting, at each token position, the mean training target ({seen} clips, "

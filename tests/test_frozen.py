@@ -53,14 +53,15 @@ def test_logreg_finds_nothing_in_random_labels():
     assert abs(top1 - 0.2) < 0.04                                             # chance: 20% (+-0.9% std)
 
 
-def order_tokens(n, seed=0, N=16, C=8):
+def order_tokens(n, seed=0, N=16, C=8, position=True):
     """Clips of N tokens whose mean is the same for both classes: class 1 has the marked token in the first
-    half of the clip (an early event), class 0 in the second half (the time-reversed clip). A position code
-    in the last channels says where a token is, as a ViT's tokens carry their position."""
+    half of the clip (an early event), class 0 in the second half (the time-reversed clip). With position, a
+    code in the last channels says where a token is, as a ViT's tokens carry their position."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 2
     x = torch.randn(n, N, C, generator=g) * 0.1
-    x[..., -2] = torch.linspace(-1, 1, N)                                 # where in the clip a token is
+    if position:
+        x[..., -2] = torch.linspace(-1, 1, N)                             # where in the clip a token is
     at = torch.randint(0, N // 2, (n,), generator=g) + (y == 0).long() * (N // 2)
     x[torch.arange(n), at, 0] += 3.0                                      # the event
     return x, y
@@ -81,6 +82,19 @@ def test_attentive_probe_reads_what_the_mean_cancels_deterministically():
     assert torch.equal(again, scores)                                      # the same tokens, the same probe
     shuffled = frozen.fit_attentive(x, y[torch.randperm(400, generator=torch.Generator().manual_seed(0))], 2, seed=0)
     assert (frozen.attentive_scores(shuffled, test_x).argmax(1) == test_y).double().mean().item() < 0.7   # labels it cannot read
+
+
+def test_attentive_probe_knows_where_each_token_is():
+    """Tokens that do not carry their position (an MAE encoder's need not: its decoder adds them again) are a set
+    to a query; the probe appends a position code of its own, so it still reads where the event is, and reading
+    the same tokens in another order reads them as a set would: at chance."""
+    x, y = order_tokens(400, C=192, position=False)                      # ViT-T's width: the probe's 4 heads
+    test_x, test_y = order_tokens(400, seed=1, C=192, position=False)
+    head = frozen.fit_attentive(x, y, 2, seed=0)
+    assert (frozen.attentive_scores(head, test_x).argmax(1) == test_y).double().mean().item() > 0.9
+    g = torch.Generator().manual_seed(2)
+    shuffled = torch.stack([clip[torch.randperm(len(clip), generator=g)] for clip in test_x])   # each clip's tokens reordered
+    assert abs((frozen.attentive_scores(head, shuffled).argmax(1) == test_y).double().mean().item() - 0.5) < 0.1
 
 
 def test_held_out_split_is_by_video():

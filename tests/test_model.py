@@ -467,6 +467,29 @@ def test_loss_balanced_parts_and_visible_tokens_by_hand():
     assert torch.allclose(every[:, 4:], net(video, m), atol=1e-5)
 
 
+def test_loss_balanced_per_clip_by_hand():
+    """balance_per_clip: each clip's parts over that clip's own rms (weighted tokens only), floored at a tenth of
+    the batch's, so a slow clip's errors count as much as a fast one's."""
+    target = torch.tensor([[[3., 1], [0, 1], [9, 5]],                      # clip 0: part 0 fast
+                           [[0.3, 1], [0, 1], [0, 1]],                     # clip 1: part 0 slow
+                           [[1e-4, 2], [0, 2], [0, 2]]])                   # clip 2: part 0 static
+    weight = torch.tensor([[1., 1, 0], [1, 1, 1], [1, 1, 1]])              # clip 0's token 2 out of the frame
+    rms0, rms1 = M.part_rms(target, weight, (1, 1), per_clip=True)
+    batch = ((9 + 0.09 + 1e-8) / 8) ** 0.5                                  # part 0 over the 8 weighted tokens
+    assert rms0.shape == (3, 1, 1)
+    assert rms0.flatten().tolist() == pytest.approx([(9 / 2) ** 0.5, (0.09 / 3) ** 0.5, 0.1 * batch])
+    assert rms1.flatten().tolist() == pytest.approx([1, 1, 2])
+    mask = torch.tensor([[True, True, False]] * 3)
+    pred = torch.zeros(3, 2, 2)                                             # predicts 0 everywhere
+    # in each clip's units, part 0's squared error over the masked, weighted tokens: clip 0 (9 + 0) / 4.5 = 2 over 2
+    # tokens, clip 1 (0.09 + 0) / 0.03 = 3 over 2, clip 2 ~0; part 1 is 1 for every token
+    want = ((9 / 4.5 + 0.09 / 0.03 + (1e-8 / (0.1 * batch) ** 2)) / 6 + 1) / 2
+    assert M.mme_loss(pred, target, mask, weight, widths=(1, 1), per_clip=True).item() == pytest.approx(want)
+    per_batch = M.mme_loss(pred, target, mask, weight, widths=(1, 1)).item()
+    part1_ms = (1 + 1 + 1 + 1 + 1 + 4 + 4 + 4) / 8                          # part 1's mean square over the batch
+    assert per_batch == pytest.approx(((9 + 0.09 + 1e-8) / batch ** 2 / 6 + (1 + 1 + 1 + 1 + 4 + 4) / part1_ms / 6) / 2)
+
+
 # (h) learning --------------------------------------------------------------------------------------
 
 def test_a_tiny_model_can_fit_a_batch():

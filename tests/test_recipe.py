@@ -34,7 +34,7 @@ def error(*args, **kwargs):
 
 # --- the shipped recipes ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ssv2", "k400", "tiny", "learn_tiny", "quick_tiny"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")))
 def test_recipes_load_with_exactly_the_known_keys(name):
     r = load(f"recipes/{name}.yaml")
     assert list(r) == list(DEFAULTS)
@@ -111,6 +111,7 @@ def test_file_values_are_not_parsed_from_strings(tmp_path):
     (dict(mask_ratio=1.0), "mask_ratio must be in [0, 1)"),
     (dict(mask_ratio=-0.1), "mask_ratio must be in [0, 1)"),
     (dict(loss_visible=-1), "loss_visible must be >= 0"),
+    (dict(balance_per_clip=True, loss_balance=False), "it needs loss_balance true"),
     (dict(target="flow"), "target must be one of mme, pixel, hog"),
     (dict(target="hogg"), "did you mean 'hog'?"),
     (dict(mask_type="cube"), "mask_type must be one of tube, random"),

@@ -158,19 +158,20 @@ def test_mean_plus_relative_parts():
 @pytest.mark.parametrize("norm,density", [("paper", "dense"), ("paper", "mean"), ("paper", "mean+relative"),
                                           ("none", "dense"), ("none", "mean"), ("none", "mean+relative"),
                                           ("authors", "dense")])
-@pytest.mark.parametrize("balance", [False, True])
+@pytest.mark.parametrize("balance", [False, True, "per_clip"])
 def test_paths_undo_every_target_space(norm, density, balance):
     """A perfect prediction in the recipe's target space comes back as the true trajectories in px."""
     from mme import model
 
     disp, hog, valid = maps(L=3, seed=1)
     r = {"trajectory_density": density, "trajectory_length": 3, "interpolation": True, "sampling_rate": 2,
-         "shape_target": True, "patch_norm": norm, "loss_balance": balance}
+         "shape_target": True, "patch_norm": norm, "loss_balance": bool(balance), "balance_per_clip": balance == "per_clip"}
     raw, weight = targets.mme_target(disp, hog, valid, patch_norm="none", density=density)
     normed, _ = targets.mme_target(disp, hog, valid, patch_norm=norm, density=density)
     if balance:                                                             # the model predicts in part-rms units
         widths = list(targets.mme_parts(r).values())
-        normed = torch.cat([p / s for p, s in zip(normed.split(widths, -1), model.part_rms(normed, weight, widths))], -1)
+        rms = model.part_rms(normed, weight, widths, r["balance_per_clip"])
+        normed = torch.cat([p / s for p, s in zip(normed.split(widths, -1), rms)], -1)
     true, pred = targets.paths(normed, raw, weight, r)
     K = 1 if density == "mean" else 4
     assert true.shape == (2, 8, K, 3, 2)

@@ -95,7 +95,7 @@ def paths(pred, raw, weight, recipe):
         elif recipe["patch_norm"] == "authors":
             normed[0] = _authors_norm(normed[0].unflatten(-1, (-1, L, 2))).flatten(-3)
             normed[1:] = [_norm(p) for p in normed[1:]]
-        rms = part_rms(torch.cat(normed, -1), weight, widths)
+        rms = part_rms(torch.cat(normed, -1), weight, widths, recipe["balance_per_clip"])
         pred = torch.cat([p * s for p, s in zip(pred.split(widths, -1), rms)], -1)
     if recipe["patch_norm"] == "paper":
         pred = unnormalize(pred, raw, widths)
