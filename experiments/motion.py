@@ -373,8 +373,9 @@ def positioned(features, ridge=0.1, seed=0):
     table added (VideoMAE's, the encoder's own input code) and with a 64-channel one appended."""
     f = torch.load(features, weights_only=True)
     src = json.loads(f["source"])
-    names = list(synthetic.CLASSES)
     tr, te = f["train"], f["eval"]
+    found = data.class_names(data.shard_urls(src["eval_data_path"] or src["data_path"], "val"), range(int(tr["labels"].max()) + 1))
+    names = [found[i] for i in range(len(found))] if found else list(synthetic.CLASSES)
     n, N, C = tr["tokens"].shape
     T, G = src["num_frames"] // 2, int(round((N / (src["num_frames"] // 2)) ** 0.5))
     grid = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(G), torch.arange(G), indexing="ij"), -1).reshape(N, 3).double()
