@@ -207,9 +207,7 @@ def main(videos=96, vp9_videos=6, frames=64, batches=10, batch=8, repeats=3, rep
         console.print("NVIDIA DALI is not installed: the 'ours dali' mode is left out (pip install -r requirements-gpu.txt)")
     # k = 1 is the "ours" mode itself; the others run as more modes, interleaved with the rest
     runs = [(mode, 1) for mode in modes] + [("ours", k) for k in ks if k != 1] + ([("ours v1", 1)] if v1_extract else [])
-    # the workers import mme as this process does: from the checkout when it is not installed
-    env = os.environ | {"THP_MEM_ALLOC_ENABLE": "1",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = os.environ | {"THP_MEM_ALLOC_ENABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_videos(tmp / "videos", videos, (256, 336), frames)

@@ -11,12 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+import motion  # experiments/motion.py beside this script: families() of the built-in or held-out classes
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-import motion  # noqa: E402  (families(): built-in or held-out classes)
-
-from mme.online import data  # noqa: E402
+from mme.online import data
 
 
 def row(folder):

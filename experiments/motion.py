@@ -316,6 +316,19 @@ def ceiling(eval, recipe="recipes/quick_tiny.yaml"):
     record({"kind": "ceiling", "eval": eval, "rows": rows, "names": names, "date": time.strftime("%Y-%m-%d")})
 
 
+def ridge_fit(x, y, ridge):
+    """Ridge regression with a bias, x [n, C] -> y [n, D], in float64: -> predict(x') [m, D]."""
+    bias = lambda a: torch.cat([a.double(), torch.ones(len(a), 1, dtype=torch.float64)], 1)
+    x1 = bias(x)
+    W = torch.linalg.solve(x1.T @ x1 + ridge * torch.eye(x1.shape[1], dtype=torch.float64), x1.T @ y.double())
+    return lambda a: bias(a) @ W
+
+
+def r2_score(pred, y, dim=0):
+    """pred, y [m, D] -> R^2 per column (dim=0, [D]) or pooled over all values (dim=(0, 1))."""
+    return 1 - ((pred - y) ** 2).sum(dim) / ((y - y.mean(0)) ** 2).sum(dim)
+
+
 def token_r2(features, eval, L=6, ridge=0.1):
     """How precisely an encoder's frozen tokens hold their own motion: ridge regression from each token (the
     training clips' centre views in a `finetune.py frozen` features.pt) to its true displacement over L steps
@@ -328,15 +341,12 @@ def token_r2(features, eval, L=6, ridge=0.1):
     rows = torch.tensor([row[k] for k in c["keys"]])
     X, Y, lab, ok = c["tokens"].float(), total[rows], ev["label"][rows], ev["weight"][rows] > 0
     half = len(X) // 2
-    x = torch.cat([X[:half][ok[:half]], torch.ones(int(ok[:half].sum()), 1)], 1).double()
-    W = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64), x.T @ Y[:half][ok[:half]].double())
+    predict = ridge_fit(X[:half][ok[:half]], Y[:half][ok[:half]], ridge)
     out = {}
     for family, idx in families(class_list({"names": None})).items():
         pick = torch.arange(half, len(X))[torch.isin(lab[half:], torch.tensor(idx))]
         m = ok[pick] & (Y[pick].norm(dim=-1) > 0.5)
-        x = torch.cat([X[pick][m], torch.ones(int(m.sum()), 1)], 1).double()
-        y = Y[pick][m].double()
-        out[family] = round(float(1 - ((x @ W - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()), 2)
+        out[family] = round(float(r2_score(predict(X[pick][m]), Y[pick][m].double(), dim=(0, 1))), 2)
     print(features, out)
     record({"kind": "token_r2", "features": features, "r2": out, "date": time.strftime("%Y-%m-%d")})
 
@@ -369,31 +379,28 @@ def positioned(features, ridge=0.1, seed=0):
     """Does a frozen encoder keep where each token is, and does the attentive probe read more when told?
     features: a `finetune.py frozen` features.pt. Prints (a) the R^2 of a ridge read-out from a token to its
     (t, y, x) grid position (fitted on half the training clips, scored on the other half), (b) the attentive
-    probe as `frozen` fits it on the tokens, then on the tokens with the encoder's fixed sinusoid position
-    table added (VideoMAE's, the encoder's own input code) and with a 64-channel one appended."""
+    probe on the tokens alone (position 0: the probe before version 3), on the tokens with the encoder's
+    fixed sinusoid position table added (VideoMAE's, the encoder's own input code), and as mme.frozen fits
+    it now (its position code appended)."""
     f = torch.load(features, weights_only=True)
     src = json.loads(f["source"])
     tr, te = f["train"], f["eval"]
     found = data.class_names(data.shard_urls(src["eval_data_path"] or src["data_path"], "val"), range(int(tr["labels"].max()) + 1))
     names = [found[i] for i in range(len(found))] if found else list(synthetic.CLASSES)
     n, N, C = tr["tokens"].shape
-    T, G = src["num_frames"] // 2, int(round((N / (src["num_frames"] // 2)) ** 0.5))
-    grid = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(G), torch.arange(G), indexing="ij"), -1).reshape(N, 3).double()
+    T = src["num_frames"] // 2
+    G = int(round((N / T) ** 0.5))
+    grid = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(G), torch.arange(G), indexing="ij"), -1).reshape(N, 3)
     half = n // 2
-    X = tr["tokens"].double()
-    x = torch.cat([X[:half].flatten(0, 1), torch.ones(half * N, 1, dtype=torch.float64)], 1)
-    W = torch.linalg.solve(x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64), x.T @ grid.repeat(half, 1))
-    x = torch.cat([X[half:].flatten(0, 1), torch.ones((n - half) * N, 1, dtype=torch.float64)], 1)
-    y = grid.repeat(n - half, 1)
-    r2 = 1 - ((x @ W - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+    predict = ridge_fit(tr["tokens"][:half].flatten(0, 1), grid.repeat(half, 1), ridge)
+    r2 = r2_score(predict(tr["tokens"][half:].flatten(0, 1)), grid.repeat(n - half, 1).double())
     print(f"{features}: position R^2 t {r2[0]:.2f} y {r2[1]:.2f} x {r2[2]:.2f}")
     rows = {"position_r2": [round(float(v), 2) for v in r2]}
-    code64 = models.sinusoid_table(N, 64)[0]
-    code64 = (code64 - code64.mean(0)) / code64.std(0).clamp_min(1e-6)
-    for what, add in (("tokens", lambda t: t), ("tokens + position table", lambda t: t + models.sinusoid_table(N, C)),
-                      ("tokens, position appended", lambda t: torch.cat([t, code64.expand(len(t), -1, -1)], -1))):
-        split = [dict(s, tokens=add(s["tokens"].float())) for s in (tr, te)]
-        result, _, _ = frozen.evaluate_features(split[0], split[1], len(names), seed=seed)
+    table = models.sinusoid_table(N, C)
+    for what, add, position in (("tokens alone", 0.0, 0), ("tokens + position table", table, 0),
+                                ("tokens, position code appended (the probe now)", 0.0, frozen.POSITION)):
+        split = [dict(s, tokens=s["tokens"].float() + add) for s in (tr, te)]
+        result, _, _ = frozen.evaluate_features(split[0], split[1], len(names), seed=seed, position=position)
         rows[what] = summarise(result, names)["attentive"]
         print(what)
         show({"attentive": rows[what]})

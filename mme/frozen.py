@@ -245,11 +245,14 @@ class AttentiveProbe(torch.nn.Module):
     the query sees a set of motions, in which a turn clockwise and one anticlockwise, or an approach and a
     recession, are the same set (the true per-token motion without positions: 31 % against 86 %)."""
 
-    def __init__(self, dim, num_classes, num_tokens):
+    def __init__(self, dim, num_classes, num_tokens, position=None):
         super().__init__()
-        code = models.sinusoid_table(num_tokens, POSITION)[0]                   # [N, P]
-        self.register_buffer("position", ((code - code.mean(0)) / code.std(0).clamp_min(1e-6))[None])
-        width = dim + POSITION
+        position = POSITION if position is None else position                 # 0: the tokens alone
+        code = models.sinusoid_table(num_tokens, position)[0] if position else torch.zeros(num_tokens, 0)   # [N, P]
+        if position:
+            code = (code - code.mean(0)) / code.std(0).clamp_min(1e-6)
+        self.register_buffer("position", code[None])
+        width = dim + position
         self.heads = next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
         self.query = torch.nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.norm1 = torch.nn.LayerNorm(dim)
@@ -277,15 +280,17 @@ ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warm
 
 
 def fit_attentive(train_tokens, train_y, num_classes, seed=0, steps=ATTENTIVE["steps"], batch=ATTENTIVE["batch"],
-                  lr=ATTENTIVE["lr"], weight_decay=ATTENTIVE["weight_decay"], warmup=ATTENTIVE["warmup"], device=None):
+                  lr=ATTENTIVE["lr"], weight_decay=ATTENTIVE["weight_decay"], warmup=ATTENTIVE["warmup"], device=None,
+                  position=ATTENTIVE["position"]):
     """train_tokens [n, N, C] (a clip view per row), train_y [n] -> AttentiveProbe in eval mode: AdamW,
-    linear warm-up then cosine to 0, batches drawn from the seed; one thread on a CPU (deterministic)."""
+    linear warm-up then cosine to 0, batches drawn from the seed; one thread on a CPU (deterministic).
+    position: channels of the position code (0: none, the probe before version 3)."""
     x = train_tokens.to(device or "cpu")
     y = torch.as_tensor(train_y, dtype=torch.long, device=x.device)
     N, C = x.shape[1:]
     with one_thread() if x.device.type == "cpu" else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = AttentiveProbe(C, num_classes, N).to(x.device)
+        head = AttentiveProbe(C, num_classes, N, position).to(x.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         order = np.random.default_rng([seed, 9])
         for step in range(steps):
@@ -329,7 +334,7 @@ def knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07):
 
 # --- per video ----------------------------------------------------------------------------------
 
-def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=None):
+def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=None, position=ATTENTIVE["position"]):
     """train: {"keys" [n] clip keys, "features" [n, C], "labels" [n]} (a view per clip), test: the same
     for every view of the evaluation videos -> (result, truth [V], the probe's predicted class [V]);
     result: {"videos", "views", "probe": {"top1", "top5", "l2", "recall"}, "knn": {..., "k"}}, and
@@ -346,7 +351,7 @@ def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=Non
     methods = {"probe": (probe.scores(test_x), {"l2": probe.l2}),                       # scores [m, classes]
                "knn": (knn_scores(train_x, train_y, test_x, num_classes, k, T), {"k": k})}
     if "tokens" in train and "tokens" in test:
-        head = fit_attentive(train["tokens"], train_y, num_classes, seed, device=device)
+        head = fit_attentive(train["tokens"], train_y, num_classes, seed, device=device, position=position)
         methods["attentive"] = (attentive_scores(head, test["tokens"]), {"steps": ATTENTIVE["steps"]})
     predicted = {}
     for name, (scores, extra) in methods.items():
