@@ -702,6 +702,32 @@ def test_worker_killed_by_one_video_reports_it_and_goes_on(monkeypatch):
     assert results.pop("bad") == pipeline.WORKER_DIED and set(results.values()) == {None}
 
 
+def _dies_mid_message(video):
+    """_extract for the test below: the worker of video 'half' writes the start of a result and is killed."""
+    if video == "half":
+        import gc
+        import struct
+        from multiprocessing.connection import Connection
+        conn = next(o for o in gc.get_objects() if isinstance(o, Connection) and not o.closed)
+        os.write(conn.fileno(), struct.pack("!i", 1000) + b"x" * 10)     # a header for 1000 bytes, then 10 of them
+        os.kill(os.getpid(), signal.SIGKILL)
+    return video, [], [], 1, None
+
+
+def test_worker_killed_halfway_through_its_result_costs_that_video_only(monkeypatch):
+    """ProcessPoolExecutor's manager thread waited forever on the rest of such a message (CI: SIGTERM hung)."""
+    from mme.offline import pipeline
+    monkeypatch.setattr(pipeline, "_extract", _dies_mid_message)
+    signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(60)                                      # a hang fails the test instead of the whole run
+    try:
+        results = {video: error for video, _, _, _, error in pipeline.extract_all(["a", "half", "b", "c"], None, 0, 2)}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    assert results == {"a": None, "half": pipeline.WORKER_DIED, "b": None, "c": None}
+
+
 def test_skip_for_a_passing_reason_is_retried(tmp_path):
     w = writer.ShardWriter(tmp_path, "train-000")
     w.skip("v1", "a.mp4", "died", retry=True)

@@ -12,8 +12,6 @@ import os
 import random
 import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 
 import cv2
 
@@ -70,9 +68,17 @@ def _init(params, seed):
     _worker.update(params=params, seed=seed)
 
 
-def _init_pool(params, seed):
+def _serve(conn, work, params, seed):
+    """A worker process: says it is ready, then runs `work` on each video sent over `conn` and sends the
+    result back, until the main process closes its end (it exited, or stopped its workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the main process stops its workers, quietly
     _init(params, seed)
+    try:
+        conn.send("ready")
+        while True:
+            conn.send(work(conn.recv()))
+    except (EOFError, OSError):                    # the main process is gone or stopped us: nothing to report
+        return
 
 
 def _extract(video):
@@ -122,65 +128,95 @@ def run(writer, todo, total, params, seed, workers, log=None):
 
 
 def extract_all(todo, params, seed, workers):
-    """_extract over `todo` in `workers` processes, yielding results as videos finish. A worker that dies
-    (the OOM killer, kill -9) breaks the pool: the videos then in flight are redone one at a time, each in
-    a process of its own, and one whose process dies again is reported failed (WORKER_DIED); the others
-    go on in a new pool. Nothing waits forever, nothing is lost."""
+    """_extract over `todo` in `workers` processes, yielding results as videos finish. Each worker has a pipe
+    of its own, so the main process knows which video a dead worker (the OOM killer, kill -9) was on, and no
+    thread of ours can wait forever on a message a killed worker left half written (ProcessPoolExecutor's
+    manager thread did, on Ctrl-C or SIGTERM). That video is redone alone, in a process of its own while no
+    other runs; if that process dies too, it is reported failed (WORKER_DIED). Nothing waits forever,
+    nothing is lost."""
     # forkserver: workers are forked from a clean single-threaded server, never from this process, whose
     # progress thread (and a test's OpenCV threads) may hold locks at the fork that the child waits on forever
     fork = multiprocessing.get_context("forkserver")
     fork.set_forkserver_preload(["mme.offline.clips"])
-    queue = list(reversed(todo))
-    while queue:
-        suspects, pool = [], ProcessPoolExecutor(workers, fork, initializer=_init_pool, initargs=(params, seed))
-        try:
-            running, broken, finished_any = {}, False, False
-            while (queue or running) and not broken:
+    queue, suspects, pool = list(reversed(todo)), [], []
+    try:
+        while queue or suspects or pool:
+            alone = bool(suspects)
+            if alone and not any(w.video for w in pool):   # a suspect runs alone, in a fresh process
+                _stop_workers(pool)
+                pool = [_Worker(fork, params, seed)]
+                pool[0].give(suspects.pop(), alone=True)
+            elif not alone:
+                pool += [_Worker(fork, params, seed) for _ in range(min(workers, len(queue)) - len(pool))]
+                for w in pool:
+                    if w.video is None and queue:
+                        w.give(queue.pop())
+            idle = [w for w in pool if w.video is None]
+            if idle and not queue and not suspects:
+                _stop_workers(idle)
+                pool = [w for w in pool if w.video is not None]
+            if not pool:
+                continue
+            for w in _ready(pool):
                 try:
-                    while queue and len(running) < workers:    # only as many as run: all in flight if it breaks
-                        f = pool.submit(_extract, queue[-1])
-                        running[f] = queue.pop()
-                except BrokenProcessPool:
-                    broken = True
-                for f in wait(running, return_when=FIRST_COMPLETED)[0]:
-                    video = running.pop(f)
-                    try:
-                        result = f.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        suspects.append(video)
+                    message = w.conn.recv()
+                except (EOFError, OSError):                 # the worker died (its end of the pipe closed)
+                    pool.remove(w)
+                    _stop_workers([w])
+                    if not w.started:
+                        raise RuntimeError("the extraction worker processes die as they start") from None
+                    if w.video is None:
                         continue
-                    finished_any = True
-                    yield result
-            suspects += running.values()
-        finally:
-            stop(pool)
-        if broken and not suspects and not finished_any:
-            raise RuntimeError("the extraction worker processes die as they start")
-        if broken:
-            say("[yellow]note[/yellow] a worker process died (killed: out of memory?)" + (
-                f"; redoing the {len(suspects)} video(s) in flight, one at a time" if suspects else "; going on"))
-        for video in suspects:
-            alone = ProcessPoolExecutor(1, fork, initializer=_init_pool, initargs=(params, seed))
-            try:
-                yield alone.submit(_extract, video).result()
-            except BrokenProcessPool:
-                yield video, [], [], 0, WORKER_DIED
-            finally:
-                stop(alone)
+                    if w.alone:
+                        yield w.video, [], [], 0, WORKER_DIED
+                    else:
+                        say("[yellow]note[/yellow] a worker process died (killed: out of memory?); "
+                            "redoing its video in a process of its own")
+                        suspects.append(w.video)
+                    continue
+                if message == "ready":
+                    w.started = True
+                    continue
+                w.video = None
+                yield message
+    finally:
+        _stop_workers(pool)
 
 
-def stop(pool):
-    """Shut a pool down without waiting for videos in progress (an interrupted or broken run), leaving no
-    process behind (a worker may wait forever on a queue lock its killed sibling held)."""
-    procs = list((pool._processes or {}).values())     # no public way before Python 3.14's terminate_workers
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-    pool.shutdown(wait=True, cancel_futures=True)
+class _Worker:
+    """One worker process (_serve) and the main process's end of its pipe; `video`: the one it is on."""
+
+    def __init__(self, fork, params, seed):
+        self.conn, there = fork.Pipe()
+        self.proc = fork.Process(target=_serve, args=(there, _extract, params, seed), daemon=True)
+        self.proc.start()
+        there.close()                          # only the worker holds its end: its death reads as end of file here
+        self.video, self.alone, self.started = None, False, False
+
+    def give(self, video, alone=False):
+        self.conn.send(video)
+        self.video, self.alone = video, alone
+
+
+def _ready(pool):
+    """The workers with something to read: a result, a ready line, or end of file (a dead worker)."""
+    from multiprocessing.connection import wait
+    return [w for w in pool if w.conn in wait([w.conn for w in pool])]
+
+
+def _stop_workers(pool):
+    """Stop workers without waiting for videos in progress (an interrupted run, or idle ones), leaving no process."""
+    started = [w for w in pool if w.proc.pid]             # a start cut short by Ctrl-C has no process to stop
+    for w in started:
+        if w.proc.exitcode is None:
+            w.proc.terminate()
+    for w in started:
+        w.proc.join(5)
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join()
+    for w in pool:
+        w.conn.close()
 
 
 def say(text, log=None):
