@@ -3,6 +3,7 @@
     python pretrain.py --recipe recipes/tiny.yaml                      # -> runs/tiny/encoder.pth
     python finetune.py probe --recipe recipes/probe_tiny.yaml          # frozen encoder, linear head (Table 4)
     python finetune.py full --recipe recipes/finetune_tiny.yaml        # every layer (Table 15)
+    python finetune.py full --recipe recipes/finetune_tiny.yaml --pool attentive   # ours: a head that reads every token
     python finetune.py eval --recipe recipes/probe_tiny.yaml --finetune runs/probe_tiny/model.pth
     torchrun --nproc_per_node=8 finetune.py full --recipe recipes/ssv2_finetune.yaml --finetune runs/ssv2/encoder.pth
     python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
@@ -13,16 +14,17 @@
 
 The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
 VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
-the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the pre-training's final
-norm -> head; MAE's BatchNorm before it, folded into it when saved), with the recipe's crops and flips
-only; full trains everything with layer decay, drop path, label smoothing, mixup/cutmix, RandAugment and
-repeated sampling as the recipe says (Table 15). Both write runs/<name>/ as pretrain.py does (mme/run.py:
-recipe.yaml, log.txt, metrics.jsonl, TensorBoard events, loss.png, checkpoints/ that a killed run resumes
-from), then model.pth ({"model": the classifier in the released layout, backbone + fc_norm + head, with the
-class names, the recipe and the extraction params, so that predict needs nothing else}), eval.json (top-1/
-top-5 and recall per class over videos: every clip window, or test_num_segment of them, x test_num_crop
-crops, softmax averaged) and confusion.png; with eval_every N also val.jsonl and best.pth.
-"""
+the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the pre-training's final norm
+-> head; MAE's BatchNorm before it, folded into it when saved), with the recipe's crops and flips only;
+full trains everything with layer decay, drop path, label smoothing, mixup/cutmix, RandAugment and
+repeated sampling as the recipe says (Table 15); with pool: attentive its head is a query attending to
+every token, told where each is (mme/model.py AttentiveHead), instead of the mean token (export needs
+the mean). Both write runs/<name>/ as pretrain.py does (mme/run.py: recipe.yaml, log.txt, metrics.jsonl,
+TensorBoard events, loss.png, checkpoints/ that a killed run resumes from), then model.pth ({"model":
+the classifier in the released layout, backbone + fc_norm + head, with the class names, the recipe and
+the extraction params, so that predict needs nothing else}), eval.json (top-1/top-5 and recall per
+class over videos: every clip window, or test_num_segment of them, x test_num_crop crops, softmax
+averaged) and confusion.png; with eval_every N also val.jsonl and best.pth."""
 import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # before torch: see pretrain.py
@@ -51,6 +53,9 @@ from mme.train import autocast, command_line, optimizer_step, param_groups, set_
 
 def train(mode, recipe, **overrides):
     r, rank, world, device = start(recipe, overrides)
+    if mode == "probe" and r["pool"] != "mean":
+        fail("pool attentive: probe trains a Linear head on the mean token (Table 4); the attentive probe of the "
+             "frozen tokens is `finetune.py frozen`, an attentive head trained with the encoder `finetune.py full`", rank)
     if mode == "probe":                      # a frozen encoder: the recipe's crops and flips only
         r.update(drop_path=0.0, rand_aug=None, repeated_aug=1, mixup=0.0, cutmix=0.0, smoothing=0.0)
     if r["batch_size"] % world:

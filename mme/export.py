@@ -103,6 +103,9 @@ def to_hf(path, out):
     if any(k.startswith("patch_embed.stem.") for k in sd):
         raise ExportError(f"{path}: a conv patch embedding (patch_embed: conv); transformers' VideoMAE has the linear "
                           "one only (safetensors_beside keeps every weight)")
+    if "head.query" in sd:
+        raise ExportError(f"{path}: an attentive head (pool: attentive); transformers' VideoMAE has the mean-pooling "
+                          "head only (safetensors_beside keeps every weight; fine-tune with pool: mean to export)")
     if any(k.startswith("pos_embed") for k in sd):
         raise ExportError(f"{path}: a learned position embedding; transformers' VideoMAE has the fixed sinusoid table only")
     depth = recipe["depth"] or models.SIZES[recipe["model"]][1]

@@ -40,7 +40,7 @@ def classifier(r, rank, world, device, probe=False, need_head=False):
     processes; probe: everything frozen but the head, with MAE's BatchNorm before it (mme.model.add_probe_norm)."""
     torch.manual_seed(r["seed"] + rank)
     clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"],
-                         num_classes=r["num_classes"], drop_path=r["drop_path"])
+                         num_classes=r["num_classes"], drop_path=r["drop_path"], pool=r["pool"])
     if r["finetune"]:
         try:
             skipped = models.load_weights(clf, r["finetune"], need_head)

@@ -8,7 +8,7 @@ features, fitted in seconds and deterministically (finetune.py frozen wires it t
     s = knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07) # [m, classes], each row sums to 1
     result, truth, predicted = evaluate_features(train, test, num_classes)   # all of it: what eval.json holds
     result = run(recipe, folder, rank, world, device)   # finetune.py frozen: features of shards, cached, -> eval.json
-    head = fit_attentive(train_tokens, train_y, num_classes, seed=0)  # train_tokens [n, N, C] -> AttentiveProbe
+    head = fit_attentive(train_tokens, train_y, num_classes, seed=0)  # train_tokens [n, N, C] -> models.AttentiveHead
     p = attentive_scores(head, test_tokens)  # [m, classes]; evaluate_features runs it when both hold "tokens"
     save_features(path, source, splits); splits = load_features(path, source)   # the cache (None if stale)
 
@@ -23,7 +23,7 @@ The k-NN (DINO's weighted k-NN, as V-JEPA reports it): features centred with the
 L2-normalised; the k most cosine-similar training clips vote for their class with weight
 exp(sim / T); a row's votes are normalised to sum to 1.
 
-The attentive probe (V-JEPA's frozen evaluation): a learned query cross-attends to every frozen token
+The attentive probe (V-JEPA's frozen evaluation; mme.model.AttentiveHead): a learned query cross-attends to every frozen token
 of a clip, each told where it is (a fixed position code appended: one block: cross-attention, then an
 MLP, both residual), then LayerNorm and a Linear head; trained with AdamW on the cached tokens, from a
 seed, on one thread, so the same tokens give the same probe. A mean over tokens cancels a rotation's curl
@@ -233,48 +233,7 @@ def _fit_logreg(x, train_y, groups, num_classes, seed, grid):
 
 # --- the attentive probe -----------------------------------------------------------------------
 
-class AttentiveProbe(torch.nn.Module):
-    """tokens [B, N, C] -> logits [B, classes]: a learned query cross-attends to the (layer-normed) tokens,
-    each with a fixed code of its position appended, then an MLP, then LayerNorm + Linear (V-JEPA's
-    AttentiveClassifier, one block). The tokens are not standardised per channel (the logistic probe's way):
-    an encoder's tokens come out of its final LayerNorm, and per-channel standardisation raises its quiet
-    channels to the level of the informative ones (measured: 40 against 49 % top-1 on the quick start's
-    encoder). The position code (POSITION channels of VideoMAE's 1-D sinusoid table over the token index,
-    each standardised) is there because an MAE encoder need not keep where its tokens are: its decoder adds
-    the positions again (the quick start's encoders hold a token's column at R^2 0.2), and without it
-    the query sees a set of motions, in which a turn clockwise and one anticlockwise, or an approach and a
-    recession, are the same set (the true per-token motion without positions: 31 % against 86 %)."""
-
-    def __init__(self, dim, num_classes, num_tokens, position=None):
-        super().__init__()
-        position = POSITION if position is None else position                 # 0: the tokens alone
-        code = models.sinusoid_table(num_tokens, position)[0] if position else torch.zeros(num_tokens, 0)   # [N, P]
-        if position:
-            code = (code - code.mean(0)) / code.std(0).clamp_min(1e-6)
-        self.register_buffer("position", code[None])
-        width = dim + position
-        self.heads = next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
-        self.query = torch.nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.norm1 = torch.nn.LayerNorm(dim)
-        self.q, self.kv, self.proj = torch.nn.Linear(width, width), torch.nn.Linear(width, 2 * width), torch.nn.Linear(width, width)
-        self.norm2 = torch.nn.LayerNorm(width)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
-        self.norm3 = torch.nn.LayerNorm(width)
-        self.head = torch.nn.Linear(width, num_classes)
-
-    def forward(self, tokens):
-        B, N, _ = tokens.shape
-        x = torch.cat([self.norm1(tokens.float()), self.position.expand(B, -1, -1)], -1)   # [B, N, W]
-        W = x.shape[-1]
-        k, v = self.kv(x).view(B, N, 2, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)   # [B, h, N, W/h] each
-        q = self.q(self.query).view(1, 1, self.heads, W // self.heads).transpose(1, 2).expand(B, -1, -1, -1)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, W)
-        y = self.query + self.proj(y)                                          # [B, 1, W]
-        y = y + self.mlp(self.norm2(y))
-        return self.head(self.norm3(y[:, 0]))
-
-
-POSITION = 64   # channels of the position code appended to each token
+POSITION = models.POSITION   # channels of the position code appended to each token
 ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100, "position": POSITION,
              "version": 3}   # fixed, not tuned per run
 
@@ -282,7 +241,7 @@ ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warm
 def fit_attentive(train_tokens, train_y, num_classes, seed=0, steps=ATTENTIVE["steps"], batch=ATTENTIVE["batch"],
                   lr=ATTENTIVE["lr"], weight_decay=ATTENTIVE["weight_decay"], warmup=ATTENTIVE["warmup"], device=None,
                   position=ATTENTIVE["position"]):
-    """train_tokens [n, N, C] (a clip view per row), train_y [n] -> AttentiveProbe in eval mode: AdamW,
+    """train_tokens [n, N, C] (a clip view per row), train_y [n] -> mme.model.AttentiveHead (norm=True) in eval mode: AdamW,
     linear warm-up then cosine to 0, batches drawn from the seed; one thread on a CPU (deterministic).
     position: channels of the position code (0: none, the probe before version 3)."""
     x = train_tokens.to(device or "cpu")
@@ -290,7 +249,7 @@ def fit_attentive(train_tokens, train_y, num_classes, seed=0, steps=ATTENTIVE["s
     N, C = x.shape[1:]
     with one_thread() if x.device.type == "cpu" else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = AttentiveProbe(C, num_classes, N, position).to(x.device)
+        head = models.AttentiveHead(C, num_classes, N, position, norm=True).to(x.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         order = np.random.default_rng([seed, 9])
         for step in range(steps):

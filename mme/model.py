@@ -7,6 +7,7 @@ checkpoint layout we keep exactly so released VideoMAE/MME weights load and ours
     feats = enc(video, mask)          # video [B, 3, T, S, S], mask bool [B, N] (True = masked) -> [B, N_visible, C]
     clf = encoder("base", num_classes=174, drop_path=0.1)     # classifier: ... + fc_norm.* + head.*
     logits = clf(video)               # [B, 174]: mean of the tokens -> fc_norm -> head
+    clf = encoder("base", num_classes=174, pool="attentive")  # ours: fc_norm per token -> AttentiveHead (head.*)
     add_probe_norm(clf); sd = fold_probe_norm(clf.state_dict())   # linear probe: BatchNorm before the head, folded away
 
     model = PretrainModel("base", 16, 224, target_dim=264)    # encoder + 1-block decoder (Table 12)
@@ -225,29 +226,80 @@ def _visible(x, mask):
     return x[~mask].reshape(x.shape[0], -1, *x.shape[2:])
 
 
+# --- the attentive head -------------------------------------------------------------------------
+
+POSITION = 64   # channels of the position code the attentive head appends to each token
+
+
+class AttentiveHead(nn.Module):
+    """tokens [B, N, C] -> logits [B, classes]: a learned query cross-attends to the tokens, each with a fixed
+    code of its position appended, then an MLP, then LayerNorm + Linear (V-JEPA's AttentiveClassifier, one
+    block). finetune.py frozen's attentive probe (mme.frozen, with its own LayerNorm first: `norm=True`) and the
+    classifier's head when the recipe says pool: attentive (after fc_norm, applied per token).
+
+    The position code (POSITION channels of VideoMAE's 1-D sinusoid table over the token index, each
+    standardised) is there because an MAE encoder need not keep where its tokens are: its decoder adds the
+    positions again (the quick start's encoders hold a token's column at R^2 0.2). Without it the query sees
+    a set of motions, in which a turn clockwise and one anticlockwise, or an approach and a recession, are
+    the same set (the true per-token motion read without positions: 31 % against 86 %; docs/results.md).
+    A mean over tokens (pool: mean) loses the same: it cancels a rotation's curl and an expansion's
+    divergence and drops time order."""
+
+    def __init__(self, dim, num_classes, num_tokens, position=POSITION, norm=False):
+        super().__init__()
+        code = sinusoid_table(num_tokens, position)[0] if position else torch.zeros(num_tokens, 0)   # [N, P]
+        if position:
+            code = (code - code.mean(0)) / code.std(0).clamp_min(1e-6)
+        self.register_buffer("position", code[None], persistent=False)    # fixed: never in a state_dict
+        width = dim + position
+        self.heads = next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.norm1 = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.norm3 = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, tokens):                                               # [B, N, C] -> [B, classes]
+        B, N, _ = tokens.shape
+        x = self.norm1(tokens.float())                                       # cached frozen tokens are float16
+        x = torch.cat([x, self.position.to(x.dtype).expand(B, -1, -1)], -1)  # [B, N, W]
+        W = x.shape[-1]
+        k, v = self.kv(x).view(B, N, 2, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)   # [B, h, N, W/h] each
+        q = self.q(self.query).view(1, 1, self.heads, W // self.heads).transpose(1, 2).expand(B, -1, -1, -1)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v).transpose(1, 2).reshape(B, 1, W)
+        y = self.query + self.proj(y)                                          # [B, 1, W]
+        y = y + self.mlp(self.norm2(y))
+        return self.head(self.norm3(y[:, 0]))
+
+
 # --- the encoder -------------------------------------------------------------------------------
 
 class Encoder(nn.Module):
     """Video ViT. state_dict: patch_embed.proj, blocks.{i}.{norm1, attn.{qkv, q_bias, v_bias, proj},
     norm2, mlp.{fc1, fc2}}, then `norm` (pre-training layout, num_classes=0) or `fc_norm` + `head`
-    (fine-tuning layout, num_classes > 0, mean pooling), exactly as the released checkpoints."""
+    (fine-tuning layout, num_classes > 0, mean pooling), exactly as the released checkpoints. pool="attentive"
+    (ours, not in the released layout): fc_norm per token, then an AttentiveHead (head.query, head.q, ...)."""
 
     def __init__(self, dim=768, depth=12, heads=12, num_frames=16, img_size=224, num_classes=0,
-                 drop_path=0.0, mlp_ratio=4.0, patch_embed="linear"):
+                 drop_path=0.0, mlp_ratio=4.0, patch_embed="linear", pool="mean"):
         super().__init__()
         if num_frames % TUBELET or img_size % PATCH:
             raise ValueError(f"num_frames must be a multiple of {TUBELET} and img_size of {PATCH}, "
                              f"got {num_frames} and {img_size}")
         self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
-        self.num_frames, self.img_size, self.num_classes = num_frames, img_size, num_classes
+        if pool not in ("mean", "attentive"):
+            raise ValueError(f"pool must be mean or attentive, got {pool!r}")
+        self.num_frames, self.img_size, self.num_classes, self.pool = num_frames, img_size, num_classes, pool
         self.grid = (num_frames // TUBELET, img_size // PATCH, img_size // PATCH)   # (t, h, w) tokens
         self.num_tokens = math.prod(self.grid)
         self.patch_embed = PatchEmbed(dim, patch_embed)
         self.register_buffer("pos_embed", sinusoid_table(self.num_tokens, dim), persistent=False)   # [1, N, C]
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, r) for r in _rates(drop_path, depth))
         if num_classes:
-            self.fc_norm = nn.LayerNorm(dim, eps=EPS)                        # after mean pooling
-            self.head = nn.Linear(dim, num_classes)
+            self.fc_norm = nn.LayerNorm(dim, eps=EPS)                        # after mean pooling (attentive: per token)
+            self.head = nn.Linear(dim, num_classes) if pool == "mean" else AttentiveHead(dim, num_classes, self.num_tokens)
         else:
             self.norm = nn.LayerNorm(dim, eps=EPS)                           # per token
         self.apply(_init)
@@ -255,7 +307,7 @@ class Encoder(nn.Module):
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))   # like a Linear: [C, 3*2*16*16]
             nn.init.zeros_(conv.bias)
         if num_classes:                                                      # MAE/VideoMAE fine-tuning: head std 2e-5
-            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.trunc_normal_(self.head.weight if pool == "mean" else self.head.head.weight, std=2e-5)
 
     def forward_features(self, video, mask=None):
         """video [B, 3, T, H, W] (the T, H, W the model was built for), mask bool [B, N] or None ->
@@ -279,17 +331,21 @@ class Encoder(nn.Module):
 
     def forward(self, video, mask=None):
         """Pre-training layout: the visible tokens' features [B, N_visible, C].
-        Classifier layout: logits [B, num_classes] = head(fc_norm(mean over tokens))."""
+        Classifier layout: logits [B, num_classes] = head(fc_norm(mean over tokens)), or with pool attentive
+        head(fc_norm(every token))."""
         x = self.forward_features(video, mask)
         if not self.num_classes:
             return x
+        if self.pool == "attentive":
+            return self.head(self.fc_norm(x))                                # [B, num_classes]
         return self.head(self.fc_norm(x.mean(1)))                            # [B, num_classes]
 
 
 def encoder(size="base", num_frames=16, img_size=224, depth=None, **kw):
     """Encoder of a named size (tiny | small | base | large), with `depth` blocks (None: the size's).
     kw: num_classes (0: pre-training layout with `norm`; > 0: classifier with fc_norm + head),
-    drop_path (the largest stochastic depth rate), patch_embed ("linear" | "conv": PatchEmbed)."""
+    drop_path (the largest stochastic depth rate), patch_embed ("linear" | "conv": PatchEmbed),
+    pool ("mean": VideoMAE's head | "attentive": AttentiveHead, for a classifier)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     dim, blocks, heads = SIZES[size]
@@ -560,8 +616,11 @@ def load_weights(model, path, need_head=False):
     except (OSError, KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
         raise WeightsError(f"finetune {path}: {' '.join(str(e).split())[:300]}") from None
     if need_head and all(torch.equal(v, model.head.state_dict()[k]) for k, v in before.items()):
-        why = "its head has another number of classes" if any("head." in k for k in skipped) else \
-            "it has no head (an encoder such as pretrain.py's encoder.pth?)"
+        heads = [k for k in skipped if k.startswith("head.")]
+        kind = "attentive" if "head.query" in heads else "mean"
+        why = "it has no head (an encoder such as pretrain.py's encoder.pth?)" if not heads else \
+            f"its head is for pool: {kind} (set pool to match)" if kind != model.pool else \
+            "its head has another number of classes"
         raise WeightsError(f"finetune {path}: {why}; eval needs {CLASSIFIER} for num_classes {model.num_classes}")
     return skipped
 

@@ -69,7 +69,8 @@ def predict(paths, ckpt, top=5, device="cpu", workers=1):
     names = ckpt["class_names"]
     todo = [sources.Video(path=str(p.resolve()), key=f"v{i:06d}", label=-1, label_name="", split="val")
             for i, p in enumerate(videos_of(paths))]
-    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"], num_classes=len(names))
+    clf = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"], num_classes=len(names),
+                         pool=r.get("pool", "mean"))                      # model.pth files before the key: mean
     models.load_backbone(clf, ckpt)
     clf.eval().to(device)
     with tempfile.TemporaryDirectory(prefix="mme_predict_") as tmp:

@@ -74,6 +74,7 @@ DEFAULTS = {
     "num_classes": None,          # classifier outputs (SSv2 174, K400 400, UCF101 101, HMDB51 51); required by finetune.py
     "eval_data_path": None,       # shards to evaluate on; None: the val split of data_path (a shards folder with manifest.json)
     "layer_decay": 0.75,          # Table 15: layer-wise lr decay (full fine-tuning)
+    "pool": "mean",               # the classifier's head (full, eval): 'mean' (VideoMAE's, the paper's: mean of the tokens -> fc_norm -> Linear) or 'attentive' (ours: a query cross-attending to every token, told its position; mme/model.py AttentiveHead); export needs mean
     "smoothing": 0.1,             # Table 15: label smoothing (full fine-tuning)
     "mixup": 0.8,                 # Table 15: mixup alpha (full fine-tuning; 0 = off)
     "cutmix": 1.0,                # Table 15: cutmix alpha (full fine-tuning; 0 = off)
@@ -117,6 +118,7 @@ CHOICES = {
     "trajectory_density": ("dense", "mean", "max", "mean+relative"),
     "patch_norm": ("paper", "authors", "none"),
     "patch_embed": ("linear", "conv"),
+    "pool": ("mean", "attentive"),
     "model": MODELS,
     "precision": ("auto", "fp32", "bf16"),
 }

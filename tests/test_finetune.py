@@ -73,6 +73,33 @@ def test_train_then_eval_agree(pretrained, mode, recipe):
         assert (two["videos"], two["views"], two["top1"], two["top5"]) == (again["videos"], again["views"], again["top1"], again["top5"])
 
 
+def test_attentive_head_fine_tunes_evaluates_predicts_and_export_says_why_not(pretrained, tmp_path):
+    """pool: attentive (issue #23: the mean token cancels a turn's and an expansion's direction): full fine-tuning
+    writes the attentive head into model.pth, eval scores it as the run did, predict reads the pool from model.pth,
+    and what cannot take it says so in one line: eval with pool mean, a linear probe, export to transformers."""
+    from videos import write_video
+    tmp = pretrained
+    run = ("--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--pool", "attentive")
+    finetune("full", *run, "--finetune", f"{tmp}/pre/encoder.pth", "--epochs", "1", "--name", "att")
+    sd = torch.load(tmp / "att" / "model.pth", weights_only=True)["model"]
+    assert sorted(sd) == sorted(models.encoder("tiny", num_frames=8, img_size=64, num_classes=10, pool="attentive").state_dict())
+    result = json.loads((tmp / "att" / "eval.json").read_text())
+    finetune("eval", *run, "--finetune", str(tmp / "att" / "model.pth"), "--name", "att_eval")
+    again = json.loads((tmp / "att_eval" / "eval.json").read_text())
+    assert (again["top1"], again["top5"], again["views"]) == (result["top1"], result["top5"], result["views"])
+    write_video(tmp_path / "v.mp4", frames=30, size=(80, 64), seed=0, speed=(2, 0))
+    r = finetune("predict", "--finetune", str(tmp / "att" / "model.pth"), str(tmp_path / "v.mp4"), "--out", str(tmp_path / "p.jsonl"))
+    assert len(json.loads((tmp_path / "p.jsonl").read_text())["top"]) == 5, r.stderr[-2000:]
+    for command, said in ((["eval", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune",
+                            str(tmp / "att" / "model.pth"), "--name", "as_mean"], "its head is for pool: attentive"),
+                          (["probe", *run, "--finetune", f"{tmp}/pre/encoder.pth", "--name", "att_probe"], "finetune.py frozen"),
+                          (["export", str(tmp_path / "hf"), "--finetune", str(tmp / "att" / "model.pth")], "an attentive head")):
+        r = subprocess.run([sys.executable, "finetune.py", *command], cwd=ROOT, capture_output=True, text=True,
+                           env=clean_env(), timeout=300)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "hf").exists() and not (tmp / "att_probe").exists()
+
+
 def test_folded_probe_norm_computes_the_probe():
     clf = models.add_probe_norm(models.encoder("tiny", num_frames=4, img_size=32, num_classes=7))
     bn = clf.head[0]

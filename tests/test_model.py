@@ -374,6 +374,34 @@ def test_classifier_mean_pools():
     torch.testing.assert_close(clf(x), clf.head(clf.fc_norm(feats.mean(1))))
 
 
+def test_attentive_classifier_knows_where_each_token_is(tmp_path):
+    """pool: attentive: fc_norm per token, then the AttentiveHead; the pre-training's final norm becomes fc_norm.
+    Moving features between tokens changes its output (it reads where each is); the mean head's does not."""
+    pre = M.encoder("tiny", T, S)
+    with torch.no_grad():
+        pre.norm.weight.uniform_(0.5, 1.5)
+    torch.save(M.backbone_state_dict(pre), tmp_path / "encoder.pth")
+    clf = M.encoder("tiny", T, S, num_classes=3, pool="attentive").eval()
+    assert M.load_weights(clf, tmp_path / "encoder.pth") == [] and torch.equal(clf.fc_norm.weight, pre.norm.weight)
+    assert {k for k in clf.state_dict() if k.startswith("head.")} >= {"head.query", "head.kv.weight", "head.head.weight"}
+    assert "head.position" not in clf.state_dict() and clf.head.position.shape == (1, N, M.POSITION)   # fixed code
+    with torch.no_grad():
+        clf.head.head.weight.normal_()
+        feats = clf.forward_features(video())
+        swapped = feats[:, torch.randperm(N, generator=torch.Generator().manual_seed(0))]
+        out = clf.head(clf.fc_norm(feats))
+        torch.testing.assert_close(clf(video()), out)
+        assert (clf.head(clf.fc_norm(swapped)) - out).abs().max() > 1e-3 * out.abs().max()
+        mean = M.encoder("tiny", T, S, num_classes=3).eval()
+        torch.testing.assert_close(mean.head(mean.fc_norm(swapped.mean(1))), mean.head(mean.fc_norm(feats.mean(1))))
+    torch.save({"model": clf.state_dict()}, tmp_path / "model.pth")      # a head for the other pool: one line
+    with pytest.raises(M.WeightsError, match="its head is for pool: attentive"):
+        M.load_weights(M.encoder("tiny", T, S, num_classes=3), tmp_path / "model.pth", need_head=True)
+    again = M.encoder("tiny", T, S, num_classes=3, pool="attentive").eval()
+    M.load_weights(again, tmp_path / "model.pth", need_head=True)
+    torch.testing.assert_close(again(video()), clf(video()))
+
+
 def test_drop_path_only_in_training():
     enc = M.encoder("tiny", T, S, drop_path=0.5)
     assert enc.blocks[0].drop_path.p == 0.0 and enc.blocks[-1].drop_path.p == 0.5
