@@ -334,7 +334,8 @@ def token_r2(features, eval, L=6, ridge=0.1):
     training clips' centre views in a `finetune.py frozen` features.pt) to its true displacement over L steps
     (the cache's target), fitted on half the clips, R^2 on the moving tokens (> 0.5 px) of the other half,
     per motion family."""
-    ev = torch.load(eval, weights_only=True)["train"]
+    cached = torch.load(eval, weights_only=True)
+    ev = cached["train"]
     total = ev["target"].float()[..., :4 * L * 2].reshape(*ev["target"].shape[:2], 4, L, 2).mean(2).sum(2)   # [n, N, 2]
     row = {k: i for i, k in enumerate(ev["keys"])}
     c = torch.load(features, weights_only=True)["train"]
@@ -343,7 +344,7 @@ def token_r2(features, eval, L=6, ridge=0.1):
     half = len(X) // 2
     predict = ridge_fit(X[:half][ok[:half]], Y[:half][ok[:half]], ridge)
     out = {}
-    for family, idx in families(class_list({"names": None})).items():
+    for family, idx in families(class_list(cached)).items():
         pick = torch.arange(half, len(X))[torch.isin(lab[half:], torch.tensor(idx))]
         m = ok[pick] & (Y[pick].norm(dim=-1) > 0.5)
         out[family] = round(float(r2_score(predict(X[pick][m]), Y[pick][m].double(), dim=(0, 1))), 2)
