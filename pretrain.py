@@ -74,8 +74,7 @@ def main(recipe, **overrides):
         run.note(f"few distinct clips: {len(loader) * micro * world} a pass, seen {r['epochs']} times each; on the built-in "
                  f"data more passes over the same clips lowered the loss but no read-out (docs/results.md)")
     amp = autocast(device, r["precision"])
-    # The loss (mme.model.mme_loss): parts balanced (loss_balance), visible tokens too (loss_visible), moving
-    # and still tokens half each (balance_motion).
+    # The loss (mme.model.mme_loss): parts balanced (loss_balance), visible tokens too (loss_visible).
     widths, every_token = targets.loss_widths(r), r["loss_visible"] > 0
 
     while not run.done:
@@ -86,8 +85,8 @@ def main(recipe, **overrides):
             set_lr(opt, lr)
             with amp:
                 pred = net(b["video"], b["mask"], every_token=every_token)
-                weight = targets.balance_motion(b["target"], b["weight"], r)     # b["weight"] unless balance_motion
-                loss = net.loss(pred.float(), b["target"], b["mask"], weight, widths, r["loss_visible"], r["balance_per_clip"])
+                loss = net.loss(pred.float(), b["target"], b["mask"], b["weight"], widths, r["loss_visible"],
+                                r["balance_per_clip"])
             (loss / accum).backward()
             clips += b["video"].shape[0] * world
             micro_i += 1

@@ -16,6 +16,10 @@ from mme.offline import writer
 version = int(sys.argv[1])
 if version not in shards.READABLE:
     raise SystemExit(f"schema {version}: this code reads {shards.READABLE}")
-shards.SCHEMA_VERSION = writer.SCHEMA_VERSION = version    # extraction workers are forked: they see it too
-sys.argv = ["extract.py", *sys.argv[2:]]
+shards.SCHEMA_VERSION = writer.SCHEMA_VERSION = version
+# One process: extract.py's worker processes are forked from a fresh forkserver that imports mme.shards anew and
+# would encode with the current schema (shards made with --workers 2 before 2026-12-07 did: checked in their json)
+if any(a.startswith("--workers") for a in sys.argv[2:]):
+    sys.exit("extract_schema.py runs in one process (its change would not reach worker processes): drop --workers")
+sys.argv = ["extract.py", *sys.argv[2:], "--workers", "1"]
 runpy.run_path(str(Path(__file__).parent.parent / "extract.py"), run_name="__main__")

@@ -44,7 +44,6 @@ DEFAULTS = {
     "shape_target": True,         # Table 5: predict trajectory-aligned HOG (eq. 5) too; False = "Traj. w/o shape" (-0.6)
     "loss_balance": False,        # loss: each target part's MSE over its mean square in the batch, parts averaged (the authors' code averages the two parts' MSEs); False = eq. 1 as implemented, the MSE over all D values
     "balance_per_clip": False,    # loss_balance per clip instead of per batch (ours): each clip's parts over their rms in that clip, so a clip of slow motion (a turn, a scaling: < 1 px) counts as much as a fast one; measured at CPU scale: no gain (docs/results.md, learning depth)
-    "balance_motion": False,      # loss: the batch's moving tokens (trajectories' rms > 0.5 px) and its still ones count half each, whatever their shares (ours: mme/online/targets.py balance_motion); needs patch_norm none
     "loss_visible": 0.0,          # loss: weight of the same loss on the visible tokens (0 = the paper: masked tokens only); docs/results.md, "what makes it learn"
     "shuffle_frames": False,      # Fig. 3: shuffle the frame order within each clip before anything else (temporal information removed)
     "batch_size": 768,            # Table 14; clips per optimizer step summed over all ranks and accum_steps
@@ -386,9 +385,6 @@ def _check(r, where, home):
     if r["patch_norm"] == "authors" and r["target"] == "mme" and r["trajectory_density"] != "dense":
         bad("patch_norm trajectory_density", "patch_norm 'authors' standardises across the K trajectories of a patch, "
             "so it needs trajectory_density 'dense' (one merged trajectory would be all zeros)")
-    if r["balance_motion"] and (r["target"] != "mme" or r["patch_norm"] != "none"):
-        bad("balance_motion target patch_norm", "balance_motion tells moving tokens by their trajectories in px: it needs "
-            "target mme and patch_norm none")
     if r["balance_per_clip"] and not r["loss_balance"]:
         bad("balance_per_clip loss_balance", "balance_per_clip balances the target's parts per clip: it needs loss_balance true")
     if r["loss_visible"] < 0:

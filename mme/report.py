@@ -205,7 +205,7 @@ def loss_floor(run, pre, samples, note=print):
     tick = time.perf_counter()
     batches, seen = [], 0
     for b in data.build_loader(pre["data_path"], pre, train=True, rank=0, world_size=1, device="cpu"):
-        batches.append({"target": b["target"], "mask": b["mask"], "weight": targets.balance_motion(b["target"], b["weight"], pre)})
+        batches.append({k: b[k] for k in ("target", "mask", "weight")})
         seen += len(b["target"])
         if seen >= samples:
             break

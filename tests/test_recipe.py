@@ -112,7 +112,6 @@ def test_file_values_are_not_parsed_from_strings(tmp_path):
     (dict(mask_ratio=-0.1), "mask_ratio must be in [0, 1)"),
     (dict(loss_visible=-1), "loss_visible must be >= 0"),
     (dict(balance_per_clip=True, loss_balance=False), "it needs loss_balance true"),
-    (dict(balance_motion=True, patch_norm="paper"), "needs target mme and patch_norm none"),
     (dict(target="flow"), "target must be one of mme, pixel, hog"),
     (dict(target="hogg"), "did you mean 'hog'?"),
     (dict(mask_type="cube"), "mask_type must be one of tube, random"),

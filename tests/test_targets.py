@@ -178,28 +178,3 @@ def test_paths_undo_every_target_space(norm, density, balance):
     first = disp[:, 0, :2, :2].reshape(2, 4, 3, 2)                           # token 0: the patch at (0, 0) of t = 0
     torch.testing.assert_close(true[:, 0], first if K == 4 else first.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pred, true, atol=1e-3, rtol=1e-3)
-
-
-def test_balance_motion_counts_moving_and_still_tokens_half_each():
-    """balance_motion: one moving token (2 px) among still ones (0.1 px, flow noise) and one outside the frame
-    (eq. 7 weight 0): the loss is half the moving token's error plus half the still ones' mean, by hand."""
-    from mme import model
-    r = {"balance_motion": True, "trajectory_density": "mean", "trajectory_length": 6, "interpolation": True,
-         "sampling_rate": 3, "shape_target": True}
-    L = 6
-    target = torch.zeros(1, 5, L * 2 + L * 9)
-    target[0, 0, :L * 2] = 2.0                      # moving: rms 2 px
-    target[0, 1:, :L * 2] = 0.1                     # still: rms 0.1 px
-    target[0, 4, :L * 2] = 3.0                      # moving, but its trajectories left the frame
-    weight = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    w = targets.balance_motion(target, weight, r)
-    torch.testing.assert_close(w, torch.tensor([[0.5, 1 / 6, 1 / 6, 1 / 6, 0.0]]))
-    pred = torch.randn(1, 5, target.shape[-1])
-    err = (pred - target).pow(2).mean(-1)[0]
-    mask = torch.ones(1, 5, dtype=torch.bool)
-    loss = model.mme_loss(pred, target, mask, w)
-    torch.testing.assert_close(loss, 0.5 * err[0] + 0.5 * err[1:4].mean())
-    assert targets.balance_motion(target, weight, dict(r, balance_motion=False)) is weight
-    still = target.clone()
-    still[0, 0, :L * 2] = 0.1                       # no moving token in the batch: the weights as they were
-    assert targets.balance_motion(still, weight, r) is weight

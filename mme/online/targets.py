@@ -10,7 +10,6 @@ tubelet with a point every 8 px, so each 16 x 16 patch holds K = 4 trajectories 
     # weight [B, N]: 1 where all K trajectories stayed in the frame, else 0 (eq. 7)
     raw = unnormalize(target, raw_target, mme_parts(recipe).values())   # patch-normalised -> px (for pictures)
     widths = loss_widths(recipe)                   # the parts the loss balances (loss_balance), or None
-    weight = balance_motion(target, weight, recipe)  # balance_motion: moving and still tokens count half each
     target = pixel_target(video)                   # [B, N, 2*16*16*3]: VideoMAE's normalised pixels
     target = hog_target(video)                     # [B, N, 2*2*3*9 = 108]: MaskFeat-style HOG of each tubelet's 2nd frame
     mask = tube_mask(rng, B, T/2, S/16, S/16, 0.7) # bool [B, N], True = masked; same spatial mask at every t
@@ -57,26 +56,6 @@ def mme_parts(recipe):
         L = -(-L // recipe["sampling_rate"])
     position = {"position": L * 2, "relative": K * L * 2} if density == "mean+relative" else {"position": K * L * 2}
     return {**position, **({"shape": K * L * BINS} if recipe["shape_target"] else {})}
-
-
-MOVING_PX = 0.5   # a token moves when its position part's rms exceeds this many px (still tokens' flow noise: ~0.1-0.3)
-
-
-def balance_motion(target, weight, recipe):
-    """The recipe's balance_motion (ours): target [B, N, D] in px (patch_norm none), weight [B, N] (eq. 7) ->
-    the weight under which the batch's moving tokens (position part rms > MOVING_PX) and its still ones count
-    half each in the loss (mme.model.mme_loss divides by the weights' sum), whatever their shares: where a
-    moving object covers a few patches of a still scene, predicting no motion anywhere is no longer nearly
-    as good as predicting it. A batch without one of the two kinds keeps `weight`. Unchanged when off."""
-    if not recipe["balance_motion"]:
-        return weight
-    position = target[..., :mme_parts(recipe)["position"]].float()
-    moving = position.pow(2).mean(-1).sqrt() > MOVING_PX                     # [B, N]
-    w = weight.float()
-    n_moving, n_still = (w * moving).sum(), (w * ~moving).sum()
-    if n_moving == 0 or n_still == 0:
-        return weight
-    return w * torch.where(moving, 0.5 / n_moving, 0.5 / n_still)
 
 
 def loss_widths(recipe):
