@@ -68,13 +68,13 @@ def _texture(rng, bank, h, w):
     return synthetic.texture(rng, h, w)
 
 
-def clip(index, label, split, bank, size=(128, 160), T=52, seed=0):
-    """Frames uint8 [T, H, W, 3] of one clip of class `label`."""
+def clip(index, label, split, bank, size=(128, 160), T=52, seed=0, pan=0.5):
+    """Frames uint8 [T, H, W, 3] of one clip of class `label`; `pan`: the share of clips with a camera pan."""
     rng = np.random.default_rng([seed, 1 + ("train", "val").index(split), index])
     H, W = size
     name = CLASSES[label]
     cam_vel = np.zeros(2)
-    if rng.random() < 0.5:
+    if rng.random() < pan:
         a = rng.uniform(0, 2 * np.pi)
         cam_vel = rng.uniform(0.5, 1.5) * np.array([np.cos(a), np.sin(a)])
     cam = cam_vel[None] * np.arange(T)[:, None]
@@ -130,8 +130,9 @@ def clip(index, label, split, bank, size=(128, 160), T=52, seed=0):
     return frames
 
 
-def videos(out="data/heldout", train=400, val=100, textures=None, seed=0, fps=25):
-    """Write OUT/{train,val}/<class>/<index>.mp4 (mp4v), balanced over CLASSES."""
+def videos(out="data/heldout", train=400, val=100, textures=None, seed=0, fps=25, pan=0.5):
+    """Write OUT/{train,val}/<class>/<index>.mp4 (mp4v), balanced over CLASSES; `pan`: the share of clips
+    with a camera pan (0: none, to ask whether a camera that follows the subject is what stops learning)."""
     bank = np.load(textures)["crops"] if textures else None
     for split, n in (("train", train), ("val", val)):
         for i in range(n):
@@ -139,7 +140,7 @@ def videos(out="data/heldout", train=400, val=100, textures=None, seed=0, fps=25
             path = Path(out) / split / CLASSES[label].replace(" ", "_") / f"{i:05d}.mp4"
             if path.exists():
                 continue
-            frames = clip(i, label, split, bank, seed=seed)
+            frames = clip(i, label, split, bank, seed=seed, pan=pan)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.mp4")
             writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, frames.shape[2:0:-1])

@@ -332,15 +332,17 @@ def r2_score(pred, y, dim=0):
 def token_r2(features, eval, L=6, ridge=0.1):
     """How precisely an encoder's frozen tokens hold their own motion: ridge regression from each token (the
     training clips' centre views in a `finetune.py frozen` features.pt) to its true displacement over L steps
-    (the cache's target), fitted on half the clips, R^2 on the moving tokens (> 0.5 px) of the other half,
-    per motion family."""
+    (the cache's target), fitted on a random half of the clips (a features file may list them by class), R^2
+    on the moving tokens (> 0.5 px) of the other half, per motion family."""
     cached = torch.load(eval, weights_only=True)
     ev = cached["train"]
     total = ev["target"].float()[..., :4 * L * 2].reshape(*ev["target"].shape[:2], 4, L, 2).mean(2).sum(2)   # [n, N, 2]
     row = {k: i for i, k in enumerate(ev["keys"])}
     c = torch.load(features, weights_only=True)["train"]
     rows = torch.tensor([row[k] for k in c["keys"]])
-    X, Y, lab, ok = c["tokens"].float(), total[rows], ev["label"][rows], ev["weight"][rows] > 0
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))   # features may come sorted by class
+    rows = rows[order]
+    X, Y, lab, ok = c["tokens"][order].float(), total[rows], ev["label"][rows], ev["weight"][rows] > 0
     half = len(X) // 2
     predict = ridge_fit(X[:half][ok[:half]], Y[:half][ok[:half]], ridge)
     out = {}
