@@ -142,15 +142,15 @@ def extract_all(todo, params, seed, workers):
     try:
         while queue or suspects or pool:
             alone = bool(suspects)
-            if alone and not any(w.video for w in pool):   # a suspect runs alone, in a fresh process
+            if alone and all(w.video is None for w in pool):   # a suspect runs alone, in a fresh process
                 _stop_workers(pool)
                 pool = [_Worker(fork, params, seed)]
-                pool[0].give(suspects.pop(), alone=True)
+                pool[0].give(suspects, alone=True)
             elif not alone:
                 pool += [_Worker(fork, params, seed) for _ in range(min(workers, len(queue)) - len(pool))]
                 for w in pool:
                     if w.video is None and queue:
-                        w.give(queue.pop())
+                        w.give(queue)
             idle = [w for w in pool if w.video is None]
             if idle and not queue and not suspects:
                 _stop_workers(idle)
@@ -193,9 +193,14 @@ class _Worker:
         there.close()                          # only the worker holds its end: its death reads as end of file here
         self.video, self.alone, self.started = None, False, False
 
-    def give(self, video, alone=False):
-        self.conn.send(video)
-        self.video, self.alone = video, alone
+    def give(self, videos, alone=False):
+        """Send it the last of `videos`, taken off that list; a dead worker leaves it there (its end of file is
+        read next)."""
+        try:
+            self.conn.send(videos[-1])
+        except OSError:
+            return
+        self.video, self.alone = videos.pop(), alone
 
 
 def _ready(pool):
