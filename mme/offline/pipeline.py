@@ -97,7 +97,7 @@ def _extract(video):
 
 
 def run(writer, todo, total, params, seed, workers, log=None):
-    """Extract `todo` with a process pool, writing samples as videos finish; progress on the console
+    """Extract `todo` with worker processes (extract_all), writing samples as videos finish; progress on the console
     (a live bar on a terminal, plain lines in a log file) and in `log`."""
     start, frames, skipped = time.perf_counter(), 0, 0
     progress = Counter(console, total, total - len(todo), "videos", log)
