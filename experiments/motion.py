@@ -401,7 +401,7 @@ def positioned(features, ridge=0.1, seed=0):
     rows = {"position_r2": [round(float(v), 2) for v in r2]}
     table = models.sinusoid_table(N, C)
     for what, add, position in (("tokens alone", 0.0, 0), ("tokens + position table", table, 0),
-                                ("tokens, position code appended (the probe now)", 0.0, frozen.POSITION)):
+                                ("tokens, position code appended (the probe now)", 0.0, models.POSITION)):
         split = [dict(s, tokens=s["tokens"].float() + add) for s in (tr, te)]
         result, _, _ = frozen.evaluate_features(split[0], split[1], len(names), seed=seed, position=position)
         rows[what] = summarise(result, names)["attentive"]

@@ -233,8 +233,7 @@ def _fit_logreg(x, train_y, groups, num_classes, seed, grid):
 
 # --- the attentive probe -----------------------------------------------------------------------
 
-POSITION = models.POSITION   # channels of the position code appended to each token
-ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100, "position": POSITION,
+ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100, "position": models.POSITION,
              "version": 3}   # fixed, not tuned per run
 
 

@@ -206,7 +206,8 @@ class _Worker:
 def _ready(pool):
     """The workers with something to read: a result, a ready line, or end of file (a dead worker)."""
     from multiprocessing.connection import wait
-    return [w for w in pool if w.conn in wait([w.conn for w in pool])]
+    ready = wait([w.conn for w in pool])                  # blocks until one has
+    return [w for w in pool if w.conn in ready]
 
 
 def _stop_workers(pool):
