@@ -7,6 +7,9 @@
         --recipe recipes/quick_tiny.yaml --steps 2000 --seed 0 [--any_recipe_key value]
     python experiments/motion.py supervised --pre runs/motion/pre.pt --eval runs/motion/eval.pt --steps 2000
     python experiments/motion.py random --eval runs/motion/eval.pt          # a random encoder, the same read-outs
+    python experiments/motion.py own_motion --cache runs/motion/eval2k.pt [--patch_embed conv]   # motion learnable at all?
+    python experiments/motion.py parts --run runs/i23/d8_s0 --cache runs/motion/eval2k.pt   # what a run predicts
+    python experiments/motion.py flow_check --data_path shards/heldout/     # stored motion against the frames' flow
     python experiments/motion.py token_r2 --features runs/i23/long/frozen/features.pt --eval runs/motion/eval.pt
     python experiments/motion.py noisy_ceiling --eval runs/motion/eval.pt   # how precise per-token motion must be
 
@@ -33,7 +36,7 @@ from einops import rearrange
 from mme import evaluate, frozen, model as models, recipe as recipes
 from mme.offline import synthetic
 from mme.online import data, targets, transforms
-from mme.train import param_groups
+from mme.train import load_checkpoint, param_groups
 
 OUT = Path("runs/motion")
 
@@ -246,6 +249,133 @@ def random(eval, recipe="recipes/quick_tiny.yaml", seed=0, threads=2, **override
             "date": time.strftime("%Y-%m-%d")})
 
 
+def own_motion(cache, recipe="recipes/quick_tiny.yaml", steps=2500, every=500, seed=0, threads=2, lr=1e-3, **overrides):
+    """Can the recipe's encoder learn each token's own motion from its pixels at all? Supervised, every token
+    visible, no masking and no decoder: encoder -> Linear -> the token's true mean path (L x (dx, dy), the
+    mean of its K trajectories, in units of its std), MSE on valid tokens, AdamW (50 warm-up steps, cosine),
+    on the cache's training clips (fixed centre crops). Every `every` steps: R^2 of the total displacement
+    on the moving tokens (> 0.5 px) of the cache's val clips. How long that stays at 0 is how long the
+    architecture takes to discover motion on this data, with the pretext task out of the way."""
+    torch.set_num_threads(threads)
+    r = recipes.load(recipe, data_path="memory", seed=seed, **overrides)
+    d, L, B = torch.load(cache, weights_only=True), r["trajectory_length"], r["batch_size"]
+    paths = {s: d[s]["target"].float()[..., :4 * L * 2].reshape(*d[s]["target"].shape[:2], 4, L, 2).mean(2).flatten(2)
+             for s in ("train", "val")}                                     # [n, N, 2L] px
+    ok = {s: d[s]["weight"] > 0 for s in ("train", "val")}
+    scale = paths["train"][ok["train"]].std()
+    torch.manual_seed(seed)
+    enc = models.encoder(r["model"], r["num_frames"], r["input_size"], r["depth"], patch_embed=r["patch_embed"])
+    head = torch.nn.Linear(enc.dim, 2 * L)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=lr, weight_decay=r["weight_decay"])
+    rng, t0, log, curve = np.random.default_rng(seed), time.time(), [], {}
+
+    def r2_val():
+        enc.eval()
+        with torch.no_grad():
+            pred = torch.cat([head(enc(transforms.normalize(d["val"]["video"][i:i + 50])))
+                              for i in range(0, len(paths["val"]), 50)]) * scale
+        enc.train()
+        total = lambda p: p.reshape(*p.shape[:-1], L, 2).sum(-2)[ok["val"]]   # [tokens, 2] px
+        y, p = total(paths["val"]), total(pred)
+        moving = y.norm(dim=-1) > 0.5
+        return round(float(r2_score(p[moving].double(), y[moving].double(), dim=(0, 1))), 2)
+
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = schedule(step, steps, 50, lr, 0.0)
+        idx = torch.from_numpy(rng.choice(len(paths["train"]), B, replace=False))
+        pred = head(enc(transforms.normalize(d["train"]["video"][idx])))
+        w = ok["train"][idx].float()
+        loss = (((pred - paths["train"][idx] / scale) ** 2).mean(-1) * w).sum() / w.sum().clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append(loss.item())
+        if (step + 1) % every == 0:
+            curve[step + 1] = r2_val()
+            print(f"step {step + 1}/{steps} loss {np.mean(log[-every:]):.4f} val R^2 (moving tokens) {curve[step + 1]} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    record({"kind": "own_motion", "cache": cache, "recipe": recipe, "overrides": overrides, "seed": seed, "lr": lr,
+            "steps": steps, "r2": curve, "train_s": round(time.time() - t0), "date": time.strftime("%Y-%m-%d")})
+
+
+def parts(run, cache, recipe="recipes/deep_tiny.yaml", clips=200, seed=0, threads=2, **overrides):
+    """Which parts of its target a pre-trained model predicts: the run's last checkpoint (encoder and decoder),
+    on the cache's val clips (centre crops) under the recipe's masks, R^2 of its predicted mean path (as the
+    total displacement, on moving tokens > 0.5 px) and of its predicted shape part, on the visible and on
+    the masked tokens. run "random": an untrained model. overrides: the run's recipe keys (patch_embed, ...)."""
+    torch.set_num_threads(threads)
+    r = recipes.load(recipe, data_path="memory", seed=seed, **overrides)
+    ev = torch.load(cache, weights_only=True)["val"]
+    idx = torch.arange(min(clips, len(ev["label"])))
+    target, weight = recipe_target(r, ev, idx)
+    widths = targets.loss_widths(r) or list(targets.mme_parts(r).values())
+    torch.manual_seed(seed)
+    net = models.PretrainModel.from_recipe(r, target.shape[-1])
+    if run != "random":
+        last = max(Path(run, "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+        load_checkpoint(last, net)
+    net.eval()
+    rng = np.random.default_rng(seed)
+    T, S = ev["video"].shape[1], ev["video"].shape[2]
+    preds, masks = [], []
+    with torch.no_grad():
+        for i in range(0, len(idx), 20):
+            b = idx[i:i + 20]
+            mask = targets.tube_mask(rng, len(b), T // 2, S // 16, S // 16, r["mask_ratio"], r["mask_type"])
+            pred = net(transforms.normalize(ev["video"][b]), mask, every_token=True)     # visible first, then masked
+            order = torch.argsort(mask.int(), dim=1, stable=True)                    # token index of each row of pred
+            preds.append(torch.empty_like(pred).scatter_(1, order[..., None].expand_as(pred), pred))
+            masks.append(mask)
+    pred, mask = torch.cat(preds), torch.cat(masks)
+    rms = models.part_rms(target.float(), weight, widths)
+    target = torch.cat([p / s for p, s in zip(target.float().split(list(widths), -1), rms)], -1)   # the loss's units
+    w0, ok = widths[0], weight > 0
+    total = lambda x: x[..., :w0].reshape(*x.shape[:-1], -1, 2).sum(-2)   # the mean path's total displacement
+    moving = total(target).norm(dim=-1) * rms[0] > 0.5
+    out = {}
+    for name, where in (("visible", ~mask & ok), ("masked", mask & ok)):
+        out[f"position {name}"] = round(float(r2_score(total(pred)[where & moving], total(target)[where & moving], (0, 1))), 2)
+        if len(widths) > 1:
+            out[f"shape {name}"] = round(float(r2_score(pred[where][:, w0:], target[where][:, w0:], (0, 1))), 2)
+    print(run, cache, out)
+    record({"kind": "parts", "run": run, "cache": cache, "recipe": recipe, "overrides": overrides, "r2": out,
+            "date": time.strftime("%Y-%m-%d")})
+
+
+def flow_check(data_path, clips=60):
+    """Do a shard folder's stored trajectories agree with its stored frames? OpenCV's Farneback flow between
+    each tubelet's two frames (camera motion removed as the frame's median flow), averaged over each 16 x 16
+    patch, against the stored displacement of the patch's points over the same `stride` raw frames: R^2 on
+    all valid tokens and on the moving ones (> 0.5 px), on the first `clips` training clips."""
+    import cv2
+    import webdataset as wds
+
+    from mme import shards
+    flows, stored = [], []
+    for i, raw in enumerate(wds.WebDataset(data.shard_urls(data_path, "train"), shardshuffle=False)):
+        if i == clips:
+            break
+        d = shards.decode_sample(raw)
+        p, (T, H, W) = d["meta"]["params"], d["frames"].shape[:3]
+        g, stride = p["grid"], p["stride"]
+        for t in range(T // 2):
+            a, b = (cv2.cvtColor(d["frames"][k], cv2.COLOR_RGB2GRAY) for k in (2 * t, 2 * t + 1))
+            flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+            flow -= np.median(flow.reshape(-1, 2), 0)
+            per_patch = flow.reshape(H // 16, 16, W // 16, 16, 2).mean((1, 3))
+            disp = d["disp"][t, :, :, :stride].sum(2).reshape(H // 16, 16 // g, W // 16, 16 // g, 2).mean((1, 3))
+            ok = d["valid"][t].reshape(H // 16, 16 // g, W // 16, 16 // g).all((1, 3))
+            flows.append(torch.from_numpy(per_patch[ok]).double())
+            stored.append(torch.from_numpy(disp[ok]).double())
+    f, y = torch.cat(flows), torch.cat(stored)
+    moving = y.norm(dim=-1) > 0.5
+    out = {"tokens": len(y), "moving": round(float(moving.double().mean()), 2),
+           "r2": round(float(r2_score(f, y, (0, 1))), 2), "r2_moving": round(float(r2_score(f[moving], y[moving], (0, 1))), 2)}
+    print(data_path, out)
+    record({"kind": "flow_check", "data_path": data_path, **out, "date": time.strftime("%Y-%m-%d")})
+
+
 # --- the ceiling: what the true trajectories of a clip window tell --------------------------------
 
 def motion_statistics(disp, valid, min_speed=0.2):
@@ -412,4 +542,6 @@ def positioned(features, ridge=0.1, seed=0):
 
 if __name__ == "__main__":
     fire.Fire({"cache": cache, "ceiling": ceiling, "pretrain": pretrain, "supervised": supervised, "random": random,
-               "token_r2": token_r2, "noisy_ceiling": noisy_ceiling, "positioned": positioned})
+               "token_r2": token_r2, "noisy_ceiling": noisy_ceiling, "positioned": positioned,
+               "own_motion": own_motion, "parts": parts,
+               "flow_check": flow_check})

@@ -140,8 +140,9 @@ class PatchEmbed(nn.Module):
     stem "conv" (ours, not in the paper): a small CNN inside each tubelet (the two frames stacked as 6
     channels through a 3x3 conv, then 3x3 stride-2 convs 16 -> 8 -> 4 px, GELUs between) before the same
     kind of projection. Motion is a product of a temporal and a spatial change (It = -Ix u - Iy v), which
-    one Linear of the whole tubelet cannot form; measured, the conv stem does not make tokens know their
-    own motion better (docs/results.md, Learning depth), and it costs 1.6x the step of the tiny recipes.
+    one Linear of the whole tubelet cannot form. Measured (docs/results.md, Learning depth): on the built-in
+    clips both stems learn motion; on motion data with real-frame textures and small objects only the conv
+    stem does (recipes/conv_tiny.yaml). It costs 1.3-1.6x the step of the tiny recipes.
     state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d)."""
 
     WIDTHS = (16, 32, 64)                                                    # conv stem channels at 16, 8, 4 px
