@@ -259,8 +259,7 @@ def own_motion(cache, recipe="recipes/quick_tiny.yaml", steps=2500, every=500, s
     torch.set_num_threads(threads)
     r = recipes.load(recipe, data_path="memory", seed=seed, **overrides)
     d, L, B = torch.load(cache, weights_only=True), r["trajectory_length"], r["batch_size"]
-    paths = {s: d[s]["target"].float()[..., :4 * L * 2].reshape(*d[s]["target"].shape[:2], 4, L, 2).mean(2).flatten(2)
-             for s in ("train", "val")}                                     # [n, N, 2L] px
+    paths = {s: true_tokens(d[s], L)[..., :2 * L] for s in ("train", "val")}   # [n, N, 2L] px, the mean of the K
     ok = {s: d[s]["weight"] > 0 for s in ("train", "val")}
     scale = paths["train"][ok["train"]].std()
     torch.manual_seed(seed)
@@ -543,5 +542,4 @@ def positioned(features, ridge=0.1, seed=0):
 if __name__ == "__main__":
     fire.Fire({"cache": cache, "ceiling": ceiling, "pretrain": pretrain, "supervised": supervised, "random": random,
                "token_r2": token_r2, "noisy_ceiling": noisy_ceiling, "positioned": positioned,
-               "own_motion": own_motion, "parts": parts,
-               "flow_check": flow_check})
+               "own_motion": own_motion, "parts": parts, "flow_check": flow_check})
