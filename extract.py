@@ -29,7 +29,7 @@ from pathlib import Path
 import fire
 from rich.markup import escape
 
-from mme import figures, lock, shards
+from mme import figures, lock, recipe as recipes, shards
 from mme.offline import clips, pipeline, sources, writer as shard_writer
 from mme.progress import console, fail, shown
 
@@ -99,7 +99,7 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
       stride: s, raw frames between sampled frames (default k400 4, ssv2 3, ucf101/hmdb51/folder 4, synthetic 3).
       length: L, trajectory length in raw frames (paper: 6).
       grid: pixels between trajectory start points (8: K = 4 trajectories per 16x16 patch).
-      camera: remove camera motion (Appendix A); --camera=False to keep it.
+      camera: remove camera motion (Appendix A); --camera false to keep it.
       short_side: resize frames to this short side (default 256; synthetic 128).
       quality: JPEG quality of stored frames.
       windows: at most this many clip windows per video (spread evenly, no overlap).
@@ -120,10 +120,14 @@ def main(src, out="shards/", root=None, split="train", limit=None, workers=None,
                   length=(length, 1, None), short_side=(short_side, 32, None), quality=(quality, 1, 100),
                   windows=(windows, 1, None), shard_samples=(shard_samples, 1, None), fold=(fold, 1, None),
                   seed=(seed, 0, None), grid=(grid, 1, 16))
+    try:
+        camera = recipes.cli_bool(camera, "camera")                        # fire hands `--camera false` over as 'false'
+    except ValueError as e:
+        fail(e)
     views = per_split("views", views, splits, lambda ss: [x for x in ss if x != "train"], "e.g. val=5, or val=2,test=2")
     limits = per_split("limit", limit, splits, list, "e.g. train=4000, or train=4000,val=50")
     d = pipeline.DEFAULTS[src]
-    params = clips.Params(frames=frames, stride=stride or d["stride"], length=length, grid=grid, camera=bool(camera),
+    params = clips.Params(frames=frames, stride=stride or d["stride"], length=length, grid=grid, camera=camera,
                           short_side=short_side or d["short_side"], quality=quality, windows=windows)
     if params.frames % 2 or params.short_side % 16 or params.short_side < 32:
         fail("--frames must be even (tubelets of 2) and --short_side a multiple of 16, at least 32")

@@ -151,6 +151,10 @@ def frozen(recipe, knn_k=10, knn_T=0.07, attentive=True, **overrides):
     the encoder in recipe["finetune"] (null: random), once per view, cached in runs/<name>/features.pt; a
     logistic-regression probe (l2 chosen on held-out training videos) and a k-NN (knn_k neighbours, temperature
     knn_T) on their mean, and (attentive) an attentive probe on all of them. --key value overrides any key."""
+    try:
+        attentive = recipes.cli_bool(attentive, "attentive")
+    except ValueError as e:
+        fail(e)
     r, rank, world, device = start(recipe, overrides)
     result = run_frozen(r, Path(r["output_dir"]) / r["name"], rank, world, device, knn_k, knn_T, attentive)
     if rank == 0:
@@ -177,6 +181,7 @@ def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **ov
     training clips), Fig. 4 for validation clips, the confusion matrix; other runs of the same recipe (other
     seeds) in a table of their own."""
     try:
+        attentive = recipes.cli_bool(attentive, "attentive")
         weights = recipes.load(recipe, **overrides)["finetune"]
         if not weights:
             raise ValueError("report needs a pre-trained encoder: --finetune runs/<run>/encoder.pth")

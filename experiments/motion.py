@@ -93,7 +93,8 @@ def families(names):
     """{family: [class index, ...]} for the classes `names` (the built-in data's or experiments/heldout.py's)."""
     import heldout
     names = [n.replace("_", " ") for n in names]                           # folder names of the held-out videos
-    table = synthetic.FAMILIES if set(names) == set(synthetic.CLASSES) else heldout.FAMILIES
+    table = next(t for cs, t in ((synthetic.CLASSES, synthetic.FAMILIES), (heldout.CLASSES, heldout.FAMILIES),
+                                 (heldout.CLASSES2, heldout.FAMILIES2)) if set(names) == set(cs))
     return {f: [names.index(c) for c in cs] for f, cs in table.items()}
 
 

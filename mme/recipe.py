@@ -280,6 +280,15 @@ def _describe(spec):
     return {int: "an int"}.get(spec, f"a {spec.__name__}")
 
 
+def cli_bool(value, name):
+    """A command's own true/false flag (not a recipe key) as fire hands it over: fire reads `--attentive false`
+    as the string 'false', which is truthy. -> bool, or ValueError naming the flag."""
+    try:
+        return _convert(value, bool, True)
+    except ValueError:
+        raise ValueError(f"--{name}: true or false, not {value!r}") from None
+
+
 def _convert(value, spec, cli):
     """value as `spec`, or raise ValueError. Ints pass as floats; command-line strings are parsed."""
     if isinstance(spec, tuple):

@@ -226,8 +226,9 @@ def test_frozen_command_on_two_ranks_and_random_weights(shards):
     """torchrun with 2 ranks gathers the same features, in the same order, as one process (a random
     encoder, drawn from the seed, the same on every rank)."""
     tmp = shards
-    run_frozen(tmp, "--finetune", "null", "--name", "one")
-    run_frozen(tmp, "--finetune", "null", "--name", "two", launcher=("torchrun", "--standalone", "--nproc_per_node=2"))
+    no_attentive = ("--attentive", "false")                                   # the gather (shape-agnostic) is under test, not the probes
+    run_frozen(tmp, "--finetune", "null", "--name", "one", *no_attentive)
+    run_frozen(tmp, "--finetune", "null", "--name", "two", *no_attentive, launcher=("torchrun", "--standalone", "--nproc_per_node=2"))
     one, two = (torch.load(tmp / name / "features.pt", weights_only=True) for name in ("one", "two"))
     for split in ("train", "eval"):
         assert one[split]["keys"] == two[split]["keys"] and torch.equal(one[split]["labels"], two[split]["labels"])
@@ -235,3 +236,4 @@ def test_frozen_command_on_two_ranks_and_random_weights(shards):
     a, b = (json.loads((tmp / name / "eval.json").read_text()) for name in ("one", "two"))
     same = ("videos", "views", "probe", "knn")
     assert a["weights"] is None and {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert "attentive" not in a and a["fitted_from"]["attentive"] is None   # `--attentive false` is false (fire: 'false')

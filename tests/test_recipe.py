@@ -240,3 +240,11 @@ def test_a_one_element_list_from_the_command_line():
     assert load(None, data_path="x", crop_scales=1.0)["crop_scales"] == [1.0]
     with pytest.raises(RecipeError, match="crop_scales"):
         recipe._typed("recipes/x.yaml", "crop_scales", 1.0, cli=False)             # a file must write a list
+
+
+def test_command_flags_read_false_as_false():
+    """fire hands `--attentive false` over as the string 'false', which Python reads as true."""
+    assert [recipe.cli_bool(v, "attentive") for v in ("false", "False", "off", False, "true", True)] == \
+        [False, False, False, False, True, True]
+    with pytest.raises(ValueError, match="--camera: true or false, not 'maybe'"):
+        recipe.cli_bool("maybe", "camera")
