@@ -11,7 +11,8 @@ Progress: a live bar on a terminal; in a batch job's log (stderr not a terminal)
 log_every steps and at least every log_seconds s (step/total, epoch, loss, lr, clips/s, the share of
 time spent waiting for data, ETA, peak GPU memory); the same lines in runs/<name>/log.txt.
 Writes runs/<name>/: recipe.yaml, log.txt, metrics.jsonl (step, epoch, loss, lr, clips/s, data wait) and the
-same scalars as TensorBoard event files (events.out.tfevents.*: tensorboard --logdir runs), loss.png,
+same scalars as TensorBoard event files (events.out.tfevents.*: tensorboard --logdir runs), loss.png (dashed: the
+loss of predicting the mean target, loss_floor.json; the last line says whether the run's loss left it),
 trajectories.png (the paper's Fig. 4: true and predicted trajectories of masked patches of the first
 validation clips, or training clips when the data has no val split),
 checkpoints/step_<N>/ (torch.distributed.checkpoint: model and optimizer shards, plus each rank's
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mme import evaluate, figures, model as models, recipe as recipes
+from mme import evaluate, figures, model as models, recipe as recipes, report
 from mme.online import data, targets
 from mme.progress import fail
 from mme.run import Run, timed
@@ -99,9 +100,20 @@ def main(recipe, **overrides):
             if run.done:
                 break
 
+    # Did the loss leave the level of predicting the mean target (mme.report)? A run that stayed there has learnt
+    # nothing (docs/results.md, Learning depth): say so now, not after the evaluation. Rank 0, one pass at most.
+    floor = floor_label = None
+    if rank == 0:
+        try:
+            floor, floor_label = report.loss_floor(run.path, r, min(256, len(loader) * micro * world), note=run.note)
+        except (FileNotFoundError, ValueError) as e:
+            run.note(f"no loss floor: data_path {r['data_path']}: {e}")
     # The backbone in the released layout, for finetune.py and the VideoMAE/MME code alike.
     full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    run.finish({"encoder.pth": {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}})
+    run.finish({"encoder.pth": {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}},
+               floor=floor, floor_label=floor_label)
+    if floor is not None:
+        run.note(report.plateau_line(run.path / "metrics.jsonl", floor)[0])
     run.close()
     if r["target"] == "mme":                   # the paper's Fig. 4 for validation clips: true and predicted trajectories
         fig = evaluate.trajectories(net, r, rank, world, device, amp)

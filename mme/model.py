@@ -143,7 +143,9 @@ class PatchEmbed(nn.Module):
     one Linear of the whole tubelet cannot form. Measured (docs/results.md, Learning depth): on the built-in
     clips both stems learn motion; on motion data with real-frame textures and small objects only the conv
     stem does (recipes/conv_tiny.yaml). It costs 1.3-1.6x the step of the tiny recipes.
-    state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d)."""
+    stem "conv_diff": the same CNN fed the tubelet's mean frame and its change (f1 - f0) instead of the two
+    frames; the same functions, reached by another path (AdamW is not invariant to the input's basis).
+    state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d); conv_diff also patch_embed.frame_mix [2, 2]."""
 
     WIDTHS = (16, 32, 64)                                                    # conv stem channels at 16, 8, 4 px
 
@@ -152,8 +154,10 @@ class PatchEmbed(nn.Module):
         self.kind = stem
         if stem == "linear":
             self.proj = nn.Conv3d(3, dim, kernel_size=(TUBELET, PATCH, PATCH), stride=(TUBELET, PATCH, PATCH))
-        elif stem == "conv":                                                 # Conv2d: CPU Conv3d is ~20x slower here
+        elif stem in ("conv", "conv_diff"):                                  # Conv2d: CPU Conv3d is ~20x slower here
             c1, c2, c3 = self.WIDTHS
+            if stem == "conv_diff":                                          # the stem sees the tubelet's mean frame and
+                self.register_buffer("frame_mix", torch.tensor([[0.5, 0.5], [-1.0, 1.0]]))   # its change It, not 2 frames
             self.stem = nn.Sequential(
                 nn.Conv2d(3 * TUBELET, c1, 3, padding=1), nn.GELU(),         # both frames' pixels: [n, c1, 16, 16]
                 nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),        # [n, c2, 8, 8]
@@ -181,6 +185,8 @@ class PatchEmbed(nn.Module):
         return total
 
     def embed(self, tubes):                                                  # [n, 3, 2, 16, 16] -> [n, C]
+        if self.kind == "conv_diff":
+            tubes = torch.einsum("st,ncthw->ncshw", self.frame_mix.to(tubes.dtype), tubes)
         return self.proj(self.stem(tubes.flatten(1, 2))).flatten(1)
 
     def visible(self, video, mask):
@@ -572,7 +578,8 @@ def load_backbone(model, checkpoint):
     blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     if blocks and blocks != enc.depth:
         raise KeyError(f"checkpoint has {blocks} blocks, the model {enc.depth}: set the recipe key depth to {blocks}")
-    stem = "conv" if any(k.startswith("patch_embed.stem.") for k in sd) else "linear"
+    stem = "linear" if not any(k.startswith("patch_embed.stem.") for k in sd) else \
+        "conv_diff" if "patch_embed.frame_mix" in sd else "conv"
     if any(k.startswith("patch_embed.") for k in sd) and stem != enc.patch_embed.kind:
         raise KeyError(f"checkpoint has a {stem} patch embedding, the model a {enc.patch_embed.kind} one: "
                        f"set the recipe key patch_embed to {stem}")

@@ -145,16 +145,18 @@ class Run:
             dist.destroy_process_group()
             sys.exit(PREEMPTED)
 
-    def finish(self, exports, curve_label="loss (masked MSE, eq. 1)"):
+    def finish(self, exports, curve_label="loss (masked MSE, eq. 1)", floor=None, floor_label=None):
         """Rank 0: stop the progress display, close metrics.jsonl, save each {file name: state dict} in the run
-        folder (torch.save: weights only) and draw loss.png. The TensorBoard board stays open (close())."""
+        folder (torch.save: weights only) and draw loss.png (with a dashed line at `floor`, labelled
+        floor_label). The TensorBoard board stays open (close())."""
         if self.rank:
             return
         self.progress.stop()
         self.metrics.close()
         for name, state in exports.items():
             torch.save(state, self.path / name)
-        figures.loss_curve(self.path / "metrics.jsonl", self.path / "loss.png", label=curve_label)
+        figures.loss_curve(self.path / "metrics.jsonl", self.path / "loss.png", label=curve_label, floor=floor,
+                           floor_label=floor_label)
 
     def close(self):
         if self.rank == 0:

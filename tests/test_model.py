@@ -343,6 +343,29 @@ def test_conv_stem_embeds_each_tubelet_on_its_own():
         M.PatchEmbed(32, "cnn")
 
 
+def test_conv_diff_stem_is_the_conv_stem_on_the_mean_frame_and_the_frame_difference():
+    """patch_embed conv_diff: the conv stem fed (f0 + f1) / 2 and f1 - f0 instead of f0 and f1, i.e. a conv stem whose
+    first weights on (f0, f1) are (Wm / 2 - Wd, Wm / 2 + Wd). Its checkpoints say which stem they are."""
+    torch.manual_seed(0)
+    diff, conv = M.PatchEmbed(32, "conv_diff"), M.PatchEmbed(32, "conv")
+    sd = {k: v.clone() for k, v in diff.state_dict().items() if k != "frame_mix"}
+    w = sd["stem.0.weight"].view(16, 3, 2, 3, 3)                             # channels (c, t) as flatten(1, 2) makes them
+    wm, wd = w[:, :, 0], w[:, :, 1]
+    sd["stem.0.weight"] = torch.stack((wm / 2 - wd, wm / 2 + wd), 2).flatten(1, 2)
+    conv.load_state_dict(sd)
+    x, mask = video(), mask_of()
+    torch.testing.assert_close(diff(x), conv(x), atol=1e-5, rtol=1e-4)
+    plain = M.PatchEmbed(32, "conv")                                        # the same weights on the two frames as they are
+    plain.load_state_dict({k: v for k, v in diff.state_dict().items() if k != "frame_mix"})
+    assert not torch.allclose(plain(x), diff(x), atol=1e-3)
+    assert_visible_embeds_as_forward(diff, x, mask)
+    a, b = (M.encoder("tiny", T, S, depth=2, patch_embed=k) for k in ("conv_diff", "conv"))
+    with pytest.raises(KeyError, match="a conv_diff patch embedding, the model a conv one"):
+        M.load_backbone(b, a.state_dict())
+    with pytest.raises(KeyError, match="a conv patch embedding, the model a conv_diff one"):
+        M.load_backbone(a, b.state_dict())
+
+
 def test_a_checkpoint_names_its_patch_embedding():
     """Weights of one patch embedding into a model of the other: one line naming the recipe key to set."""
     linear, conv = M.encoder("tiny", T, S, depth=2), M.encoder("tiny", T, S, depth=2, patch_embed="conv")

@@ -63,6 +63,8 @@ def test_one_process_run_writes_everything(shard_dir, tmp_path):
     assert all(w in lines[-1] for w in ("epoch 2/2", "loss ", "lr ", "clips/s", "data ", "ETA 0s")), lines[-1]
     log = (d / "log.txt").read_text()                                         # the same lines, time-stamped
     assert all(x in log for x in lines) and "1 process(es)" in log and "done:" in log
+    floor = json.loads((d / "loss_floor.json").read_text())["loss"]             # the last word: did the loss leave it?
+    assert f"x the loss of predicting the mean target ({floor:.3f})" in log and f"{floor:.3f}" in r.stdout + r.stderr
     tb = scalars(d)                                                           # TensorBoard, beside metrics.jsonl
     assert {"train/loss", "train/lr", "train/clips_per_s", "train/data_wait"} <= set(tb)
     assert tb["train/loss"] == [(x["step"], pytest.approx(x["loss"])) for x in losses(d)]

@@ -130,3 +130,22 @@ def test_loss_floor_is_the_loss_of_predicting_the_mean():
         assert loss == pytest.approx(numpy_floor(batches, widths, visible), rel=1e-5)
         assert loss < (1 + visible) * 0.99                         # below predicting 0 (~1 per term under balanced parts)
         assert mean.shape == (N, 15)
+
+
+def test_plateau_line_says_whether_the_loss_left_the_floor(tmp_path):
+    """pretrain.py's last line: the mean loss of the last 10 % of steps against the loss of predicting the mean target."""
+    path = tmp_path / "metrics.jsonl"
+
+    def ended(*runs):
+        path.write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(l for n, v in runs for l in [v] * n)))
+        return report.plateau_line(path, 2.0)
+
+    line, stayed = ended((1, 6.0), (99, 2.0))                                # on the plateau to the end
+    assert stayed and "the last 10 steps' loss is 2.000, 1.00 x the loss of predicting the mean target (2.000)" in line
+    assert "another --seed" in line
+    line, stayed = ended((1, 6.0), (49, 2.0), (50, 1.4))
+    assert not stayed and "1.400, 0.70 x" in line and "learnt" in line
+    line, stayed = ended((90, 2.0), (10, 1.9))                              # 0.95 x: learning has begun
+    assert not stayed and "begun to leave" in line
+    assert ended((90, 2.0), (10, 1.97))[1] and not ended((90, 2.0), (10, 1.95))[1]   # 0.985 x is still on it, 0.975 x is not
+    assert ended((10, 3.0), (10, 2.5))[0].startswith("the last 2 steps' loss is 2.500")
