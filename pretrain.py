@@ -113,7 +113,7 @@ def main(recipe, **overrides):
     run.finish({"encoder.pth": {k.removeprefix("encoder."): v for k, v in full.items() if k.startswith("encoder.")}},
                floor=floor, floor_label=floor_label)
     if floor is not None:
-        run.note(report.plateau_line(run.path / "metrics.jsonl", floor)[0])
+        run.note(report.plateau_line(run.path / "metrics.jsonl", floor))
     run.close()
     if r["target"] == "mme":                   # the paper's Fig. 4 for validation clips: true and predicted trajectories
         fig = evaluate.trajectories(net, r, rank, world, device, amp)

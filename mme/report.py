@@ -4,7 +4,7 @@ loss would be.
 
     write(run, pre, r, this, random, floor_samples, rank, world, device)   # -> runs/<run>/report.md (+ figures)
     floor, label = loss_floor(run, recipe, samples)   # the loss of predicting the mean target, cached
-    line, stayed = plateau_line(metrics_path, floor)   # pretrain.py's last word: did the loss leave that level?
+    line = plateau_line(metrics_path, floor)           # pretrain.py's last word: did the loss leave that level?
     floor = mean_loss(batches, widths, visible)        # batches: loader dicts -> (loss, mean target [N, D])
     text = markdown(run, pre, steps, this, random, ...)  # report.md's text
     others = same_recipe_runs(run, pre)                # other pre-trainings of this recipe (seeds) with a frozen eval
@@ -221,7 +221,7 @@ def loss_floor(run, pre, samples, note=print):
 
 
 def plateau_line(metrics_path, floor, share=0.1, stayed_at=0.98, begun_at=0.9):
-    """(one line, stayed) on where a run's loss ended against its loss floor: the mean loss over the last `share`
+    """One line on where a run's loss ended against its loss floor: the mean loss over the last `share`
     of its steps (metrics.jsonl) over the floor. At `stayed_at` or above the run has stayed on the plateau where
     the model predicts the mean target whatever the clip; between `begun_at` and that it has only begun to
     leave it. docs/results.md, Learning depth: conv_tiny seed 1 on the built-in clips ended at 1.00 and read at
@@ -232,11 +232,11 @@ def plateau_line(metrics_path, floor, share=0.1, stayed_at=0.98, begun_at=0.9):
     ratio = end / floor if floor > 0 else float("inf")                     # floor 0: the target never varies
     where = f"the last {len(last)} steps' loss is {end:.3f}, {ratio:.2f} x the loss of predicting the mean target ({floor:.3f})"
     if ratio < begun_at:
-        return f"{where}: the model has learnt from the clips it sees", False
+        return f"{where}: the model has learnt from the clips it sees"
     if ratio < stayed_at:
-        return f"{where}: the run has begun to leave that plateau; more steps (--min_steps) may teach it more", False
+        return f"{where}: the run has begun to leave that plateau; more steps (--min_steps) may teach it more"
     return (f"{where}: the run has not left the plateau and its encoder has likely learnt nothing; run it again with "
-            f"another --seed, or more steps (--min_steps)", True)
+            f"another --seed, or more steps (--min_steps)")
 
 
 def trajectory_figure(run, pre, rank, world, device, note=print):

@@ -140,12 +140,12 @@ def test_plateau_line_says_whether_the_loss_left_the_floor(tmp_path):
         path.write_text("".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(l for n, v in runs for l in [v] * n)))
         return report.plateau_line(path, 2.0)
 
-    line, stayed = ended((1, 6.0), (99, 2.0))                                # on the plateau to the end
-    assert stayed and "the last 10 steps' loss is 2.000, 1.00 x the loss of predicting the mean target (2.000)" in line
+    stayed, learnt, begun = "has not left the plateau", "has learnt from the clips", "begun to leave"
+    line = ended((1, 6.0), (99, 2.0))                                        # on the plateau to the end
+    assert stayed in line and "the last 10 steps' loss is 2.000, 1.00 x the loss of predicting the mean target (2.000)" in line
     assert "another --seed" in line
-    line, stayed = ended((1, 6.0), (49, 2.0), (50, 1.4))
-    assert not stayed and "1.400, 0.70 x" in line and "learnt" in line
-    line, stayed = ended((90, 2.0), (10, 1.9))                              # 0.95 x: learning has begun
-    assert not stayed and "begun to leave" in line
-    assert ended((90, 2.0), (10, 1.97))[1] and not ended((90, 2.0), (10, 1.95))[1]   # 0.985 x is still on it, 0.975 x is not
-    assert ended((10, 3.0), (10, 2.5))[0].startswith("the last 2 steps' loss is 2.500")
+    line = ended((1, 6.0), (49, 2.0), (50, 1.4))
+    assert learnt in line and "1.400, 0.70 x" in line
+    assert begun in ended((90, 2.0), (10, 1.9))                              # 0.95 x: learning has begun
+    assert stayed in ended((90, 2.0), (10, 1.97)) and begun in ended((90, 2.0), (10, 1.95))   # 0.985 x is still on it
+    assert ended((10, 3.0), (10, 2.5)).startswith("the last 2 steps' loss is 2.500")
