@@ -146,31 +146,34 @@ def eval(recipe, **overrides):
     finish(r, rank, path, result, truth, predicted)
 
 
-def frozen(recipe, knn_k=10, knn_T=0.07, attentive=True, **overrides):
+def frozen(recipe, knn_k=10, knn_T=0.07, attentive=True, attentive_steps=1000, **overrides):
     """Frozen features: logistic regression + k-NN + attentive probe, no fine-tuning. mme/frozen.py: tokens of
     the encoder in recipe["finetune"] (null: random), once per view, cached in runs/<name>/features.pt; a
     logistic-regression probe (l2 chosen on held-out training videos) and a k-NN (knn_k neighbours, temperature
-    knn_T) on their mean, and (attentive) an attentive probe on all of them. --key value overrides any key."""
+    knn_T) on their mean, and (attentive) an attentive probe on all of them (attentive_steps AdamW steps of
+    batch 32). --key value overrides any key."""
     try:
         attentive = recipes.cli_bool(attentive, "attentive")
+        attentive_steps = recipes.cli_count(attentive_steps, "attentive_steps")
     except ValueError as e:
         fail(e)
     r, rank, world, device = start(recipe, overrides)
-    result = run_frozen(r, Path(r["output_dir"]) / r["name"], rank, world, device, knn_k, knn_T, attentive)
+    result = run_frozen(r, Path(r["output_dir"]) / r["name"], rank, world, device, knn_k, knn_T, attentive, attentive_steps)
     if rank == 0:
         report_lib.print_frozen(result, r["name"])
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run_frozen(r, folder, rank, world, device, knn_k, knn_T, attentive, reuse=False):
+def run_frozen(r, folder, rank, world, device, knn_k, knn_T, attentive, attentive_steps, reuse=False):
     try:
-        return frozen_lib.run(r, folder, rank, world, device, knn_k, knn_T, attentive, reuse, say=console.print)
+        return frozen_lib.run(r, folder, rank, world, device, knn_k, knn_T, attentive, reuse, say=console.print,
+                              attentive_steps=attentive_steps)
     except (FileNotFoundError, ValueError) as e:             # no shards, no split, labels out of range, a bad weights file
         fail(e, rank)
 
 
-def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **overrides):
+def report(recipe, knn_k=10, knn_T=0.07, attentive=True, attentive_steps=1000, floor_samples=256, **overrides):
     """A pre-training run's report.md, against a random encoder of its architecture. --finetune
     runs/<run>/encoder.pth (a pretrain.py run folder, with its recipe.yaml and metrics.jsonl). Runs the frozen
     evaluation (as `frozen`) of that encoder into runs/<run>/frozen/ and of a random encoder of the same
@@ -182,6 +185,7 @@ def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **ov
     seeds) in a table of their own."""
     try:
         attentive = recipes.cli_bool(attentive, "attentive")
+        attentive_steps = recipes.cli_count(attentive_steps, "attentive_steps")
         weights = recipes.load(recipe, **overrides)["finetune"]
         if not weights:
             raise ValueError("report needs a pre-trained encoder: --finetune runs/<run>/encoder.pth")
@@ -195,8 +199,9 @@ def report(recipe, knn_k=10, knn_T=0.07, attentive=True, floor_samples=256, **ov
     r, rank, world, device = start(recipe, {**taken, **overrides})
     if rank == 0:
         console.print(f"from {run / 'recipe.yaml'}: " + ", ".join(f"{k} {v}" for k, v in taken.items()))
-    this = run_frozen(r, run / "frozen", rank, world, device, knn_k, knn_T, attentive, reuse=True)
-    random = run_frozen(dict(r, finetune=None), run / "frozen_random", rank, world, device, knn_k, knn_T, attentive, reuse=True)
+    this = run_frozen(r, run / "frozen", rank, world, device, knn_k, knn_T, attentive, attentive_steps, reuse=True)
+    random = run_frozen(dict(r, finetune=None), run / "frozen_random", rank, world, device, knn_k, knn_T, attentive, attentive_steps,
+                        reuse=True)
     report_lib.write(run, pre, r, this, random, floor_samples, rank, world, device, say=console.print)
     dist.barrier()
     dist.destroy_process_group()
@@ -243,8 +248,9 @@ def usage(command=None):
         use = {"predict": "--finetune MODEL.pth VIDEO|FOLDER [...] [--out F] [--top K]",
                "export": "[OUT] --finetune WEIGHTS [--to hf|safetensors]"}
         return f"usage: python finetune.py {command} {use[command]}\n\n{inspect.getdoc(COMMANDS[command])}"
-    extra = {"frozen": " [--knn_k K] [--knn_T T] [--attentive false]",
-             "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--attentive false] [--floor_samples N]"}
+    extra = {"frozen": " [--knn_k K] [--knn_T T] [--attentive false] [--attentive_steps N]",
+             "report": " --finetune runs/RUN/encoder.pth [--knn_k K] [--knn_T T] [--attentive false] [--attentive_steps N]"
+                       " [--floor_samples N]"}
     return (f"usage: python finetune.py {command} --recipe FILE{extra.get(command, '')} [--key value ...]\n\n"
             f"{inspect.getdoc(COMMANDS[command])}\n\n"
             f"Recipe keys: a recipe file sets them as 'key: value' lines; --key value on the command line wins.\n\n"

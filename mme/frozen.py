@@ -70,20 +70,22 @@ def frozen_encoder(r, device):
     return enc.requires_grad_(False).eval().to(device)
 
 
-def run(r, folder, rank, world, device, knn_k=10, knn_T=0.07, attentive=True, reuse=False, say=print):
+def run(r, folder, rank, world, device, knn_k=10, knn_T=0.07, attentive=True, reuse=False, say=print,
+        attentive_steps=None):
     """The frozen evaluation of r["finetune"] (None: a random encoder) into `folder`: tokens of every training
     clip (centre view) and every evaluation view, cached in features.pt while the weights, shards and
-    feature-related keys stay the same; the probe, the k-NN and (attentive) the attentive probe; eval.json and
-    confusion.png. Every rank calls it. reuse: an eval.json fitted from the same weights (unchanged since),
-    shards, keys and fit is read back. Returns eval.json's dict on rank 0, None elsewhere. Raises
-    FileNotFoundError / ValueError (data, labels) and WeightsError."""
+    feature-related keys stay the same; the probe, the k-NN and (attentive) the attentive probe
+    (attentive_steps AdamW steps; None: ATTENTIVE's); eval.json and confusion.png. Every rank calls it.
+    reuse: an eval.json fitted from the same weights (unchanged since), shards, keys and fit is read back.
+    Returns eval.json's dict on rank 0, None elsewhere. Raises FileNotFoundError / ValueError (data, labels) and WeightsError."""
     where = r["eval_data_path"] or r["data_path"]
     train_urls, eval_urls = data.shard_urls(r["data_path"], "train"), data.shard_urls(where, "val")
     source = feature_source(r, train_urls, eval_urls, device) | {"tokens": bool(attentive)}
     shards = hashlib.sha256(json.dumps([source["train"], source["eval"]]).encode()).hexdigest()   # thousands of them
+    fit = dict(ATTENTIVE, steps=attentive_steps or ATTENTIVE["steps"]) if attentive else None
     fitted = json.loads(json.dumps({**{k: v for k, v in source.items() if k not in ("train", "eval")}, "shards": shards,
                                     "seed": r["seed"], "num_classes": r["num_classes"], "knn_k": knn_k,
-                                    "knn_T": knn_T, "attentive": ATTENTIVE if attentive else None}))   # as eval.json reads back
+                                    "knn_T": knn_T, "attentive": fit}))   # as eval.json reads back
     done = [rank == 0 and reuse and same_fit(folder / "eval.json", fitted, r["finetune"])]
     dist.broadcast_object_list(done)                        # rank 0 decides: every rank computes, or none
     if done[0]:
@@ -114,7 +116,8 @@ def run(r, folder, rank, world, device, knn_k=10, knn_T=0.07, attentive=True, re
                 f"{time.perf_counter() - tick:.0f} s -> {cache}")
     if rank:
         return None
-    result, truth, predicted = evaluate_features(splits["train"], splits["eval"], r["num_classes"], r["seed"], knn_k, knn_T, device)
+    result, truth, predicted = evaluate_features(splits["train"], splits["eval"], r["num_classes"], r["seed"], knn_k, knn_T, device,
+                                                steps=fit and fit["steps"])
     result = {"protocol": "frozen", **result, "top1": result["probe"]["top1"], "top5": result["probe"]["top5"],
               "weights": r["finetune"], "data": str(where), "fitted_from": fitted}
     evaluate.write(folder, result, truth, predicted, r["num_classes"], evaluate.class_names(r))
@@ -292,12 +295,15 @@ def knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07):
 
 # --- per video ----------------------------------------------------------------------------------
 
-def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=None, position=ATTENTIVE["position"]):
+def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=None, position=ATTENTIVE["position"],
+                      steps=None):
     """train: {"keys" [n] clip keys, "features" [n, C], "labels" [n]} (a view per clip), test: the same
     for every view of the evaluation videos -> (result, truth [V], the probe's predicted class [V]);
     result: {"videos", "views", "probe": {"top1", "top5", "l2", "recall"}, "knn": {..., "k"}}, and
     "attentive": {"top1", "top5", "recall", "steps"} when both hold "tokens" [n, N, C]; "recall" is each
-    class's recall % over its videos (None for a class with no evaluation video)."""
+    class's recall % over its videos (None for a class with no evaluation video); the attentive probe trains
+    for `steps` (None: ATTENTIVE's)."""
+    steps = steps or ATTENTIVE["steps"]
     train_y = torch.as_tensor(train["labels"], dtype=torch.long)
     if len(train_y) == 0 or bool((train_y < 0).any()) or bool((train_y >= num_classes).any()):
         raise ValueError(f"training labels must be in [0, {num_classes}) (shards without labels give -1)")
@@ -309,8 +315,8 @@ def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=Non
     methods = {"probe": (probe.scores(test_x), {"l2": probe.l2}),                       # scores [m, classes]
                "knn": (knn_scores(train_x, train_y, test_x, num_classes, k, T), {"k": k})}
     if "tokens" in train and "tokens" in test:
-        head = fit_attentive(train["tokens"], train_y, num_classes, seed, device=device, position=position)
-        methods["attentive"] = (attentive_scores(head, test["tokens"]), {"steps": ATTENTIVE["steps"]})
+        head = fit_attentive(train["tokens"], train_y, num_classes, seed, steps, device=device, position=position)
+        methods["attentive"] = (attentive_scores(head, test["tokens"]), {"steps": steps})
     predicted = {}
     for name, (scores, extra) in methods.items():
         _, score, truth = video_scores(videos, scores, test["labels"])

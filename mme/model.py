@@ -164,7 +164,7 @@ class PatchEmbed(nn.Module):
                 nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.GELU())        # [n, c3, 4, 4]
             self.proj = nn.Conv2d(c3, dim, PATCH // 4)                       # [n, C, 1, 1]
         else:
-            raise ValueError(f"unknown patch_embed {stem!r}; choose linear or conv")
+            raise ValueError(f"unknown patch_embed {stem!r}; choose linear, conv or conv_diff")
 
     def forward(self, video):                                                # [B, 3, T, H, W]
         if self.kind == "linear":

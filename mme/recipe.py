@@ -289,6 +289,18 @@ def cli_bool(value, name):
         raise ValueError(f"--{name}: true or false, not {value!r}") from None
 
 
+def cli_count(value, name):
+    """A command's own positive whole-number flag (not a recipe key), e.g. --attentive_steps 200 -> int, or
+    ValueError naming the flag."""
+    try:
+        count = _convert(value, int, True)
+    except ValueError:
+        count = 0
+    if isinstance(count, bool) or count < 1:
+        raise ValueError(f"--{name}: a whole number above 0, not {value!r}")
+    return count
+
+
 def _convert(value, spec, cli):
     """value as `spec`, or raise ValueError. Ints pass as floats; command-line strings are parsed."""
     if isinstance(spec, tuple):

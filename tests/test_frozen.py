@@ -74,13 +74,14 @@ def test_attentive_probe_reads_what_the_mean_cancels_deterministically():
     test_x, test_y = order_tokens(400, seed=1)
     linear = frozen.fit_logreg(x.mean(1), y, [str(i) for i in range(400)], 2)
     assert abs((linear.scores(test_x.mean(1)).argmax(1) == test_y).double().mean().item() - 0.5) < 0.1
-    head = frozen.fit_attentive(x, y, 2, seed=0)
+    head = frozen.fit_attentive(x, y, 2, seed=0, steps=300)       # these toy tokens are read at 0.96 by 300 steps
     scores = frozen.attentive_scores(head, test_x)
     assert (scores.argmax(1) == test_y).double().mean().item() > 0.9
     torch.testing.assert_close(scores.sum(1), torch.ones(len(scores), dtype=torch.float64))
-    again = frozen.attentive_scores(frozen.fit_attentive(x, y, 2, seed=0), test_x)
+    again = frozen.attentive_scores(frozen.fit_attentive(x, y, 2, seed=0, steps=300), test_x)
     assert torch.equal(again, scores)                                      # the same tokens, the same probe
-    shuffled = frozen.fit_attentive(x, y[torch.randperm(400, generator=torch.Generator().manual_seed(0))], 2, seed=0)
+    shuffled = frozen.fit_attentive(x, y[torch.randperm(400, generator=torch.Generator().manual_seed(0))], 2, seed=0,
+                                     steps=300)
     assert (frozen.attentive_scores(shuffled, test_x).argmax(1) == test_y).double().mean().item() < 0.7   # labels it cannot read
 
 
@@ -90,7 +91,7 @@ def test_attentive_probe_knows_where_each_token_is():
     the same tokens in another order reads them as a set would: at chance."""
     x, y = order_tokens(400, C=192, position=False)                      # ViT-T's width: the probe's 4 heads
     test_x, test_y = order_tokens(400, seed=1, C=192, position=False)
-    head = frozen.fit_attentive(x, y, 2, seed=0)
+    head = frozen.fit_attentive(x, y, 2, seed=0, steps=300)
     assert (frozen.attentive_scores(head, test_x).argmax(1) == test_y).double().mean().item() > 0.9
     g = torch.Generator().manual_seed(2)
     shuffled = torch.stack([clip[torch.randperm(len(clip), generator=g)] for clip in test_x])   # each clip's tokens reordered
@@ -173,7 +174,7 @@ def shards(tmp_path_factory):
 
 def run_frozen(tmp, *a, launcher=(sys.executable,)):
     args = dict(data_path=f"{tmp}/shards/", num_frames=8, sampling_rate=2, input_size=64, batch_size=4, num_workers=0,
-                output_dir=str(tmp))
+                output_dir=str(tmp), attentive_steps=50)                 # the probe's fit is tested on its own, above
     env = clean_env()
     env["OMP_NUM_THREADS"] = "1"                                              # as one_thread (torchrun sets it too)
     r = subprocess.run([*launcher, "finetune.py", "frozen", "--recipe", "recipes/probe_tiny.yaml",
@@ -193,6 +194,7 @@ def test_frozen_command_scores_caches_and_recomputes(shards):
     assert result["protocol"] == "frozen" and result["videos"] == val["videos"] and result["views"] == 3 * val["samples"]
     assert (result["top1"], result["top5"]) == (result["probe"]["top1"], result["probe"]["top5"])
     assert result["probe"]["l2"] in frozen.L2_GRID and result["knn"]["k"] == 10
+    assert result["attentive"]["steps"] == result["fitted_from"]["attentive"]["steps"] == 50   # --attentive_steps
     assert (run / "confusion.png").stat().st_size > 1000
     cached = torch.load(run / "features.pt", weights_only=True)
     assert len(cached["train"]["keys"]) == train["samples"] and cached["train"]["features"].shape[1] == 192
@@ -207,7 +209,7 @@ def test_frozen_command_scores_caches_and_recomputes(shards):
         by_hand = frozen.clip_features(enc.eval(), b["video"])
     rows = [cached["train"]["keys"].index(k) for k in b["key"]]
     torch.testing.assert_close(cached["train"]["features"][rows], by_hand, atol=1e-5, rtol=1e-5)
-    again, _, _ = frozen.evaluate_features(cached["train"], cached["eval"], 10, seed=0, k=10)
+    again, _, _ = frozen.evaluate_features(cached["train"], cached["eval"], 10, seed=0, k=10, steps=50)
     assert again == {k: result[k] for k in again}                            # eval.json is what mme.frozen computes
     stamp = (run / "features.pt").stat().st_mtime_ns
 

@@ -248,3 +248,7 @@ def test_command_flags_read_false_as_false():
         [False, False, False, False, True, True]
     with pytest.raises(ValueError, match="--camera: true or false, not 'maybe'"):
         recipe.cli_bool("maybe", "camera")
+    assert [recipe.cli_count(v, "attentive_steps") for v in ("200", 200, 1)] == [200, 200, 1]
+    for bad in ("0", "-5", "2.5", "many", True):
+        with pytest.raises(ValueError, match=f"--attentive_steps: a whole number above 0, not {bad!r}"):
+            recipe.cli_count(bad, "attentive_steps")

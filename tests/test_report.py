@@ -40,7 +40,8 @@ def run_report(tmp):
     env = clean_env()
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, "finetune.py", "report", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
-                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8"],
+                        "--finetune", f"{tmp}/pre/encoder.pth", "--floor_samples", "8",
+                        "--attentive_steps", "50"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
