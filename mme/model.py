@@ -142,9 +142,10 @@ class PatchEmbed(nn.Module):
     kind of projection. Motion is a product of a temporal and a spatial change (It = -Ix u - Iy v), which
     one Linear of the whole tubelet cannot form. Measured (docs/results.md, Learning depth): on the built-in
     clips both stems learn motion; on motion data with real-frame textures and small objects only the conv
-    stem does (recipes/conv_tiny.yaml). It costs 1.3-1.6x the step of the tiny recipes.
+    stem does. It costs 1.3-1.6x the step of the tiny recipes.
     stem "conv_diff": the same CNN fed the tubelet's mean frame and its change (f1 - f0) instead of the two
     frames; the same functions, reached by another path (AdamW is not invariant to the input's basis).
+    recipes/conv_tiny.yaml's: it left the no-motion loss plateau on every seed tried, where conv did on 7 of 9.
     state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d); conv_diff also patch_embed.frame_mix [2, 2]."""
 
     WIDTHS = (16, 32, 64)                                                    # conv stem channels at 16, 8, 4 px

@@ -224,8 +224,8 @@ def plateau_line(metrics_path, floor, share=0.1, stayed_at=0.98, begun_at=0.9):
     """One line on where a run's loss ended against its loss floor: the mean loss over the last `share`
     of its steps (metrics.jsonl) over the floor. At `stayed_at` or above the run has stayed on the plateau where
     the model predicts the mean target whatever the clip; between `begun_at` and that it has only begun to
-    leave it. docs/results.md, Learning depth: conv_tiny seed 1 on the built-in clips ended at 1.00 and read at
-    chance; on the held-out sets runs ending at 0.90-0.96 read 29-53 % (random 8-9), the built-in ones at 0.70-0.74."""
+    leave it. docs/results.md, Learning depth: conv_tiny (conv stem) seed 1 on the built-in clips ended at 1.00, read at
+    chance; on the held-out sets runs ending at 0.90-0.97 read 29-55 % (random 8-9), the built-in ones at 0.70-0.91."""
     losses = [json.loads(line)["loss"] for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     last = losses[-max(1, round(len(losses) * share)):]
     end = sum(last) / len(last)
