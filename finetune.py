@@ -146,7 +146,7 @@ def eval(recipe, **overrides):
     finish(r, rank, path, result, truth, predicted)
 
 
-def frozen(recipe, knn_k=10, knn_T=0.07, attentive=True, attentive_steps=1000, **overrides):
+def frozen(recipe, knn_k=10, knn_T=0.07, attentive=True, attentive_steps=frozen_lib.ATTENTIVE["steps"], **overrides):
     """Frozen features: logistic regression + k-NN + attentive probe, no fine-tuning. mme/frozen.py: tokens of
     the encoder in recipe["finetune"] (null: random), once per view, cached in runs/<name>/features.pt; a
     logistic-regression probe (l2 chosen on held-out training videos) and a k-NN (knn_k neighbours, temperature
@@ -173,7 +173,7 @@ def run_frozen(r, folder, rank, world, device, knn_k, knn_T, attentive, attentiv
         fail(e, rank)
 
 
-def report(recipe, knn_k=10, knn_T=0.07, attentive=True, attentive_steps=1000, floor_samples=256, **overrides):
+def report(recipe, knn_k=10, knn_T=0.07, attentive=True, attentive_steps=frozen_lib.ATTENTIVE["steps"], floor_samples=256, **overrides):
     """A pre-training run's report.md, against a random encoder of its architecture. --finetune
     runs/<run>/encoder.pth (a pretrain.py run folder, with its recipe.yaml and metrics.jsonl). Runs the frozen
     evaluation (as `frozen`) of that encoder into runs/<run>/frozen/ and of a random encoder of the same

@@ -53,6 +53,8 @@ from mme.online import data
 
 L2_GRID = tuple(10.0 ** e for e in range(-5, 2))      # 1e-5 ... 1e1, the probe's penalties to choose from
 HELD_OUT = 0.2                                          # share of training videos that chooses l2
+ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100, "position": models.POSITION,
+             "version": 3}   # the attentive probe's fit: fixed, not tuned per run (steps: --attentive_steps)
 
 
 def clip_features(enc, video):
@@ -71,21 +73,21 @@ def frozen_encoder(r, device):
 
 
 def run(r, folder, rank, world, device, knn_k=10, knn_T=0.07, attentive=True, reuse=False, say=print,
-        attentive_steps=None):
+        attentive_steps=ATTENTIVE["steps"]):
     """The frozen evaluation of r["finetune"] (None: a random encoder) into `folder`: tokens of every training
     clip (centre view) and every evaluation view, cached in features.pt while the weights, shards and
     feature-related keys stay the same; the probe, the k-NN and (attentive) the attentive probe
-    (attentive_steps AdamW steps; None: ATTENTIVE's); eval.json and confusion.png. Every rank calls it.
+    (attentive_steps AdamW steps); eval.json and confusion.png. Every rank calls it.
     reuse: an eval.json fitted from the same weights (unchanged since), shards, keys and fit is read back.
     Returns eval.json's dict on rank 0, None elsewhere. Raises FileNotFoundError / ValueError (data, labels) and WeightsError."""
     where = r["eval_data_path"] or r["data_path"]
     train_urls, eval_urls = data.shard_urls(r["data_path"], "train"), data.shard_urls(where, "val")
     source = feature_source(r, train_urls, eval_urls, device) | {"tokens": bool(attentive)}
     shards = hashlib.sha256(json.dumps([source["train"], source["eval"]]).encode()).hexdigest()   # thousands of them
-    fit = dict(ATTENTIVE, steps=attentive_steps or ATTENTIVE["steps"]) if attentive else None
     fitted = json.loads(json.dumps({**{k: v for k, v in source.items() if k not in ("train", "eval")}, "shards": shards,
                                     "seed": r["seed"], "num_classes": r["num_classes"], "knn_k": knn_k,
-                                    "knn_T": knn_T, "attentive": fit}))   # as eval.json reads back
+                                    "knn_T": knn_T,
+                                    "attentive": dict(ATTENTIVE, steps=attentive_steps) if attentive else None}))   # as read back
     done = [rank == 0 and reuse and same_fit(folder / "eval.json", fitted, r["finetune"])]
     dist.broadcast_object_list(done)                        # rank 0 decides: every rank computes, or none
     if done[0]:
@@ -117,7 +119,7 @@ def run(r, folder, rank, world, device, knn_k=10, knn_T=0.07, attentive=True, re
     if rank:
         return None
     result, truth, predicted = evaluate_features(splits["train"], splits["eval"], r["num_classes"], r["seed"], knn_k, knn_T, device,
-                                                steps=fit and fit["steps"])
+                                                steps=attentive_steps)
     result = {"protocol": "frozen", **result, "top1": result["probe"]["top1"], "top5": result["probe"]["top5"],
               "weights": r["finetune"], "data": str(where), "fitted_from": fitted}
     evaluate.write(folder, result, truth, predicted, r["num_classes"], evaluate.class_names(r))
@@ -236,9 +238,6 @@ def _fit_logreg(x, train_y, groups, num_classes, seed, grid):
 
 # --- the attentive probe -----------------------------------------------------------------------
 
-ATTENTIVE = {"steps": 1000, "batch": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup": 100, "position": models.POSITION,
-             "version": 3}   # fixed, not tuned per run
-
 
 def fit_attentive(train_tokens, train_y, num_classes, seed=0, steps=ATTENTIVE["steps"], batch=ATTENTIVE["batch"],
                   lr=ATTENTIVE["lr"], weight_decay=ATTENTIVE["weight_decay"], warmup=ATTENTIVE["warmup"], device=None,
@@ -296,14 +295,13 @@ def knn_scores(train_x, train_y, test_x, num_classes, k=10, T=0.07):
 # --- per video ----------------------------------------------------------------------------------
 
 def evaluate_features(train, test, num_classes, seed=0, k=10, T=0.07, device=None, position=ATTENTIVE["position"],
-                      steps=None):
+                      steps=ATTENTIVE["steps"]):
     """train: {"keys" [n] clip keys, "features" [n, C], "labels" [n]} (a view per clip), test: the same
     for every view of the evaluation videos -> (result, truth [V], the probe's predicted class [V]);
     result: {"videos", "views", "probe": {"top1", "top5", "l2", "recall"}, "knn": {..., "k"}}, and
     "attentive": {"top1", "top5", "recall", "steps"} when both hold "tokens" [n, N, C]; "recall" is each
     class's recall % over its videos (None for a class with no evaluation video); the attentive probe trains
-    for `steps` (None: ATTENTIVE's)."""
-    steps = steps or ATTENTIVE["steps"]
+    for `steps`."""
     train_y = torch.as_tensor(train["labels"], dtype=torch.long)
     if len(train_y) == 0 or bool((train_y < 0).any()) or bool((train_y >= num_classes).any()):
         raise ValueError(f"training labels must be in [0, {num_classes}) (shards without labels give -1)")
