@@ -146,26 +146,34 @@ class PatchEmbed(nn.Module):
     stem "conv_diff": the same CNN fed the tubelet's mean frame and its change (f1 - f0) instead of the two
     frames; the same functions, reached by another path (AdamW is not invariant to the input's basis).
     recipes/conv_tiny.yaml's: it left the no-motion loss plateau on every seed tried, where conv did on 7 of 9.
-    state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d); conv_diff also patch_embed.frame_mix [2, 2]."""
+    stem "linear+conv_diff": the linear and the conv_diff embeddings summed (whether the linear path's per-frame
+    detail and the conv path's local motion are each what some motion families need; docs/results.md).
+    state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d); conv_diff also patch_embed.frame_mix [2, 2];
+    linear+conv_diff: patch_embed.proj (the linear Conv3d), .stem.{0,2,4}, .conv_proj (Conv2d), .frame_mix."""
 
     WIDTHS = (16, 32, 64)                                                    # conv stem channels at 16, 8, 4 px
+    KINDS = ("linear", "conv", "conv_diff", "linear+conv_diff")
 
     def __init__(self, dim, stem="linear"):
         super().__init__()
+        if stem not in self.KINDS:
+            raise ValueError(f"unknown patch_embed {stem!r}; choose one of {', '.join(self.KINDS)}")
         self.kind = stem
-        if stem == "linear":
+        if stem in ("linear", "linear+conv_diff"):                           # VideoMAE's: a Linear on each tubelet
             self.proj = nn.Conv3d(3, dim, kernel_size=(TUBELET, PATCH, PATCH), stride=(TUBELET, PATCH, PATCH))
-        elif stem in ("conv", "conv_diff"):                                  # Conv2d: CPU Conv3d is ~20x slower here
+        if stem != "linear":                                                 # Conv2d: CPU Conv3d is ~20x slower here
             c1, c2, c3 = self.WIDTHS
-            if stem == "conv_diff":                                          # the stem sees the tubelet's mean frame and
+            if stem.endswith("conv_diff"):                                   # the stem sees the tubelet's mean frame and
                 self.register_buffer("frame_mix", torch.tensor([[0.5, 0.5], [-1.0, 1.0]]))   # its change It, not 2 frames
             self.stem = nn.Sequential(
                 nn.Conv2d(3 * TUBELET, c1, 3, padding=1), nn.GELU(),         # both frames' pixels: [n, c1, 16, 16]
                 nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),        # [n, c2, 8, 8]
                 nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.GELU())        # [n, c3, 4, 4]
-            self.proj = nn.Conv2d(c3, dim, PATCH // 4)                       # [n, C, 1, 1]
-        else:
-            raise ValueError(f"unknown patch_embed {stem!r}; choose linear, conv or conv_diff")
+            conv_proj = nn.Conv2d(c3, dim, PATCH // 4)                       # [n, C, 1, 1]
+            if stem == "linear+conv_diff":
+                self.conv_proj = conv_proj                                   # summed with the linear path's proj
+            else:
+                self.proj = conv_proj
 
     def forward(self, video):                                                # [B, 3, T, H, W]
         if self.kind == "linear":
@@ -176,19 +184,27 @@ class PatchEmbed(nn.Module):
 
     def flops(self):
         """Forward FLOPs of one tubelet's embedding (a multiply-add counts 2)."""
-        convs = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        total = 2 * self.proj.weight.numel() if self.kind in ("linear", "linear+conv_diff") else 0
         if self.kind == "linear":
-            return 2 * self.proj.weight.numel()
-        side, total = PATCH, 0
-        for conv in convs:                                                   # stem, then proj: output side each
+            return total
+        side = PATCH
+        for conv in [m for m in self.stem if isinstance(m, nn.Conv2d)] + [self.conv_path_proj()]:
             side = (side + 2 * conv.padding[-1] - conv.kernel_size[-1]) // conv.stride[-1] + 1
             total += 2 * conv.weight.numel() * side * side
         return total
 
+    def conv_path_proj(self):
+        return self.conv_proj if self.kind == "linear+conv_diff" else self.proj
+
     def embed(self, tubes):                                                  # [n, 3, 2, 16, 16] -> [n, C]
-        if self.kind == "conv_diff":
-            tubes = torch.einsum("st,ncthw->ncshw", self.frame_mix.to(tubes.dtype), tubes)
-        return self.proj(self.stem(tubes.flatten(1, 2))).flatten(1)
+        out = 0
+        if self.kind in ("linear", "linear+conv_diff"):
+            out = F.linear(tubes.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
+        if self.kind != "linear":
+            if self.kind.endswith("conv_diff"):
+                tubes = torch.einsum("st,ncthw->ncshw", self.frame_mix.to(tubes.dtype), tubes)
+            out = out + self.conv_path_proj()(self.stem(tubes.flatten(1, 2))).flatten(1)
+        return out
 
     def visible(self, video, mask):
         """forward()'s tokens where mask [B, N] is False, [B, N_visible, C], without computing the others:
@@ -197,10 +213,7 @@ class PatchEmbed(nn.Module):
         B, _, T, H, W = video.shape
         tubes = rearrange(video, "b c (t pt) (h ph) (w pw) -> b t h w c pt ph pw", pt=TUBELET, ph=PATCH, pw=PATCH)  # a view
         keep = ~mask.reshape(B, T // TUBELET, H // PATCH, W // PATCH)        # (t, h, w) order, as forward's
-        if self.kind == "linear":                                            # the conv as a Linear on each tubelet
-            x = F.linear(tubes[keep].flatten(1), self.proj.weight.flatten(1), self.proj.bias)   # [B * N_visible, C]
-        else:
-            x = self.embed(tubes[keep])
+        x = self.embed(tubes[keep])                                          # [B * N_visible, C]
         return x.reshape(B, -1, x.shape[-1])
 
 
@@ -580,7 +593,7 @@ def load_backbone(model, checkpoint):
     if blocks and blocks != enc.depth:
         raise KeyError(f"checkpoint has {blocks} blocks, the model {enc.depth}: set the recipe key depth to {blocks}")
     stem = "linear" if not any(k.startswith("patch_embed.stem.") for k in sd) else \
-        "conv_diff" if "patch_embed.frame_mix" in sd else "conv"
+        "linear+conv_diff" if "patch_embed.conv_proj.weight" in sd else "conv_diff" if "patch_embed.frame_mix" in sd else "conv"
     if any(k.startswith("patch_embed.") for k in sd) and stem != enc.patch_embed.kind:
         raise KeyError(f"checkpoint has a {stem} patch embedding, the model a {enc.patch_embed.kind} one: "
                        f"set the recipe key patch_embed to {stem}")

@@ -366,6 +366,28 @@ def test_conv_diff_stem_is_the_conv_stem_on_the_mean_frame_and_the_frame_differe
         M.load_backbone(a, b.state_dict())
 
 
+def test_linear_plus_conv_diff_stem_is_the_sum_of_the_two_embeddings():
+    """patch_embed linear+conv_diff: the linear embedding (VideoMAE's Conv3d, key proj) plus the conv_diff one (its
+    projection under conv_proj), each with its own weights; its FLOPs are the two paths'. Its checkpoints say which
+    stem they are."""
+    torch.manual_seed(0)
+    both, linear, diff = M.PatchEmbed(32, "linear+conv_diff"), M.PatchEmbed(32), M.PatchEmbed(32, "conv_diff")
+    sd = both.state_dict()
+    linear.load_state_dict({k: sd[k] for k in ("proj.weight", "proj.bias")})
+    diff.load_state_dict({k.replace("conv_proj", "proj"): v for k, v in sd.items() if k.startswith(("stem.", "conv_proj.", "frame_mix"))})
+    x, mask = video(), mask_of()
+    torch.testing.assert_close(both(x), linear(x) + diff(x), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(both(x), diff(x), atol=1e-3) and not torch.allclose(both(x), linear(x), atol=1e-3)
+    assert both.flops() == linear.flops() + diff.flops()
+    assert_visible_embeds_as_forward(both, x, mask)
+    a, b = (M.encoder("tiny", T, S, depth=2, patch_embed=k) for k in ("linear+conv_diff", "conv_diff"))
+    assert M.load_backbone(M.encoder("tiny", T, S, depth=2, patch_embed="linear+conv_diff"), a.state_dict()) == []
+    with pytest.raises(KeyError, match="a linear\\+conv_diff patch embedding, the model a conv_diff one"):
+        M.load_backbone(b, a.state_dict())
+    with pytest.raises(KeyError, match="set the recipe key patch_embed to conv_diff"):
+        M.load_backbone(a, b.state_dict())
+
+
 def test_a_checkpoint_names_its_patch_embedding():
     """Weights of one patch embedding into a model of the other: one line naming the recipe key to set."""
     linear, conv = M.encoder("tiny", T, S, depth=2), M.encoder("tiny", T, S, depth=2, patch_embed="conv")
