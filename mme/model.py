@@ -145,9 +145,10 @@ class PatchEmbed(nn.Module):
     stem does. It costs 1.3-1.6x the step of the tiny recipes.
     stem "conv_diff": the same CNN fed the tubelet's mean frame and its change (f1 - f0) instead of the two
     frames; the same functions, reached by another path (AdamW is not invariant to the input's basis).
-    recipes/conv_tiny.yaml's: it left the no-motion loss plateau on every seed tried, where conv did on 7 of 9.
-    stem "linear+conv_diff": the linear and the conv_diff embeddings summed (whether the linear path's per-frame
-    detail and the conv path's local motion are each what some motion families need; docs/results.md).
+    It left the no-motion loss plateau on every seed tried, where conv did on 7 of 9.
+    stem "linear+conv_diff" (recipes/conv_tiny.yaml's): the linear and the conv_diff embeddings summed. The CNN
+    learns motion on real-frame textures where the linear stem learns none; with the CNN alone the attentive
+    probe lost the built-in clips' time order, with the linear path beside it reads it (docs/results.md).
     state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d); conv_diff also patch_embed.frame_mix [2, 2];
     linear+conv_diff: patch_embed.proj (the linear Conv3d), .stem.{0,2,4}, .conv_proj (Conv2d), .frame_mix."""
 
