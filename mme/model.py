@@ -160,9 +160,10 @@ class PatchEmbed(nn.Module):
         if stem not in self.KINDS:
             raise ValueError(f"unknown patch_embed {stem!r}; choose one of {', '.join(self.KINDS)}")
         self.kind = stem
-        if stem in ("linear", "linear+conv_diff"):                           # VideoMAE's: a Linear on each tubelet
+        self.linear_path, self.conv_path = stem.startswith("linear"), stem != "linear"   # which paths are summed
+        if self.linear_path:                                                 # VideoMAE's: a Linear on each tubelet
             self.proj = nn.Conv3d(3, dim, kernel_size=(TUBELET, PATCH, PATCH), stride=(TUBELET, PATCH, PATCH))
-        if stem != "linear":                                                 # Conv2d: CPU Conv3d is ~20x slower here
+        if self.conv_path:                                                   # Conv2d: CPU Conv3d is ~20x slower here
             c1, c2, c3 = self.WIDTHS
             if stem.endswith("conv_diff"):                                   # the stem sees the tubelet's mean frame and
                 self.register_buffer("frame_mix", torch.tensor([[0.5, 0.5], [-1.0, 1.0]]))   # its change It, not 2 frames
@@ -171,7 +172,7 @@ class PatchEmbed(nn.Module):
                 nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),        # [n, c2, 8, 8]
                 nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.GELU())        # [n, c3, 4, 4]
             conv_proj = nn.Conv2d(c3, dim, PATCH // 4)                       # [n, C, 1, 1]
-            if stem == "linear+conv_diff":
+            if self.linear_path:
                 self.conv_proj = conv_proj                                   # summed with the linear path's proj
             else:
                 self.proj = conv_proj
@@ -185,8 +186,8 @@ class PatchEmbed(nn.Module):
 
     def flops(self):
         """Forward FLOPs of one tubelet's embedding (a multiply-add counts 2)."""
-        total = 2 * self.proj.weight.numel() if self.kind in ("linear", "linear+conv_diff") else 0
-        if self.kind == "linear":
+        total = 2 * self.proj.weight.numel() if self.linear_path else 0
+        if not self.conv_path:
             return total
         side = PATCH
         for conv in [m for m in self.stem if isinstance(m, nn.Conv2d)] + [self.conv_path_proj()]:
@@ -195,13 +196,14 @@ class PatchEmbed(nn.Module):
         return total
 
     def conv_path_proj(self):
-        return self.conv_proj if self.kind == "linear+conv_diff" else self.proj
+        """The conv path's last layer: proj when it is the only path, conv_proj beside the linear one."""
+        return self.conv_proj if self.linear_path else self.proj
 
     def embed(self, tubes):                                                  # [n, 3, 2, 16, 16] -> [n, C]
         out = 0
-        if self.kind in ("linear", "linear+conv_diff"):
+        if self.linear_path:
             out = F.linear(tubes.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
-        if self.kind != "linear":
+        if self.conv_path:
             if self.kind.endswith("conv_diff"):
                 tubes = torch.einsum("st,ncthw->ncshw", self.frame_mix.to(tubes.dtype), tubes)
             out = out + self.conv_path_proj()(self.stem(tubes.flatten(1, 2))).flatten(1)
