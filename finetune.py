@@ -8,12 +8,14 @@
     torchrun --nproc_per_node=8 finetune.py full --recipe recipes/ssv2_finetune.yaml --finetune runs/ssv2/encoder.pth
     python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
     python finetune.py frozen --recipe recipes/probe_tiny.yaml        # frozen features: probe, k-NN, attentive probe
+    python finetune.py frozen --recipe recipes/probe_tiny.yaml --finetune runs/tiny/checkpoints/step_100 --name at_100
     python finetune.py report --recipe recipes/probe_tiny.yaml --finetune runs/learn_tiny/encoder.pth   # -> runs/learn_tiny/report.md
     python finetune.py predict --finetune runs/finetune_tiny/model.pth clip1.mp4 videos/   # top-5 classes per video
     python finetune.py export hf_model/ --finetune runs/finetune_tiny/model.pth --to hf       # transformers' VideoMAE
 
-The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, a released
-VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
+The recipe's `finetune` names the weights to start from: pretrain.py's encoder.pth, one of its
+checkpoints (runs/NAME/checkpoints/step_N: the encoder as it was at step N, e.g. to see when a run learnt
+what), a released VideoMAE/MME checkpoint (any wrapping), or null for a randomly initialised encoder. probe trains only
 the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the pre-training's final norm
 -> head; MAE's BatchNorm before it, folded into it when saved), with the recipe's crops and flips only;
 full trains everything with layer decay, drop path, label smoothing, mixup/cutmix, RandAugment and

@@ -551,7 +551,12 @@ def _unwrap(model):
 
 def read_checkpoint(path):
     """torch.load(path, map_location='cpu', weights_only=True) -- never full unpickling. The released
-    VideoMAE/MME files also store their argparse.Namespace `args`, which is allowed as plain data."""
+    VideoMAE/MME files also store their argparse.Namespace `args`, which is allowed as plain data. A folder
+    is one of pretrain.py's checkpoints (runs/NAME/checkpoints/step_N): its model, verified, then read by DCP."""
+    if Path(path).is_dir():
+        # the training side owns checkpoints (and imports this module, hence here)
+        from mme.train import checkpoint_model_state
+        return checkpoint_model_state(path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -619,13 +624,16 @@ CLASSIFIER = "a classifier checkpoint (model.pth of finetune.py probe or full, o
 
 
 def check_weights(path, need_head=False):
-    """Before any work: WeightsError if `path` (not None) is not a file, saying where weights come from."""
-    if path and not Path(path).is_file():
-        what = "is a folder, not a weights file" if Path(path).is_dir() else "does not exist"
+    """Before any work: WeightsError if `path` (not None) is neither a file nor a finished checkpoint folder,
+    saying where weights come from."""
+    if path and not Path(path).is_file() and not (Path(path) / "done").is_file():
+        what = "is a folder, neither a weights file nor a checkpoint (checkpoints/step_N)" if Path(path).is_dir() \
+            else "does not exist"
         if need_head:
             raise WeightsError(f"finetune {path} {what}: eval needs {CLASSIFIER}")
         raise WeightsError(f"finetune {path} {what}: run pretrain.py first (python pretrain.py --recipe recipes/tiny.yaml "
-                           f"writes runs/tiny/encoder.pth), point --finetune at a pre-trained encoder, or use "
+                           f"writes runs/tiny/encoder.pth), point --finetune at a pre-trained encoder (encoder.pth, or one "
+                           f"of a run's checkpoints: runs/NAME/checkpoints/step_N), or use "
                            f"--finetune null for a random one (the baseline)")
 
 

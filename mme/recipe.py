@@ -70,7 +70,7 @@ DEFAULTS = {
     "clip_grad": None,            # max gradient norm; None: no clipping (not in Table 14; VideoMAE's default)
     "accum_steps": 1,             # gradient accumulation: batch_size is split over world size x accum_steps
     # --- fine-tuning and linear probing (finetune.py; Table 15, Table 4) ---
-    "finetune": None,             # weights to start from: pretrain.py's encoder.pth or a released VideoMAE/MME checkpoint; None: random init
+    "finetune": None,             # weights to start from: pretrain.py's encoder.pth, a checkpoint folder of it (runs/NAME/checkpoints/step_N) or a released VideoMAE/MME checkpoint; None: random init
     "num_classes": None,          # classifier outputs (SSv2 174, K400 400, UCF101 101, HMDB51 51); required by finetune.py
     "eval_data_path": None,       # shards to evaluate on; None: the val split of data_path (a shards folder with manifest.json)
     "layer_decay": 0.75,          # Table 15: layer-wise lr decay (full fine-tuning)
@@ -86,6 +86,7 @@ DEFAULTS = {
     "wandb": None,                # a Weights & Biases project to log the scalars to as well (pip install wandb; credentials: wandb's WANDB_API_KEY or `wandb login`); None: TensorBoard only
     "name": None,                 # run name; None: the recipe file's name ("recipes/ssv2.yaml" -> "ssv2")
     "save_every": 1000,           # optimizer steps between checkpoints (one is also written at the end)
+    "keep_checkpoints": 2,        # the newest checkpoints a run keeps (older ones are removed); 0: all, e.g. to read the encoder at each (finetune.py --finetune RUN/checkpoints/step_N)
     "log_every": 20,              # optimizer steps between progress lines in log.txt (and on stderr when it is not a terminal)
     "log_seconds": 60.0,          # ... and at least one progress line this often (seconds), however slow the steps
     "device": "auto",             # 'auto' (cuda if present, else cpu) | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
@@ -395,6 +396,8 @@ def _check(r, where, home):
         bad("crop_scales", "crop_scales must be a non-empty list of fractions in (0, 1]")
     positive = ("sampling_rate trajectory_length batch_size epochs decoder_depth decoder_embed_dim "
                 "decoder_num_heads accum_steps save_every repeated_aug test_num_crop log_every")
+    if r["keep_checkpoints"] < 0:
+        bad("keep_checkpoints", "keep_checkpoints must be >= 0 (0: keep every checkpoint)")
     if r["eval_every"] < 0:
         bad("eval_every", "eval_every must be >= 0 (0: evaluate only at the end)")
     if r["wandb"] and importlib.util.find_spec("wandb") is None:      # every rank stops here, before any work

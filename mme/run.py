@@ -131,7 +131,7 @@ class Run:
         """Save (after check_finite); after a stop signal, say so in one line and exit with PREEMPTED."""
         self.check_finite(net)
         try:
-            self.last = save_checkpoint(self.path, self.step, net, opt, loader, self.rank)
+            self.last = save_checkpoint(self.path, self.step, net, opt, loader, self.rank, self.r["keep_checkpoints"])
         except NoSpaceError as e:
             fail(e, self.rank)
         if self.preempted:

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import fire
@@ -204,7 +205,8 @@ def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
     JSON; then rank 0 writes the `done` marker with the sha256 of every file, so the checkpoint counts
     only once everything is on disk, and a file damaged or replaced later is caught before it is read.
     The free space is checked first (this rank's share; the checkpoint before it is removed only after);
-    a disk that fills anyway raises NoSpaceError, and the half-written checkpoint is never resumed from."""
+    a disk that fills anyway raises NoSpaceError, and the half-written checkpoint is never resumed from.
+    keep: how many of the newest checkpoints stay on disk (0: all)."""
     path = run / "checkpoints" / f"step_{step}"
     msd, osd = get_state_dict(net, opt)
     check_space(run, state_bytes(msd) + state_bytes(osd), f"checkpoint step_{step} (rank {rank}'s share)")
@@ -212,8 +214,10 @@ def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     except Exception as e:
         if no_space(e):
+            peak = f"it holds keep_checkpoints + 1 = {keep + 1} checkpoints at its peak" if keep else \
+                "keep_checkpoints 0 keeps every one: set it to 2"
             raise NoSpaceError(f"no space left on {run} while writing checkpoint step_{step}: free some, or "
-                               f"point output_dir elsewhere; it holds keep + 1 = {keep + 1} checkpoints at its peak") from None
+                               f"point output_dir elsewhere; {peak}") from None
         raise
     rng = {"torch": torch.get_rng_state().tolist()}      # the loader's and masks' RNGs derive from its state
     write_durably(path / f"rank{rank}.json", json.dumps({"step": step, "loader": loader.state_dict(), "rng": rng}))
@@ -223,7 +227,7 @@ def save_checkpoint(run, step, net, opt, loader, rank, keep=2):
         sums = {f.name: sha256(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != "done"}
         write_durably(path / "done", json.dumps({"step": step, "sha256": sums}, indent=1))
         last_checkpoint = path      # at once: a Ctrl-C while old ones are removed must name this one (it is done)
-        for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+        for old in sorted((run / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     last_checkpoint = path
@@ -285,9 +289,28 @@ def load_checkpoint(path, net, opt=None, loader=None, rank=0):
     return mine["step"]
 
 
+def checkpoint_model_state(path):
+    """The model's state dict in a checkpoint folder (checkpoints/step_N), read in one process without its
+    optimizer, e.g. to fine-tune a run's encoder as it was at step N: PretrainModel's keys (encoder.*,
+    decoder.*, ...) as full tensors, whatever the number of ranks that saved it. ValueError (one line) when the
+    folder is not a finished, undamaged checkpoint: verified before DCP reads its pickled .metadata."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    path = Path(path)
+    why = verify_checkpoint(path) if (path / "done").is_file() else "it has no done marker (not a finished checkpoint)"
+    if why:
+        raise ValueError(f"{path} cannot be read as a checkpoint: {why}")
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    sd = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)        # DCP flattens {"model": {k: v}} to "model.k"
+          for k, m in meta.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():       # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
+    return sd
+
+
 # Keys a run may change when it resumes: they do not change what it computes. epochs continues a finished
 # run (or ends one sooner); everything else must match the saved recipe.yaml.
-RESUMABLE_CHANGES = ("epochs", "name", "output_dir", "resume", "save_every", "device", "eval_data_path", "log_every",
+RESUMABLE_CHANGES = ("epochs", "name", "output_dir", "resume", "save_every", "keep_checkpoints", "device", "eval_data_path", "log_every",
                      "log_seconds", "eval_every", "test_num_segment", "wandb")
 
 

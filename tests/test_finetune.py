@@ -150,6 +150,36 @@ def test_eval_refuses_weights_it_cannot_score(pretrained):
     assert not (tmp / "nohead" / "eval.json").exists()
 
 
+def test_a_run_checkpoint_is_weights_too(pretrained, tmp_path):
+    """--finetune runs/NAME/checkpoints/step_N starts from the encoder as it was at step N (the last one holds
+    encoder.pth's weights exactly), read in one process; a damaged or unfinished checkpoint is refused in one
+    line, before DCP unpickles anything of it."""
+    import shutil
+    tmp = pretrained
+    step = max((tmp / "pre" / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    enc = torch.load(tmp / "pre" / "encoder.pth", weights_only=True)
+    sd = models.read_checkpoint(step)
+    assert sorted(k for k in sd if k.startswith("encoder.")) == sorted(f"encoder.{k}" for k in enc)
+    assert all(torch.equal(sd[f"encoder.{k}"], v) for k, v in enc.items())
+    finetune("probe", "--recipe", "recipes/probe_tiny.yaml", *common(tmp), "--finetune", str(step), "--epochs", "1",
+             "--name", "from_step")
+    clf = torch.load(tmp / "from_step" / "model.pth", weights_only=True)["model"]
+    assert all(torch.equal(clf[k], v) for k, v in enc.items() if k.startswith(("patch_embed.", "blocks.")))
+    damaged, unfinished = tmp_path / "damaged", tmp_path / "unfinished"
+    shutil.copytree(step, damaged)
+    shutil.copytree(step, unfinished)
+    (unfinished / "done").unlink()
+    data = next(damaged.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    for folder, words in ((damaged, "is damaged"), (unfinished, "neither a weights file nor a checkpoint")):
+        r = subprocess.run([sys.executable, "finetune.py", "probe", "--recipe", "recipes/probe_tiny.yaml", *common(tmp),
+                            "--finetune", str(folder), "--name", "refused"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr and str(folder) in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+
+
 def scalars(run_dir):
     """{tag: [(step, value)]} from the TensorBoard event files in a run folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

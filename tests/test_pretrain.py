@@ -288,14 +288,15 @@ def test_corrupt_latest_checkpoint_resumes_from_the_one_before(shard_dir, finish
 
 def test_torn_metrics_line_and_more_epochs_continue_a_finished_run(shard_dir, finished, tmp_path):
     """Point 6 (a metrics.jsonl line torn by a crash broke every rerun) and point 9's exception: raising
-    epochs continues a finished run from its last checkpoint."""
+    epochs continues a finished run from its last checkpoint (and keep_checkpoints 0 keeps them all)."""
     d = copy_run(finished, tmp_path, "more")
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "epoch": 2, "lo')
-    r = run(args(shard_dir, tmp_path, "more", epochs=3))
+    r = run(args(shard_dir, tmp_path, "more", epochs=3, keep_checkpoints=0))      # keep every checkpoint from now on
     assert r.returncode == 0 and "resuming at step 8" in r.stderr, r.stderr[-2000:]
     assert [x["step"] for x in losses(d)] == list(range(1, 13))
     assert "epochs: 3" in (d / "recipe.yaml").read_text()
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step_10", "step_12", "step_6", "step_8"]
 
 
 def test_changed_recipe_is_refused_then_started_fresh_on_request(shard_dir, finished, tmp_path):
