@@ -37,7 +37,8 @@ from mme.train import autocast, checkpoints, load_checkpoint, verify_checkpoint
 
 TARGET_NAMES = {"mme": "MME", "pixel": "pixel (VideoMAE)", "hog": "HOG (MaskFeat)"}
 FROM_RUN = ("model", "depth", "patch_embed", "num_frames", "input_size", "sampling_rate")  # what the frozen evaluations take from the run
-SEED_LIKE = ("name", "seed", "output_dir", "resume", "wandb", "log_every", "log_seconds", "save_every", "num_workers", "device")
+SEED_LIKE = ("name", "seed", "output_dir", "resume", "wandb", "log_every", "log_seconds", "save_every", "keep_checkpoints",
+             "num_workers", "device")
 READOUTS = (("probe", "linear probe (mean token)"), ("knn", "k-NN (mean token)"), ("attentive", "attentive probe (all tokens)"))
 
 
