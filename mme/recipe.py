@@ -53,7 +53,7 @@ DEFAULTS = {
     "test_num_segment": None,     # evaluation: clip windows tested per video, spread evenly over those the shards hold (extract.py --views; VideoMAE: 5 K400, 2 SSv2); None: every one. The others still run, as padding
     # --- model (§4: ViT-B; Table 12: decoder) ---
     "model": "base",              # encoder ViT size, 16x16x2 tubelets: tiny | small | base | large (§4 uses base)
-    "patch_embed": "linear",      # tubelet -> token: 'linear' (the paper's, VideoMAE's) or 'conv', a small CNN inside each tubelet, or 'conv_diff', the same CNN over the tubelet's mean frame and frame difference, or 'linear+conv_diff', both summed (ours: mme/model.py PatchEmbed; docs/results.md)
+    "patch_embed": "linear",      # tubelet -> token: 'linear' (the paper's, VideoMAE's) or 'conv', a small CNN inside each tubelet, or 'conv_diff', the same CNN over the tubelet's mean frame and frame difference, or 'linear+conv_diff', both summed, or 'linear+conv_grad', that CNN also fed the normal flow (ours: mme/model.py PatchEmbed; docs/results.md)
     "depth": None,                # encoder blocks; None: the size's (12; large 24). Fewer for CPU-budget runs (recipes/learn_tiny.yaml)
     "decoder_depth": 1,           # Table 12: one joint decoder block is best (2 blocks: -0.7)
     "decoder_embed_dim": 192,     # decoder width (authors' code; not in the paper)
@@ -118,7 +118,7 @@ CHOICES = {
     "target": ("mme", "pixel", "hog", "none"),
     "trajectory_density": ("dense", "mean", "max", "mean+relative"),
     "patch_norm": ("paper", "authors", "none"),
-    "patch_embed": ("linear", "conv", "conv_diff", "linear+conv_diff"),
+    "patch_embed": ("linear", "conv", "conv_diff", "linear+conv_diff", "linear+conv_grad"),
     "pool": ("mean", "attentive"),
     "model": MODELS,
     "precision": ("auto", "fp32", "bf16"),

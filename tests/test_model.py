@@ -388,6 +388,34 @@ def test_linear_plus_conv_diff_stem_is_the_sum_of_the_two_embeddings():
         M.load_backbone(a, b.state_dict())
 
 
+def test_normal_flow_has_the_sign_of_the_motion_and_the_grad_stem_adds_it_to_linear_plus_conv_diff():
+    """patch_embed linear+conv_grad: linear+conv_diff whose CNN also sees the normal flow. On a smooth texture moved by
+    one pixel its sums have the sign of u and v (brightness constancy); with those two input channels' weights at zero
+    the stem is linear+conv_diff. Its checkpoints say which stem they are."""
+    g = torch.Generator().manual_seed(0)
+    tex = F.avg_pool2d(torch.rand(1, 3, 40, 40, generator=g), 5, 1, 2)[0]       # smooth, so one pixel is a small step
+    for (dy, dx), (su, sv) in {(0, 1): (1, 0), (0, -1): (-1, 0), (1, 0): (0, 1), (-1, 0): (0, -1)}.items():
+        f0, f1 = tex[:, 12:28, 12:28], torch.roll(tex, (dy, dx), (1, 2))[:, 12:28, 12:28]
+        mixed = torch.stack(((f0 + f1) / 2, f1 - f0), 1)[None]                  # [1, 3, 2, 16, 16]
+        u, v = M.normal_flow(mixed)[0].mean((1, 2))
+        for value, sign in ((u, su), (v, sv)):
+            assert (sign == 0 and abs(value) < 0.2 * abs(u + v)) or value * sign > 0, ((dy, dx), u, v)
+    torch.manual_seed(0)
+    grad, diff = M.PatchEmbed(32, "linear+conv_grad"), M.PatchEmbed(32, "linear+conv_diff")
+    sd = {k: v.clone() for k, v in grad.state_dict().items()}
+    assert sd["stem.0.weight"].shape[1] == 8
+    sd["stem.0.weight"][:, 6:] = 0
+    grad.load_state_dict(sd)
+    diff.load_state_dict({**sd, "stem.0.weight": sd["stem.0.weight"][:, :6]})
+    x, mask = video(), mask_of()
+    torch.testing.assert_close(grad(x), diff(x), atol=1e-5, rtol=1e-4)
+    assert_visible_embeds_as_forward(grad, x, mask)
+    a, b = (M.encoder("tiny", T, S, depth=2, patch_embed=k) for k in ("linear+conv_grad", "linear+conv_diff"))
+    assert M.load_backbone(M.encoder("tiny", T, S, depth=2, patch_embed="linear+conv_grad"), a.state_dict()) == []
+    with pytest.raises(KeyError, match="a linear\\+conv_grad patch embedding, the model a linear\\+conv_diff one"):
+        M.load_backbone(b, a.state_dict())
+
+
 def test_a_checkpoint_names_its_patch_embedding():
     """Weights of one patch embedding into a model of the other: one line naming the recipe key to set."""
     linear, conv = M.encoder("tiny", T, S, depth=2), M.encoder("tiny", T, S, depth=2, patch_embed="conv")
