@@ -147,8 +147,8 @@ def markdown(run, recipe, steps, this, random, dates, command, floor_label, figu
     others: same_recipe_runs(run, recipe); names: class names."""
     target = recipe["target"]
     name = TARGET_NAMES.get(target, target)
-    keys = ("target", "model", "depth", "data_path", "batch_size", "input_size", "num_frames", "mask_ratio",
-            "loss_balance", "loss_visible", "patch_norm", "trajectory_density", "seed")   # what a reader compares runs by
+    keys = ("target", "model", "depth", "patch_embed", "data_path", "batch_size", "input_size", "num_frames", "mask_ratio",
+            "loss_balance", "loss_visible", "patch_norm", "trajectory_density", "shape_target", "seed")   # what a reader compares runs by
     out = [f"# {run.name}: {headline(target, this, random)}", "",
            f"Pre-training run `{run}` ({dates['run']}): {name} target, ViT-{recipe['model']} with "
            f"{recipe['depth'] or 'its default number of'} blocks, {steps} steps of batch "
