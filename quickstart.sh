@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's quick start, end to end on the built-in synthetic data (~10 minutes on 2 CPU cores):
+# The README's quick start, end to end on the built-in synthetic data (~11 minutes on 2 CPU cores):
 # install, extract the evaluation and pre-training shards, pre-train, then the report of the run.
 # Rerunning reuses what is done: finished shards, the finished run, cached features.
 set -euo pipefail
