@@ -160,7 +160,7 @@ class PatchEmbed(nn.Module):
     stem "linear+conv_diff" (recipes/conv_tiny.yaml's): the linear and the conv_diff embeddings summed. The CNN
     learns motion on real-frame textures where the linear stem learns none; with the CNN alone the attentive
     probe lost the built-in clips' time order, with the linear path beside it reads it (docs/results.md).
-    stem "linear+conv_grad": linear+conv_diff whose CNN also sees the tubelet's normal flow (normal_flow: 2 planes
+    stem "linear+conv_grad" (recipes/quick_tiny.yaml's): linear+conv_diff whose CNN also sees the tubelet's normal flow (normal_flow: 2 planes
     more, computed, not learnt). A CNN must otherwise discover motion as a product of It and the spatial gradient,
     from inputs where that product is ~25x smaller than the frames: supervised on each token's own motion on the
     first held-out set it reaches R^2 0.19 after 250 steps, where linear+conv_diff is still at 0 after 500.
