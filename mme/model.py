@@ -160,10 +160,11 @@ class PatchEmbed(nn.Module):
     stem "linear+conv_diff" (recipes/conv_tiny.yaml's): the linear and the conv_diff embeddings summed. The CNN
     learns motion on real-frame textures where the linear stem learns none; with the CNN alone the attentive
     probe lost the built-in clips' time order, with the linear path beside it reads it (docs/results.md).
-    stem "linear+conv_grad" (recipes/quick_tiny.yaml's): linear+conv_diff whose CNN also sees the tubelet's normal flow (normal_flow: 2 planes
-    more, computed, not learnt). A CNN must otherwise discover motion as a product of It and the spatial gradient,
-    from inputs where that product is ~25x smaller than the frames: supervised on each token's own motion on the
-    first held-out set it reaches R^2 0.19 after 250 steps, where linear+conv_diff is still at 0 after 500.
+    stem "linear+conv_grad" (recipes/quick_tiny.yaml's): linear+conv_diff whose CNN also sees the tubelet's normal
+    flow (normal_flow: 2 planes more, computed, not learnt). A CNN must otherwise discover motion as a product of
+    It and the spatial gradient, from inputs where that product is ~25x smaller than the frames: supervised on each
+    token's own motion on the first held-out set it reaches R^2 0.19 after 250 steps, where linear+conv_diff is
+    still at 0 after 500.
     state_dict: patch_embed.stem.{0,2,4}, patch_embed.proj (Conv2d); conv_diff also patch_embed.frame_mix [2, 2];
     linear+conv_diff: patch_embed.proj (the linear Conv3d), .stem.{0,2,4}, .conv_proj (Conv2d), .frame_mix;
     linear+conv_grad: the same keys, stem.0 taking 8 planes instead of 6."""
