@@ -183,7 +183,8 @@ class PatchEmbed(nn.Module):
         if self.conv_path:                                                   # Conv2d: CPU Conv3d is ~20x slower here
             c1, c2, c3 = self.WIDTHS
             self.grad_inputs = stem.endswith("conv_grad")                    # + the normal flow (grey): 2 more channels
-            if stem.endswith(("conv_diff", "conv_grad")):                    # the stem sees the tubelet's mean frame and
+            self.diff_inputs = self.grad_inputs or stem.endswith("conv_diff")
+            if self.diff_inputs:                                             # the stem sees the tubelet's mean frame and
                 self.register_buffer("frame_mix", torch.tensor([[0.5, 0.5], [-1.0, 1.0]]))   # its change It, not 2 frames
             self.stem = nn.Sequential(
                 nn.Conv2d(3 * TUBELET + 2 * self.grad_inputs, c1, 3, padding=1), nn.GELU(),   # [n, c1, 16, 16]
@@ -222,7 +223,7 @@ class PatchEmbed(nn.Module):
         if self.linear_path:
             out = F.linear(tubes.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
         if self.conv_path:
-            if hasattr(self, "frame_mix"):
+            if self.diff_inputs:
                 tubes = torch.einsum("st,ncthw->ncshw", self.frame_mix.to(tubes.dtype), tubes)
             planes = tubes.flatten(1, 2)                                     # [n, 6, 16, 16]
             if self.grad_inputs:

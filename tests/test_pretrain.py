@@ -14,7 +14,7 @@ import torch
 from helpers import clean_env, kill_when, signal_when
 
 from mme import model as models
-from mme.train import checkpoints
+from mme.train import checkpoint_model_state, checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,15 +187,7 @@ def test_bad_recipe_stops_before_anything(shard_dir, tmp_path):
 
 def finite(run_dir):
     """Whether every tensor of every checkpoint of a run (its model through DCP) is finite."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    ok = []
-    for path in checkpoints(run_dir):
-        out = path.parent / f"{path.name}.pt"
-        dcp_to_torch_save(str(path), str(out))
-        state = torch.load(out, weights_only=True)
-        ok.append(all(bool(torch.isfinite(v).all()) for v in state["model"].values() if torch.is_tensor(v)))
-        out.unlink()
-    return ok
+    return [all(bool(torch.isfinite(v).all()) for v in checkpoint_model_state(path).values()) for path in checkpoints(run_dir)]
 
 
 def test_nonfinite_weights_are_never_saved_and_the_run_continues_with_a_lower_lr(shard_dir, tmp_path):
