@@ -62,7 +62,8 @@ def test_report_tables_pictures_reuse_and_other_runs(pretrained):
     this, random = (json.loads((run / d / "eval.json").read_text()) for d in ("frozen", "frozen_random"))
     assert this["fitted_from"]["depth"] == 2 and random["fitted_from"]["depth"] == 2 and random["weights"] is None
     assert r.stdout.splitlines() == [str(run / "report.md"), f"MME {this['probe']['top1']:.1f} % vs random "
-                                     f"{random['probe']['top1']:.1f} % top-1 (frozen probe, {this['videos']} videos)"]
+                                     f"{random['probe']['top1']:.1f} % top-1 (frozen linear probe; attentive probe "
+                                     f"{this['attentive']['top1']:.1f} % vs {random['attentive']['top1']:.1f} %; {this['videos']} videos)"]
     text = (run / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| MME (this run) |") or line.startswith("| random encoder |")]
     for res, kind in ((this, "MME (this run)"), (random, "random encoder")):
