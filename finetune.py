@@ -4,6 +4,7 @@
     python finetune.py probe --recipe recipes/probe_tiny.yaml          # frozen encoder, linear head (Table 4)
     python finetune.py full --recipe recipes/finetune_tiny.yaml        # every layer (Table 15)
     python finetune.py full --recipe recipes/finetune_tiny.yaml --pool attentive   # ours: a head that reads every token
+    python finetune.py full --recipe recipes/finetune_tiny.yaml --head_init probe  # LP-FT: the head fitted on the frozen encoder first
     python finetune.py eval --recipe recipes/probe_tiny.yaml --finetune runs/probe_tiny/model.pth
     torchrun --nproc_per_node=8 finetune.py full --recipe recipes/ssv2_finetune.yaml --finetune runs/ssv2/encoder.pth
     python finetune.py probe --recipe recipes/probe_tiny.yaml --finetune null --name probe_random   # the random baseline
@@ -21,8 +22,10 @@ the head on the frozen encoder (mean of the tokens -> fc_norm, loaded from the p
 full trains everything with layer decay, drop path, label smoothing, mixup/cutmix, RandAugment and
 repeated sampling as the recipe says (Table 15); with pool: attentive its head is a query attending to
 every token, told where each is (mme/model.py AttentiveHead), instead of the mean token (export needs
-the mean). Both write runs/<name>/ as pretrain.py does (mme/run.py: recipe.yaml, log.txt, metrics.jsonl,
-TensorBoard events, loss.png, checkpoints/ that a killed run resumes from), then model.pth ({"model":
+the mean); with head_init: probe the head is first fitted on the frozen encoder's features of the training
+clips as `frozen` fits its probe (LP-FT; mme/frozen.py fit_head), then everything trains. Both write
+runs/<name>/ as pretrain.py does (mme/run.py: recipe.yaml, log.txt, metrics.jsonl, TensorBoard events,
+loss.png, checkpoints/ that a killed run resumes from), then model.pth ({"model":
 the classifier in the released layout, backbone + fc_norm + head, with the class names, the recipe and
 the extraction params, so that predict needs nothing else}), eval.json (top-1/top-5 and recall per
 class over videos: every clip window, or test_num_segment of them, x test_num_crop crops, softmax
@@ -58,6 +61,8 @@ def train(mode, recipe, **overrides):
     if mode == "probe" and r["pool"] != "mean":
         fail("pool attentive: probe trains a Linear head on the mean token (Table 4); the attentive probe of the "
              "frozen tokens is `finetune.py frozen`, an attentive head trained with the encoder `finetune.py full`", rank)
+    if mode == "probe" and r["head_init"] != "random":
+        fail("head_init probe: for full (LP-FT); probe trains its head alone from the start", rank)
     if mode == "probe":                      # a frozen encoder: the recipe's crops and flips only
         r.update(drop_path=0.0, rand_aug=None, repeated_aug=1, mixup=0.0, cutmix=0.0, smoothing=0.0)
     if r["batch_size"] % world:
@@ -71,6 +76,12 @@ def train(mode, recipe, **overrides):
     opt = torch.optim.AdamW(param_groups(clf, r["weight_decay"], r["layer_decay"] if mode == "full" else None),
                             lr=0.0, betas=tuple(r["opt_betas"]))
     run = Run(r, clf, opt, loader, rank, world, device, len(loader), mode)
+    if mode == "full" and r["head_init"] == "probe" and run.step == 0:   # LP-FT; a resumed run has its head
+        run.note("head: fitting the probe on the frozen encoder's training clips first (head_init probe)")
+        try:
+            run.note(frozen_lib.fit_head(clf, r, rank, world, device))
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"head_init probe: data_path {r['data_path']}: {e}", rank)
     amp, best, last = autocast(device, r["precision"]), run.best_so_far() if rank == 0 else None, None
     mixing, smoothing = r["mixup"] > 0 or r["cutmix"] > 0, r["smoothing"]
     clf.train()

@@ -11,6 +11,7 @@ features, fitted in seconds and deterministically (finetune.py frozen wires it t
     head = fit_attentive(train_tokens, train_y, num_classes, seed=0)  # train_tokens [n, N, C] -> models.AttentiveHead
     p = attentive_scores(head, test_tokens)  # [m, classes]; evaluate_features runs it when both hold "tokens"
     save_features(path, source, splits); splits = load_features(path, source)   # the cache (None if stale)
+    line = fit_head(clf, r, rank, world, device)   # finetune.py full's head_init probe (LP-FT): clf's head fitted as the probe
 
 The probe: features standardised with the training mean/std, then softmax regression (weights W
 [C, classes], bias b) minimising mean cross-entropy + l2 * |W|^2, to convergence with L-BFGS
@@ -30,6 +31,13 @@ seed, on one thread, so the same tokens give the same probe. A mean over tokens 
 and an expansion's divergence and drops time order; the attentive probe weighs tokens by where and when
 they are, so it reads what the encoder holds beyond its mean.
 
+LP-FT (finetune.py full with head_init: probe; Kumar et al. 2022): before every layer trains, the classifier's
+head is fitted the same way on what it reads from the loaded encoder (fc_norm's output) for each training clip's
+centre view: pool mean -> the logistic-regression probe, its standardisation folded into the Linear head;
+pool attentive -> the attentive probe (its tokens are already fc_norm's, so without a LayerNorm of its own).
+A head that starts random sends random gradients into the encoder while it learns, which can wear away the
+features the frozen probe reads. Rank 0 holds every training clip's head input in memory (attentive: [n, N, C]).
+
 All three score every view of an evaluation video and average the scores per video, then rank classes
 per video: the protocol of finetune.py's multi-view evaluation.
 """
@@ -46,6 +54,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mme import evaluate, model as models
 from mme.evaluate import accuracy, class_recall, video_of, video_scores
@@ -241,16 +251,17 @@ def _fit_logreg(x, train_y, groups, num_classes, seed, grid):
 
 def fit_attentive(train_tokens, train_y, num_classes, seed=0, steps=ATTENTIVE["steps"], batch=ATTENTIVE["batch"],
                   lr=ATTENTIVE["lr"], weight_decay=ATTENTIVE["weight_decay"], warmup=ATTENTIVE["warmup"], device=None,
-                  position=ATTENTIVE["position"]):
-    """train_tokens [n, N, C] (a clip view per row), train_y [n] -> mme.model.AttentiveHead (norm=True) in eval mode: AdamW,
+                  position=ATTENTIVE["position"], norm=True):
+    """train_tokens [n, N, C] (a clip view per row), train_y [n] -> mme.model.AttentiveHead in eval mode: AdamW,
     linear warm-up then cosine to 0, batches drawn from the seed; one thread on a CPU (deterministic).
-    position: channels of the position code (0: none, the probe before version 3)."""
+    position: channels of the position code (0: none, the probe before version 3); norm: its own LayerNorm first
+    (False for a classifier's head, which reads fc_norm's tokens)."""
     x = train_tokens.to(device or "cpu")
     y = torch.as_tensor(train_y, dtype=torch.long, device=x.device)
     N, C = x.shape[1:]
     with one_thread() if x.device.type == "cpu" else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = models.AttentiveHead(C, num_classes, N, position, norm=True).to(x.device)
+        head = models.AttentiveHead(C, num_classes, N, position, norm=norm).to(x.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         order = np.random.default_rng([seed, 9])
         for step in range(steps):
@@ -270,6 +281,63 @@ def attentive_scores(head, tokens, chunk=256):
     """tokens [m, N, C] -> softmax probabilities [m, classes], float64."""
     device = head.query.device
     return torch.cat([torch.softmax(head(part.to(device)).double(), -1) for part in tokens.split(chunk)])
+
+
+def fit_head(clf, r, rank, world, device, max_gib=16):
+    """LP-FT (module docstring): clf (a classifier, mme.model.Encoder with num_classes, possibly sharded) gets its
+    head fitted on its own head input for every training clip's centre view of r["data_path"] (the frozen
+    evaluation's probe: pool mean -> fit_logreg folded into the Linear; attentive -> fit_attentive), on every rank.
+    Every rank calls it; returns a line for the log. Raises FileNotFoundError / ValueError (data, labels), and
+    ValueError before any work when the manifests say the attentive head's tokens would pass max_gib on rank 0."""
+    if r["pool"] == "attentive":
+        folders = [r["data_path"]] if isinstance(r["data_path"], str) else r["data_path"]
+        clips = sum((data.stream.read_manifest(str(f).rstrip("/")) or {}).get("splits", {}).get("train", {}).get("samples", 0)
+                    for f in folders)
+        gib = clips * clf.num_tokens * clf.dim * 4 / 2 ** 30
+        if gib > max_gib:
+            raise ValueError(f"head_init probe with pool attentive holds every training clip's tokens on rank 0: {gib:.0f} GiB "
+                             f"for {clips} clips (at most {max_gib}); use pool mean or head_init random")
+    tick, seen = time.perf_counter(), []
+    hook = clf.head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+
+    def head_input(video):                   # [B, 3, T, S, S] -> [B, C] (mean) or [B, N, C] (attentive)
+        seen.clear()
+        clf(video)
+        return seen[0]
+
+    training = clf.training
+    clf.eval()                               # no drop path: the encoder as the frozen evaluation sees it
+    try:
+        split = evaluate.views(head_input, data.shard_urls(r["data_path"], "train"),
+                               dict(r, test_num_crop=1, test_num_segment=None), rank, world, device)
+    finally:
+        hook.remove()
+        clf.train(training)
+    state, line = [None], None
+    if rank == 0:
+        x, y = split["outputs"], split["labels"]
+        if r["pool"] == "attentive":
+            head = fit_attentive(x, y, r["num_classes"], r["seed"], norm=False)
+            state[0] = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
+            fitted = f"the attentive probe ({ATTENTIVE['steps']} steps)"
+        else:                                # logits = ((x - mean) / std) @ W + b = x @ (W / std) + (b - (mean / std) @ W)
+            probe = fit_logreg(x, y, [video_of(key) for key in split["keys"]], r["num_classes"], r["seed"])
+            state[0] = {"head.weight": (probe.weight / probe.std[:, None]).T.float().contiguous(),
+                        "head.bias": (probe.bias - (probe.mean / probe.std) @ probe.weight).float()}
+            fitted = f"the logistic-regression probe (l2 {probe.l2:g})"
+        top1 = (attentive_scores(head, x) if r["pool"] == "attentive" else probe.scores(x)).argmax(1).eq(y).double().mean() * 100
+        line = (f"head: {fitted} on the frozen encoder's {len(y)} training clips, training top-1 {top1:.1f} % "
+                   f"({time.perf_counter() - tick:.0f} s)")
+    if world > 1:
+        dist.broadcast_object_list(state)
+    if isinstance(clf, FSDPModule):          # FSDP2 keeps the root's parameters gathered after a forward: back to shards
+        clf.reshard()
+    with torch.no_grad():                    # in place: the optimizer holds these parameters
+        for name, param in clf.named_parameters():
+            if name in state[0]:
+                full = state[0][name].to(param.device, param.dtype)
+                param.copy_(distribute_tensor(full, param.device_mesh, param.placements) if isinstance(param, DTensor) else full)
+    return line
 
 
 # --- k-NN ---------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ DEFAULTS = {
     "eval_data_path": None,       # shards to evaluate on; None: the val split of data_path (a shards folder with manifest.json)
     "layer_decay": 0.75,          # Table 15: layer-wise lr decay (full fine-tuning)
     "pool": "mean",               # the classifier's head (full, eval): 'mean' (VideoMAE's, the paper's: mean of the tokens -> fc_norm -> Linear) or 'attentive' (ours: a query cross-attending to every token, told its position; mme/model.py AttentiveHead); export needs mean
+    "head_init": "random",        # full: the head starts 'random' (VideoMAE's) or 'probe' (LP-FT, Kumar et al. 2022: fitted first on the loaded encoder's frozen features of the training clips, as finetune.py frozen fits its probe; then every layer trains)
     "smoothing": 0.1,             # Table 15: label smoothing (full fine-tuning)
     "mixup": 0.8,                 # Table 15: mixup alpha (full fine-tuning; 0 = off)
     "cutmix": 1.0,                # Table 15: cutmix alpha (full fine-tuning; 0 = off)
@@ -120,6 +121,7 @@ CHOICES = {
     "patch_norm": ("paper", "authors", "none"),
     "patch_embed": ("linear", "conv", "conv_diff", "linear+conv_diff", "linear+conv_grad"),
     "pool": ("mean", "attentive"),
+    "head_init": ("random", "probe"),
     "model": MODELS,
     "precision": ("auto", "fp32", "bf16"),
 }

@@ -385,3 +385,63 @@ def test_export_refuses_what_videomae_cannot_express(tmp_path):
     with pytest.raises(export.ExportError, match="a conv patch embedding"):
         export.to_hf(tmp_path / "run" / "encoder.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("pool", ["mean", "attentive"])
+def test_head_init_probe_starts_from_the_frozen_probe(pretrained, pool):
+    """head_init probe (LP-FT): before any step the head is the frozen evaluation's probe fitted on what the head
+    reads for each training clip's centre view (mean: the logistic regression folded into the Linear; attentive:
+    the attentive probe). With lr ~0 nothing moves after, so model.pth's classifier must give the probe's scores,
+    the probe refitted here on head inputs computed without the hook; on 2 ranks (sharded) the same head."""
+    from mme import frozen, recipe as recipes
+    from mme.evaluate import video_of
+    from mme.online import data
+    tmp = pretrained
+    run = ("full", "--recipe", "recipes/finetune_tiny.yaml", *common(tmp), "--finetune", f"{tmp}/pre/encoder.pth", "--epochs", "1",
+           "--pool", pool, "--head_init", "probe", "--base_lr", "1e-20", "--min_lr", "0")
+    r = finetune(*run, "--name", f"lp_{pool}")
+    said = [x for x in r.stderr.splitlines() if x.startswith("head: the ")]
+    assert said and "training top-1" in said[0] and said[0] in (tmp / f"lp_{pool}" / "log.txt").read_text(), r.stderr[-2000:]
+    rec = recipes.load("recipes/finetune_tiny.yaml", data_path=f"{tmp}/shards/", num_frames=8, sampling_rate=2, input_size=64,
+                       batch_size=4, num_workers=0, pool=pool)
+    clf = models.encoder("tiny", num_frames=8, img_size=64, num_classes=10, pool=pool).eval()
+    clf.load_state_dict(torch.load(tmp / f"lp_{pool}" / "model.pth", weights_only=True)["model"])
+    loader = data.build_loader(data.shard_urls(rec["data_path"], "train"), dict(rec, target="none", test_num_crop=1, test_num_segment=None),
+                               train=False, rank=0, world_size=1)
+    keys, videos, labels = [], [], []
+    for b in loader:
+        keep = ~b["pad"]
+        keys += [k for k, ok in zip(b["key"], keep.tolist()) if ok]
+        videos.append(b["video"][keep])
+        labels += b["label"][keep].tolist()
+    video, labels = torch.cat(videos), torch.tensor(labels)
+    assert len(set(keys)) == len(keys) == int(re.search(r"encoder's (\d+) training clips", said[0])[1]) >= 16   # each window once
+    with torch.no_grad():
+        tokens = clf.fc_norm(clf.forward_features(video))             # [n, N, C]: what the head reads, without the hook
+        scores = torch.softmax(clf(video).double(), -1)
+        if pool == "mean":
+            x = clf.fc_norm(clf.forward_features(video).mean(1))
+            probe = frozen.fit_logreg(x, labels, [video_of(k) for k in keys], 10, seed=0)
+            expected = probe.scores(x)
+    if pool == "attentive":                                           # a fit needs gradients
+        expected = frozen.attentive_scores(frozen.fit_attentive(tokens, labels, 10, seed=0, norm=False), tokens)
+    torch.testing.assert_close(scores, expected, atol=2e-3, rtol=0)
+    assert expected.max(1).values.mean() > 0.13                       # a fitted head, not the ~uniform (0.1) one it started as
+    if pool == "mean":                                                # sharded: the head reaches every rank's shards
+        finetune(*run, "--name", "lp_two", launcher=("torchrun", "--standalone", "--nproc_per_node=2"))
+        two = torch.load(tmp / "lp_two" / "model.pth", weights_only=True)["model"]
+        one = torch.load(tmp / "lp_mean" / "model.pth", weights_only=True)["model"]
+        torch.testing.assert_close(two["head.weight"], one["head.weight"], atol=1e-4, rtol=1e-3)
+    r = subprocess.run([sys.executable, "finetune.py", "probe", "--recipe", "recipes/probe_tiny.yaml", *common(tmp), "--finetune",
+                        f"{tmp}/pre/encoder.pth", "--head_init", "probe", "--name", "lp_probe"], cwd=ROOT, capture_output=True, text=True,
+                       env=clean_env(), timeout=300)
+    assert r.returncode == 2 and "head_init probe: for full" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_head_init_probe_says_when_the_tokens_would_not_fit(pretrained):
+    """An attentive head_init probe holds every training clip's tokens on rank 0: too many stop before any work."""
+    from mme import frozen, recipe as recipes
+    rec = recipes.load("recipes/finetune_tiny.yaml", data_path=f"{pretrained}/shards/", num_frames=8, input_size=64, pool="attentive")
+    clf = models.encoder("tiny", num_frames=8, img_size=64, num_classes=10, pool="attentive")
+    with pytest.raises(ValueError, match=r"holds every training clip's tokens on rank 0: 0 GiB for 16 clips \(at most 1e-06\)"):
+        frozen.fit_head(clf, rec, 0, 1, torch.device("cpu"), max_gib=1e-6)
