@@ -327,7 +327,7 @@ def fit_head(clf, r, rank, world, device, max_gib=16):
             fitted = f"the logistic-regression probe (l2 {probe.l2:g})"
         top1 = (attentive_scores(head, x) if r["pool"] == "attentive" else probe.scores(x)).argmax(1).eq(y).double().mean() * 100
         line = (f"head: {fitted} on the frozen encoder's {len(y)} training clips, training top-1 {top1:.1f} % "
-                   f"({time.perf_counter() - tick:.0f} s)")
+                f"({time.perf_counter() - tick:.0f} s)")
     if world > 1:
         dist.broadcast_object_list(state)
     if isinstance(clf, FSDPModule):          # FSDP2 keeps the root's parameters gathered after a forward: back to shards
