@@ -288,11 +288,10 @@ def fit_head(clf, r, rank, world, device, max_gib=16):
     head fitted on its own head input for every training clip's centre view of r["data_path"] (the frozen
     evaluation's probe: pool mean -> fit_logreg folded into the Linear; attentive -> fit_attentive), on every rank.
     Every rank calls it; returns a line for the log. Raises FileNotFoundError / ValueError (data, labels), and
-    ValueError before any work when the manifests say the attentive head's tokens would pass max_gib on rank 0."""
+    ValueError before any work when the shards' sizes say the attentive head's tokens would pass max_gib on rank 0."""
+    urls = data.shard_urls(r["data_path"], "train")
     if r["pool"] == "attentive":
-        folders = [r["data_path"]] if isinstance(r["data_path"], str) else r["data_path"]
-        clips = sum((data.stream.read_manifest(str(f).rstrip("/")) or {}).get("splits", {}).get("train", {}).get("samples", 0)
-                    for f in folders)
+        clips = sum(data.stream.shard_sizes(urls).values())       # the manifests' counts, as the loader's epoch length
         gib = clips * clf.num_tokens * clf.dim * 4 / 2 ** 30
         if gib > max_gib:
             raise ValueError(f"head_init probe with pool attentive holds every training clip's tokens on rank 0: {gib:.0f} GiB "
@@ -308,8 +307,7 @@ def fit_head(clf, r, rank, world, device, max_gib=16):
     training = clf.training
     clf.eval()                               # no drop path: the encoder as the frozen evaluation sees it
     try:
-        split = evaluate.views(head_input, data.shard_urls(r["data_path"], "train"),
-                               dict(r, test_num_crop=1, test_num_segment=None), rank, world, device)
+        split = evaluate.views(head_input, urls, dict(r, test_num_crop=1, test_num_segment=None), rank, world, device)
     finally:
         hook.remove()
         clf.train(training)
